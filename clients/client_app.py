@@ -1,0 +1,85 @@
+"""The Flower ClientApp run at each hospital: answers status queries, trains and evaluates.
+
+It adapts Flower messages to :class:`fedllm.federation.hospital.HospitalSite`. A site (data,
+model, ledger) is built once per process and reused across rounds. Which hospital this node
+is comes from the node config: ``hospital-index`` when the operator set one, else Flower's
+simulation ``partition-id``; ``ledger-url`` and ``epsilon-cap`` let a hospital keep its
+accountant where it chooses and impose its own cap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedllm.federation.experiment import experiment_from_run_config
+from fedllm.federation.hospital import HospitalSite
+from fedllm.telemetry.logging import configure_logging
+
+app = ClientApp()
+
+_SITES: dict[tuple[str, int, str], HospitalSite] = {}
+
+
+def hospital_site(context: Context, run_dir: str) -> HospitalSite:
+    """The cached site for this node and run, built on first use."""
+    config = experiment_from_run_config(context.run_config)
+    node = context.node_config
+    index = int(node.get("hospital-index", node.get("partition-id", 0)))
+    key = (config.model_dump_json(), index, run_dir)
+    if key not in _SITES:
+        configure_logging()
+        name = config.federation.profiles()[index].name
+        default_ledger = Path(run_dir) / "hospitals" / name / "ledger.db"
+        default_ledger.parent.mkdir(parents=True, exist_ok=True)
+        ledger_url = str(node.get("ledger-url", f"sqlite:///{default_ledger}"))
+        cap = node.get("epsilon-cap")
+        _SITES[key] = HospitalSite(
+            config, index, ledger_url, epsilon_cap=float(cap) if cap is not None else None
+        )
+    return _SITES[key]
+
+
+def _run_dir(message: Message) -> str:
+    return str(message.content["config"]["run-dir"])
+
+
+@app.query()
+def status(message: Message, context: Context) -> Message:
+    """Report identity and privacy budget so the server selects only hospitals that can afford."""
+    site = hospital_site(context, _run_dir(message))
+    return Message(RecordDict({"status": ConfigRecord(site.status())}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One round of local DP-SGD on the global adapter."""
+    site = hospital_site(context, _run_dir(message))
+    config = message.content["config"]
+    outcome = site.train_round(
+        message.content["arrays"].to_torch_state_dict(),
+        int(config["server-round"]),
+        str(config["run-id"]),
+    )
+    content = RecordDict(
+        {"arrays": ArrayRecord(outcome.adapter), "metrics": MetricRecord(outcome.metrics)}
+    )
+    return Message(content, reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Held-out loss of the global adapter on this hospital's evaluation split."""
+    site = hospital_site(context, _run_dir(message))
+    result = site.evaluate(message.content["arrays"].to_torch_state_dict())
+    metrics = MetricRecord(
+        {
+            "num-examples": result.tokens,
+            "hospital-index": site.index,
+            "eval-loss-sum": result.loss_sum,
+            "eval-tokens": result.tokens,
+        }
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=message)

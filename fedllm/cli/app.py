@@ -1,0 +1,30 @@
+"""The ``fedllm`` command line: one entry point for researchers, hospital IT and operators."""
+
+from __future__ import annotations
+
+import typer
+
+from fedllm.cli.plan import add_plan_command
+from fedllm.cli.privacy import privacy_app
+from fedllm.cli.run import run_command
+from fedllm.telemetry.logging import configure_logging
+
+app = typer.Typer(
+    name="fedllm",
+    help="Privacy-preserving federated fine-tuning of language models across hospitals.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.command("run")(run_command)
+add_plan_command(privacy_app)
+app.add_typer(privacy_app, name="privacy")
+
+
+@app.callback()
+def _setup() -> None:
+    configure_logging(level="WARNING")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,114 @@
+"""``fedllm privacy``: ε of a DP-SGD schedule, and the σ that meets an ε target.
+
+These let a researcher or a hospital's privacy officer check numbers by hand with exactly the
+accountant the ledgers use, instead of trusting a table in a paper.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import typer
+
+from fedllm.cli.common import console, fail, print_json
+from fedllm.privacy.accountant import ACCOUNTANTS, compute_epsilon
+from fedllm.privacy.calibration import calibrate_noise_multiplier
+from fedllm.privacy.events import SampledGaussianSteps
+
+privacy_app = typer.Typer(
+    name="privacy",
+    help="Record-level privacy accounting for DP-SGD (ε from σ, or σ from a target ε).",
+    no_args_is_help=True,
+)
+
+SampleRate = Annotated[
+    float, typer.Option("--sample-rate", help="Poisson sampling rate q per step, in (0, 1]")
+]
+Steps = Annotated[int, typer.Option("--steps", help="Number of DP-SGD steps")]
+Delta = Annotated[float, typer.Option("--delta", help="Target δ, in (0, 1)")]
+Accountant = Annotated[
+    str, typer.Option("--accountant", help=f"Accountant: {', '.join(ACCOUNTANTS)}")
+]
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print one JSON object")]
+
+
+def _finite(epsilon: float, accountant: str) -> float:
+    """Refuse to print an unbounded ε as if it were a guarantee."""
+    if not math.isfinite(epsilon):
+        fail(f"the {accountant} accountant cannot bound ε for these parameters")
+    return epsilon
+
+
+@privacy_app.command("epsilon")
+def epsilon_command(
+    noise_multiplier: Annotated[
+        float, typer.Option("--noise-multiplier", help="Noise multiplier σ (> 0)")
+    ],
+    sample_rate: SampleRate,
+    steps: Steps,
+    delta: Delta,
+    accountant: Accountant = "pld",
+    json_output: JsonOutput = False,
+) -> None:
+    """Print ε after a number of Poisson-sampled Gaussian DP-SGD steps, at δ."""
+    try:
+        event = SampledGaussianSteps(noise_multiplier, sample_rate, steps)
+        epsilon = _finite(compute_epsilon([event], delta, accountant), accountant)
+    except (ValueError, ArithmeticError) as error:
+        fail(str(error))
+    if json_output:
+        print_json(
+            {
+                "epsilon": epsilon,
+                "delta": delta,
+                "noise_multiplier": noise_multiplier,
+                "sample_rate": sample_rate,
+                "steps": steps,
+                "accountant": accountant,
+            }
+        )
+        return
+    console.print(
+        f"ε = [bold]{epsilon:.6g}[/] at δ = {delta:g} ({accountant}; "
+        f"σ = {noise_multiplier:g}, q = {sample_rate:g}, {steps} steps)",
+        highlight=False,
+    )
+
+
+@privacy_app.command("calibrate")
+def calibrate_command(
+    target_epsilon: Annotated[
+        float, typer.Option("--target-epsilon", help="ε the schedule may not exceed (> 0)")
+    ],
+    sample_rate: SampleRate,
+    steps: Steps,
+    delta: Delta,
+    accountant: Accountant = "pld",
+    json_output: JsonOutput = False,
+) -> None:
+    """Print the smallest noise multiplier σ whose ε stays within the target."""
+    try:
+        sigma = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant)
+        event = SampledGaussianSteps(sigma, sample_rate, steps)
+        epsilon = _finite(compute_epsilon([event], delta, accountant), accountant)
+    except (ValueError, ArithmeticError) as error:
+        fail(str(error))
+    if json_output:
+        print_json(
+            {
+                "noise_multiplier": sigma,
+                "epsilon": epsilon,
+                "target_epsilon": target_epsilon,
+                "delta": delta,
+                "sample_rate": sample_rate,
+                "steps": steps,
+                "accountant": accountant,
+            }
+        )
+        return
+    console.print(
+        f"σ = [bold]{sigma:.6g}[/] gives ε = {epsilon:.6g} <= {target_epsilon:g} at "
+        f"δ = {delta:g} ({accountant}; q = {sample_rate:g}, {steps} steps)",
+        highlight=False,
+    )

@@ -1,0 +1,210 @@
+"""``fedllm run``: a whole experiment from one YAML file on Flower's local simulation runtime."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedllm.cli.common import console, fail, print_json
+from fedllm.config import ConfigError, ExperimentConfig, dump_config, load_config
+from fedllm.data import DataError
+from fedllm.federation.baselines import run_centralized_baseline
+from fedllm.federation.experiment import APP_ROOT
+from fedllm.federation.launcher import (
+    FederationError,
+    SimulationResources,
+    local_superlink,
+    run_app,
+)
+from fedllm.models.loading import ModelLoadError, resolve_model_path
+from fedllm.report.plots import plot_run
+from fedllm.report.run_dir import allocate_run_dir
+from fedllm.report.run_report import RunReport, save_report
+
+
+def run_command(
+    config_file: Annotated[Path, typer.Argument(help="Experiment YAML, e.g. configs/default.yaml")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: --set training.local_steps=5"),
+    ] = None,
+    baselines: Annotated[
+        bool, typer.Option(help="Also run the baselines listed in evaluation.baselines")
+    ] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+) -> None:
+    """Run a federation of simulated hospitals; outputs go to <output_dir>/<name>/."""
+    try:
+        config = load_config(config_file, overrides or [])
+        run_dir = allocate_run_dir(config.run.output_dir, config.run.name)
+        report = execute(config, run_dir, with_baselines=baselines, quiet=json_output)
+    except (ConfigError, DataError, ModelLoadError, FederationError) as error:
+        fail(str(error))
+    if json_output:
+        print_json(report)
+    else:
+        show_summary(report, run_dir)
+
+
+def execute(
+    config: ExperimentConfig, run_dir: Path, *, with_baselines: bool, quiet: bool
+) -> dict[str, Any]:
+    """Federated run, then baselines; returns the final report."""
+    dump_config(config, run_dir / "config.yaml")
+    if not quiet:
+        console.print(f"[bold]fedllm[/] run [cyan]{run_dir}[/]")
+    with console.status("Preparing the base model (first use pretrains it on public text)..."):
+        resolve_model_path(config.model, config.run.seed)
+    federate(config, run_dir, quiet=quiet)
+    report = RunReport.load(run_dir)
+    if with_baselines and config.evaluation.baselines:
+        report["baselines"] = run_baselines(config, run_dir, quiet=quiet)
+        report["comparison"] = compare(report)
+        save_report(run_dir, report)
+        plot_run(report, run_dir)
+    return report
+
+
+def federate(config: ExperimentConfig, run_dir: Path, *, quiet: bool) -> None:
+    """Run the Flower app on a private local SuperLink, showing per-round progress."""
+    flwr_home = run_dir / ".flwr"
+    log_path = run_dir / "flower.log"
+    resources = SimulationResources(num_supernodes=config.federation.num_hospitals)
+    run_config = {"config-file": str(run_dir / "config.yaml"), "run-dir": str(run_dir)}
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            with local_superlink(flwr_home, log_path):
+                run_app(APP_ROOT, flwr_home, run_config, resources, log_path)
+        except BaseException as error:
+            failure.append(error)
+
+    worker = threading.Thread(target=target, name="flower-run", daemon=True)
+    worker.start()
+    _follow_progress(worker, run_dir, config.run.rounds, quiet)
+    if failure:
+        raise failure[0]
+    report = RunReport.load(run_dir)
+    if report["status"] != "completed":
+        raise FederationError(
+            f"the federated run ended with status '{report['status']}'"
+            f" ({report.get('error', 'no error recorded')}); see {log_path}"
+        )
+
+
+def run_baselines(config: ExperimentConfig, run_dir: Path, *, quiet: bool) -> dict[str, Any]:
+    """The configured baselines, each in its own sub-directory where it writes anything."""
+    results: dict[str, Any] = {}
+    for name in config.evaluation.baselines:
+        if not quiet:
+            console.print(f"Baseline [bold]{name}[/] ...")
+        if name == "centralized":
+            results[name] = run_centralized_baseline(config)
+        else:
+            no_dp = config.model_copy(
+                update={"privacy": config.privacy.model_copy(update={"enabled": False})}
+            )
+            sub_dir = run_dir / "baselines" / name
+            sub_dir.mkdir(parents=True)
+            dump_config(no_dp, sub_dir / "config.yaml")
+            federate(no_dp, sub_dir, quiet=True)
+            final = RunReport.load(sub_dir)["final"]
+            results[name] = {**final, "run_dir": str(sub_dir)}
+    return results
+
+
+def compare(report: dict[str, Any]) -> dict[str, Any]:
+    """Final perplexity over each baseline's: the price of DP and of federation."""
+    final = (report.get("final") or {}).get("perplexity")
+    ratios = {}
+    for name, baseline in report["baselines"].items():
+        reference = baseline.get("perplexity")
+        if final is not None and reference:
+            ratios[f"perplexity_over_{name}"] = round(final / reference, 4)
+    return ratios
+
+
+def show_summary(report: dict[str, Any], run_dir: Path) -> None:
+    """Per-hospital privacy table and the perplexity comparison."""
+    privacy = report["privacy"]
+    if privacy["enabled"]:
+        table = Table(
+            title=f"Privacy per hospital (δ={privacy['delta']}, accountant={privacy['accountant']},"
+            f" unit={privacy['unit']})"
+        )
+        for column in ("hospital", "ε", "cap", "σ", "q", "steps", "rounds"):
+            table.add_column(column, justify="right")
+        for name, state in privacy["hospitals"].items():
+            table.add_row(
+                name,
+                _fmt(state["epsilon"]),
+                _fmt(state["epsilon_cap"]),
+                _fmt(state["noise_multiplier"]),
+                _fmt(state["sample_rate"]),
+                str(state["steps"]),
+                str(state["rounds_participated"]),
+            )
+        console.print(table)
+    results = Table(title="Held-out perplexity")
+    results.add_column("model")
+    results.add_column("perplexity", justify="right")
+    if report.get("initial"):
+        results.add_row("base model (before federation)", _fmt(report["initial"]["perplexity"]))
+    if report.get("final"):
+        label = "federated + DP" if privacy["enabled"] else "federated"
+        results.add_row(label, _fmt(report["final"]["perplexity"]))
+    for name, baseline in (report.get("baselines") or {}).items():
+        results.add_row(f"baseline: {name}", _fmt(baseline.get("perplexity")))
+    console.print(results)
+    for key, value in (report.get("comparison") or {}).items():
+        console.print(f"{key.replace('_', ' ')}: [bold]{value:.3f}×[/]")
+    console.print(f"Report: [cyan]{run_dir / 'report.json'}[/]  plots: perplexity.png, epsilon.png")
+
+
+def _follow_progress(worker: threading.Thread, run_dir: Path, rounds: int, quiet: bool) -> None:
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("round {task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
+        task = progress.add_task("starting Flower SuperLink and hospitals", total=rounds)
+        while worker.is_alive():
+            worker.join(timeout=1.0)
+            rows = _rows(run_dir)
+            if rows:
+                last = rows[-1]
+                epsilons = [e for e in last["epsilon"].values() if e is not None]
+                progress.update(
+                    task,
+                    completed=len(rows),
+                    description=(
+                        f"cohort {','.join(last['selected'])} | loss {_fmt(last['train_loss'])}"
+                        f" | ppl {_fmt(last['perplexity'])}"
+                        f" | max ε {_fmt(max(epsilons) if epsilons else None)}"
+                    ),
+                )
+            elif (run_dir / "report.json").exists():
+                progress.update(task, description="federated training")
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    try:
+        return RunReport.load(run_dir)["rounds"]
+    except (OSError, ValueError):
+        return []
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{value:.4g}"

@@ -1,0 +1,214 @@
+"""The experiment schema: every key a YAML config may hold, its type, default and bounds.
+
+Researchers change experiments by editing YAML, never Python, so the schema is the contract:
+unknown keys are rejected (``extra="forbid"``) so that a typo can never silently fall back to a
+default, and every bound that would otherwise surface as a confusing failure deep inside
+training (a cohort larger than the federation, a δ of 1) is checked here, up front.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+from fedllm.data import SPECIALTIES
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on set."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(StrictModel):
+    """Identity of an experiment and where its outputs go (``<output_dir>/<name>/``)."""
+
+    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 7
+    rounds: PositiveInt = 3
+    output_dir: str = "runs"
+
+
+class HospitalProfile(StrictModel):
+    """One simulated hospital: how much data it holds, what kind, how fast it is, its ε cap."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    data_size: PositiveInt = 200
+    specialty_mix: dict[str, PositiveFloat] | None = None
+    speed: PositiveFloat = 1.0
+    epsilon_cap: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _known_specialties(self) -> HospitalProfile:
+        unknown = sorted(set(self.specialty_mix or {}) - set(SPECIALTIES))
+        if unknown:
+            raise ValueError(
+                f"unknown specialty {unknown}; expected one of {', '.join(SPECIALTIES)}"
+            )
+        return self
+
+
+class FederationConfig(StrictModel):
+    """Who takes part: the hospitals and how many of them train each round."""
+
+    num_hospitals: PositiveInt = 3
+    cohort_size: PositiveInt = 3
+    hospitals: list[HospitalProfile] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederationConfig:
+        if self.cohort_size > self.num_hospitals:
+            raise ValueError(
+                f"cohort_size ({self.cohort_size}) must be <= num_hospitals ({self.num_hospitals})"
+            )
+        if self.hospitals is not None:
+            if len(self.hospitals) != self.num_hospitals:
+                raise ValueError(
+                    f"hospitals lists {len(self.hospitals)} profiles but num_hospitals is "
+                    f"{self.num_hospitals}"
+                )
+            names = [h.name for h in self.hospitals]
+            if len(set(names)) != len(names):
+                raise ValueError(f"hospital names must be unique, got {names}")
+        return self
+
+    def profiles(self) -> list[HospitalProfile]:
+        """The explicit profiles, or evenly sized defaults each leaning to one specialty."""
+        if self.hospitals is not None:
+            return list(self.hospitals)
+        defaults = []
+        for index in range(self.num_hospitals):
+            lean = SPECIALTIES[index % len(SPECIALTIES)]
+            mix = {s: (4.0 if s == lean else 1.0) for s in SPECIALTIES}
+            defaults.append(HospitalProfile(name=f"hospital-{index}", specialty_mix=mix))
+        return defaults
+
+
+class LoraConfig(StrictModel):
+    """LoRA adapter shape; ``target_modules: null`` picks the attention projections of the model."""
+
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None
+
+
+class TinyModelConfig(StrictModel):
+    """The embedded default base model: built from a config, pretrained on public text, cached."""
+
+    layers: PositiveInt = 2
+    hidden_size: PositiveInt = 128
+    heads: PositiveInt = 4
+    pretrain_steps: PositiveInt = 400
+    pretrain_texts: PositiveInt = 4000
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> TinyModelConfig:
+        if self.hidden_size % self.heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by heads ({self.heads})"
+            )
+        return self
+
+
+class ModelConfig(StrictModel):
+    """Base model (``tiny``, a Hugging Face id or a local path) and its LoRA adapter."""
+
+    name: str = "tiny"
+    max_seq_length: int = Field(64, ge=8, le=4096)
+    lora: LoraConfig = LoraConfig()
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class DataConfig(StrictModel):
+    """Where the hospitals' records come from and how they are split between hospitals."""
+
+    source: Literal["synthetic", "jsonl", "csv", "huggingface"] = "synthetic"
+    path: str | None = None
+    text_field: str = "text"
+    specialty_field: str | None = None
+    patient_field: str | None = None
+    split: str = "train"
+    partition: Literal["dirichlet", "iid"] = "dirichlet"
+    dirichlet_alpha: PositiveFloat = 0.5
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _path_for_files(self) -> DataConfig:
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        return self
+
+
+class TrainingConfig(StrictModel):
+    """Local DP-SGD at each hospital: steps per round, expected (Poisson) batch size, optimiser."""
+
+    local_steps: PositiveInt = 10
+    batch_size: PositiveInt = 16
+    learning_rate: PositiveFloat = 3e-3
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class PrivacyConfig(StrictModel):
+    """Record-level (or patient-level) DP-SGD at each hospital and how ε is accounted.
+
+    Either ``target_epsilon`` (σ is calibrated so that a hospital taking part in
+    ``planned_rounds`` rounds, by default every round of the run, ends at that ε) or an explicit
+    ``noise_multiplier``. ``epsilon_cap`` is the hard limit a hospital never crosses over the
+    life of its dataset; it defaults to the target.
+    """
+
+    enabled: bool = True
+    target_epsilon: PositiveFloat | None = 8.0
+    noise_multiplier: PositiveFloat | None = None
+    max_grad_norm: PositiveFloat = 1.0
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    accountant: Literal["pld", "rdp", "prv"] = "pld"
+    epsilon_cap: PositiveFloat | None = None
+    unit: Literal["record", "patient"] = "record"
+    planned_rounds: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> PrivacyConfig:
+        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(
+                "set exactly one of privacy.target_epsilon and privacy.noise_multiplier "
+                f"(got target_epsilon={self.target_epsilon}, "
+                f"noise_multiplier={self.noise_multiplier})"
+            )
+        return self
+
+    def cap(self) -> float:
+        """The default per-hospital cap: explicit cap, else the target, else no limit."""
+        if self.epsilon_cap is not None:
+            return self.epsilon_cap
+        return self.target_epsilon if self.target_epsilon is not None else math.inf
+
+
+class EvaluationConfig(StrictModel):
+    """Held-out perplexity each round, and baselines that show the cost of DP and federation."""
+
+    baselines: list[Literal["centralized", "federated_no_dp"]] = ["centralized"]
+    max_eval_sequences: PositiveInt = 256
+
+
+class StrategyConfig(StrictModel):
+    """Server strategy; FedAvg over a cohort of hospitals that can still afford the round."""
+
+    name: Literal["fedavg"] = "fedavg"
+
+
+class ExperimentConfig(StrictModel):
+    """A whole experiment, as read from one YAML file."""
+
+    run: RunConfig = RunConfig()
+    federation: FederationConfig = FederationConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    strategy: StrategyConfig = StrategyConfig()

@@ -1,0 +1,175 @@
+"""Start a private Flower SuperLink in simulation mode, run the app on it, and stop it again.
+
+``fedllm run`` uses Flower's own runtime (``flower-superlink --simulation`` plus ``flwr run``),
+not a re-implementation, but isolates it: free loopback ports, a ``FLWR_HOME`` inside the
+run directory and runtime dependency installation switched off (the environment is already
+complete), so concurrent runs and the user's own Flower setup never interfere, and nothing
+keeps running after the run ends, whether it succeeded, failed or was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+CONNECTION_NAME = "fedllm-local"
+STARTUP_TIMEOUT_S = 60.0
+
+
+class FederationError(RuntimeError):
+    """The local Flower runtime could not be started or the run did not complete."""
+
+
+@dataclass(frozen=True)
+class SimulationResources:
+    """How many simulated hospitals exist and what each ClientApp may use."""
+
+    num_supernodes: int
+    cpus_per_client: int = 1
+    gpus_per_client: int = 0
+
+
+def free_port() -> int:
+    """An unused TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def flower_environment(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower processes: our venv's tools first, our private FLWR_HOME."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
+    return env
+
+
+@contextmanager
+def local_superlink(flwr_home: Path, log_path: Path) -> Iterator[str]:
+    """A SuperLink in simulation mode for the duration of the block; yields its address."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION_NAME}"\n\n'
+        f'[superlink.{CONNECTION_NAME}]\naddress = "{address}"\ninsecure = true\n',
+        encoding="utf-8",
+    )
+    command = [
+        "flower-superlink",
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--control-api-address",
+        f"127.0.0.1:{free_port()}",
+        "--fleet-api-address",
+        f"127.0.0.1:{free_port()}",
+        "--health-server-address",
+        f"127.0.0.1:{free_port()}",
+        "--database",
+        str(flwr_home / "superlink.db"),
+        "--disable-runtime-dependency-installation",
+    ]
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            command,
+            env=flower_environment(flwr_home),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_until_healthy(process, port, log_path)
+        yield address
+    finally:
+        stop_process_group(process)
+
+
+def run_app(
+    app_dir: Path,
+    flwr_home: Path,
+    run_config: Mapping[str, str],
+    resources: SimulationResources,
+    log_path: Path,
+) -> None:
+    """``flwr run`` the app on the SuperLink configured in ``flwr_home``; block until it ends."""
+    federation_config = (
+        f"num-supernodes={resources.num_supernodes} "
+        f"client-resources-num-cpus={resources.cpus_per_client} "
+        f"client-resources-num-gpus={resources.gpus_per_client}"
+    )
+    command = [
+        "flwr",
+        "run",
+        str(app_dir),
+        CONNECTION_NAME,
+        "--stream",
+        "--federation-config",
+        federation_config,
+    ]
+    for key, value in run_config.items():
+        command += ["--run-config", f"{key}={json.dumps(value)}"]
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            command,
+            env=flower_environment(flwr_home),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            code = process.wait()
+        finally:
+            stop_process_group(process)
+    if code != 0:
+        raise FederationError(f"`flwr run` exited with code {code}; see {log_path}")
+
+
+def stop_process_group(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """Terminate a process and everything it started (SuperLink's ServerApp, Ray workers)."""
+    if process.poll() is None:
+        _signal_group(process.pid, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace_s)
+    _signal_group(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+def _wait_until_healthy(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FederationError(
+                f"flower-superlink exited with code {process.returncode}; see {log_path}"
+            )
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise FederationError(f"flower-superlink did not become healthy; see {log_path}")

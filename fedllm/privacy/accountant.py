@@ -1,0 +1,149 @@
+"""Derive ε from privacy events with a tight numerical accountant.
+
+Every reported ε comes from here. "pld" (dp_accounting's privacy loss distributions) is the
+default; "prv" (opacus' privacy loss random variables) is an independent tight accountant;
+"rdp" (Rényi DP) is looser but cheap. All three bound the add-or-remove-one-record relation,
+which is the record-level unit of the privacy model. None uses a Gaussian/CLT approximation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from numbers import Real
+
+import dp_accounting
+import numpy as np
+from dp_accounting import dp_event
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+
+from fedllm.privacy.events import PrivacyEvent, canonical_events, to_dp_event
+
+ACCOUNTANTS = ("pld", "rdp", "prv")
+
+# PLD discretisation of the privacy loss. The loss is rounded up (pessimistic), so ε is always
+# an upper bound and the interval only trades tightness for time. dp_accounting's own default,
+# 1e-4, stays within 0.05 % of a 3e-5 reference even for 1e5 steps at q = 0.001, where 1e-3
+# overstates ε by 5 %; it costs about a second at most per evaluation for DP-SGD ledgers.
+PLD_VALUE_DISCRETIZATION_INTERVAL = 1e-4
+
+# Composing is the expensive part; reading ε at some δ from a composed accountant is cheap. A
+# few composed accountants are kept so that repeated queries on the same ledger (spent, then
+# projected, at one or several δ) compose once. Each PLD can hold ~1e6 floats, hence so few.
+_CACHE_SIZE = 8
+
+
+class PrvAccountant(dp_accounting.PrivacyAccountant):
+    """dp_accounting interface over opacus' PRV accountant.
+
+    Wrapping opacus in dp_accounting's PrivacyAccountant lets PRV consume the same DpEvents as
+    PLD and RDP, so compute_epsilon and noise calibration treat all accountants uniformly.
+    Supported events are Gaussians, optionally Poisson-sampled, under (self-)composition.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+        self._history: list[tuple[float, float, int]] = []
+
+    def _maybe_compose(
+        self, event: dp_event.DpEvent, count: int, do_compose: bool
+    ) -> dp_accounting.PrivacyAccountant.CompositionErrorDetails | None:
+        """Flatten the event tree into opacus' (σ, q, steps) history."""
+        if isinstance(event, dp_event.NoOpDpEvent):
+            return None
+        if isinstance(event, dp_event.SelfComposedDpEvent):
+            return self._maybe_compose(event.event, event.count * count, do_compose)
+        if isinstance(event, dp_event.ComposedDpEvent):
+            for sub in event.events:
+                error = self._maybe_compose(sub, count, do_compose)
+                if error is not None:
+                    return error
+            return None
+        sampled = isinstance(event, dp_event.PoissonSampledDpEvent)
+        mechanism = event.event if sampled else event
+        if not isinstance(mechanism, dp_event.GaussianDpEvent):
+            return self.CompositionErrorDetails(
+                invalid_event=event,
+                error_message="PRV supports only (Poisson-sampled) Gaussian events",
+            )
+        if do_compose and count > 0:
+            q = event.sampling_probability if sampled else 1.0
+            self._history.append((mechanism.noise_multiplier, q, count))
+        return None
+
+    def get_epsilon(self, target_delta: float) -> float:
+        """Return opacus' PRV upper bound on ε (its default ε error of 0.01)."""
+        if not self._history:
+            return 0.0
+        # opacus imports torch (~2 s); pay that only when PRV is actually requested.
+        from opacus.accountants import PRVAccountant
+
+        prv = PRVAccountant()
+        prv.history = list(self._history)
+        # opacus evaluates log(1 - q) at q = 1 and overflows exp() when ε is huge; those yield
+        # inf, which callers see as "no bound", so numpy's warnings are noise here.
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            return float(prv.get_epsilon(delta=target_delta))
+
+
+def check_accountant(name: str) -> None:
+    """Raise ValueError naming the valid accountants if `name` is not one of them."""
+    if name not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {name!r}; expected one of {', '.join(ACCOUNTANTS)}")
+
+
+def check_delta(delta: float) -> None:
+    """Raise ValueError unless 0 < δ < 1 (δ = 0 makes Gaussian ε infinite, δ >= 1 is vacuous)."""
+    if isinstance(delta, bool) or not isinstance(delta, Real) or not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+
+
+def make_accountant(
+    name: str, *, pld_interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL
+) -> dp_accounting.PrivacyAccountant:
+    """Return a fresh, empty accountant of the named kind, configured as compute_epsilon uses it.
+
+    `pld_interval` only affects "pld"; see compute_epsilon.
+    """
+    check_accountant(name)
+    if not pld_interval > 0:
+        raise ValueError(f"pld_interval must be > 0, got {pld_interval!r}")
+    if name == "pld":
+        return PLDAccountant(value_discretization_interval=pld_interval)
+    if name == "rdp":
+        return RdpAccountant()
+    return PrvAccountant()
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _composed(
+    events: tuple[PrivacyEvent, ...], name: str, pld_interval: float
+) -> dp_accounting.PrivacyAccountant:
+    """Compose canonical events once; callers only query ε, never compose into the result."""
+    return make_accountant(name, pld_interval=pld_interval).compose(to_dp_event(events))
+
+
+def compute_epsilon(
+    events: Sequence[PrivacyEvent],
+    delta: float,
+    accountant: str = "pld",
+    *,
+    pld_interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL,
+) -> float:
+    """Return the ε at `delta` of composing all `events` (0.0 for no events).
+
+    A coarser `pld_interval` still gives a valid, slightly looser upper bound at proportionally
+    lower cost; calibration uses one to get close before confirming at the default. Reported ε
+    must use the default.
+    """
+    check_accountant(accountant)
+    check_delta(delta)
+    canonical = canonical_events(events)
+    if not canonical:
+        return 0.0
+    epsilon = float(_composed(canonical, accountant, pld_interval).get_epsilon(delta))
+    if math.isnan(epsilon):
+        raise ArithmeticError(f"{accountant} accountant returned NaN for {canonical}")
+    return epsilon

@@ -1,0 +1,71 @@
+"""PNG plots of a run, drawn from report.json alone so any finished run can be re-plotted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def plot_run(report: dict[str, Any], run_dir: Path) -> list[Path]:
+    """Write the perplexity and ε plots next to report.json; returns their paths."""
+    if not report["rounds"]:
+        return []
+    return [_plot_perplexity(report, run_dir), _plot_epsilon(report, run_dir)]
+
+
+def _plot_perplexity(report: dict[str, Any], run_dir: Path) -> Path:
+    rows = report["rounds"]
+    initial = report.get("initial") or {}
+    rounds = [0, *[row["round"] for row in rows]] if initial else [row["round"] for row in rows]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    global_values = [row["perplexity"] for row in rows]
+    if initial:
+        global_values = [initial["perplexity"], *global_values]
+    axes.plot(rounds, global_values, marker="o", linewidth=2.5, color="black", label="global")
+    for hospital in rows[-1]["perplexity_per_hospital"]:
+        values = [row["perplexity_per_hospital"].get(hospital) for row in rows]
+        if initial:
+            values = [initial["perplexity_per_hospital"].get(hospital), *values]
+        axes.plot(rounds, values, marker=".", linewidth=1, alpha=0.7, label=hospital)
+    for name, baseline in (report.get("baselines") or {}).items():
+        if baseline.get("perplexity") is not None:
+            axes.axhline(baseline["perplexity"], linestyle="--", linewidth=1, label=name)
+    axes.set_xlabel("round")
+    axes.set_ylabel("held-out perplexity")
+    axes.set_title(f"Perplexity per round — {report['config']['run']['name']}")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    path = run_dir / "perplexity.png"
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _plot_epsilon(report: dict[str, Any], run_dir: Path) -> Path:
+    rows = report["rounds"]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    hospitals = sorted({name for row in rows for name in row["epsilon"]})
+    for hospital in hospitals:
+        values = [row["epsilon"].get(hospital) for row in rows]
+        line = axes.plot([row["round"] for row in rows], values, marker="o", label=hospital)[0]
+        cap = (report["privacy"]["hospitals"].get(hospital) or {}).get("epsilon_cap")
+        if cap is not None:
+            axes.axhline(cap, linestyle=":", color=line.get_color(), linewidth=1)
+    privacy = report["privacy"]
+    axes.set_xlabel("round")
+    axes.set_ylabel(f"cumulative ε (δ={privacy['delta']}, {privacy['accountant']})")
+    axes.set_title("Privacy spent per hospital (dotted: cap)")
+    axes.grid(alpha=0.3)
+    if hospitals:
+        axes.legend(fontsize=8)
+    path = run_dir / "epsilon.png"
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,105 @@
+"""``report.json``: the machine-readable record of a run, rewritten atomically after every round.
+
+The schema is documented in ``docs/report.md`` and versioned by ``schema_version``. Writing
+after each round (to a temporary file renamed into place) means a crash loses at most the
+round in flight and a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fedllm.config.schema import ExperimentConfig
+
+SCHEMA_VERSION = 1
+REPORT_FILE = "report.json"
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN or infinity: unknown or unbounded values are written as null."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def save_report(run_dir: Path, data: dict[str, Any]) -> None:
+    """Write report.json through a temporary file renamed into place (atomic on POSIX)."""
+    staging = run_dir / f"{REPORT_FILE}.tmp"
+    staging.write_text(json.dumps(data, indent=2, allow_nan=False), encoding="utf-8")
+    os.replace(staging, run_dir / REPORT_FILE)
+
+
+class RunReport:
+    """Accumulates one run's rounds, privacy state and outcome, and keeps report.json current."""
+
+    def __init__(self, run_dir: Path, config: ExperimentConfig) -> None:
+        self.path = run_dir / REPORT_FILE
+        self.started = time.monotonic()
+        self.data: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "status": "running",
+            "started_at": _utc_now(),
+            "finished_at": None,
+            "run_dir": str(run_dir),
+            "config": config.model_dump(mode="json"),
+            "privacy": {
+                "enabled": config.privacy.enabled,
+                "delta": config.privacy.delta if config.privacy.enabled else None,
+                "accountant": config.privacy.accountant if config.privacy.enabled else None,
+                "unit": config.privacy.unit,
+                "hospitals": {},
+            },
+            "initial": None,
+            "rounds": [],
+            "final": None,
+            "timing": None,
+            "checkpoint": None,
+            "baselines": {},
+        }
+
+    @classmethod
+    def load(cls, run_dir: Path) -> dict[str, Any]:
+        """Read a report written by a (possibly other) process."""
+        return json.loads((run_dir / REPORT_FILE).read_text(encoding="utf-8"))
+
+    def write(self) -> None:
+        """Atomically replace report.json with the current state."""
+        save_report(self.path.parent, self.data)
+
+    def update_hospital_privacy(self, hospital: str, metrics: dict[str, Any]) -> None:
+        """Mirror a hospital's cumulative privacy state from its latest reply."""
+        self.data["privacy"]["hospitals"][hospital] = {
+            "epsilon": _finite(metrics.get("epsilon")),
+            "epsilon_cap": _finite(metrics.get("epsilon-cap")),
+            "noise_multiplier": _finite(metrics.get("noise-multiplier")),
+            "sample_rate": _finite(metrics.get("sample-rate")),
+            "steps": int(metrics.get("steps", 0)),
+            "rounds_participated": int(metrics.get("rounds-participated", 0)),
+        }
+
+    def add_round(self, row: dict[str, Any]) -> None:
+        """Append one finished round and persist."""
+        self.data["rounds"].append(row)
+        self.write()
+
+    def finish(self, status: str, **sections: Any) -> None:
+        """Record the outcome (``completed`` or ``failed``) plus any final sections."""
+        self.data.update(sections)
+        self.data["status"] = status
+        self.data["finished_at"] = _utc_now()
+        self.data.setdefault("timing", {})
+        self.data["timing"] = {
+            **(self.data["timing"] or {}),
+            "total_s": round(time.monotonic() - self.started, 3),
+        }
+        self.write()

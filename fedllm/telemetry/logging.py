@@ -1,0 +1,34 @@
+"""Structured logging for library code: JSON lines to stderr, or readable lines on a terminal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import structlog
+
+
+def configure_logging(level: str | None = None, json_output: bool | None = None) -> None:
+    """Set structlog up once per process; ``FEDLLM_LOG_LEVEL`` / ``FEDLLM_LOG_JSON`` override."""
+    level_name = (level or os.environ.get("FEDLLM_LOG_LEVEL", "INFO")).upper()
+    if json_output is None:
+        json_output = os.environ.get("FEDLLM_LOG_JSON", "0") == "1" or not sys.stderr.isatty()
+    renderer = (
+        structlog.processors.JSONRenderer()
+        if json_output
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level_name, logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,36 @@
+"""Shared fixtures: a small tokenizer and GPT-2 model built in-process (no download, no cache)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from fedllm.data import generate_clinical_records, vocabulary_corpus
+from fedllm.models.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer(vocabulary_corpus(0), vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def clinical_texts() -> list[str]:
+    return [r.text for r in generate_clinical_records(96, None, seed=3)]
+
+
+@pytest.fixture
+def tiny_gpt2(tokenizer) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
