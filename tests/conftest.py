@@ -34,3 +34,24 @@ def tiny_gpt2(tokenizer) -> GPT2LMHeadModel:
         attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config)
+
+
+@pytest.fixture(scope="session")
+def local_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A tiny GPT-2 saved like any Hugging Face model directory, loaded by path (no hub)."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=64,
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    path = tmp_path_factory.mktemp("local-model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -46,6 +46,8 @@ def run_command(
         report = execute(config, run_dir, with_baselines=baselines, quiet=json_output)
     except (ConfigError, DataError, ModelLoadError, FederationError) as error:
         fail(str(error))
+    except KeyboardInterrupt:
+        fail(f"interrupted; Flower processes stopped, partial results in {run_dir}", code=130)
     if json_output:
         print_json(report)
     else:
@@ -77,20 +79,20 @@ def federate(config: ExperimentConfig, run_dir: Path, *, quiet: bool) -> None:
     log_path = run_dir / "flower.log"
     resources = SimulationResources(num_supernodes=config.federation.num_hospitals)
     run_config = {"config-file": str(run_dir / "config.yaml"), "run-dir": str(run_dir)}
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            with local_superlink(flwr_home, log_path):
-                run_app(APP_ROOT, flwr_home, run_config, resources, log_path)
-        except BaseException as error:
-            failure.append(error)
-
-    worker = threading.Thread(target=target, name="flower-run", daemon=True)
-    worker.start()
-    _follow_progress(worker, run_dir, config.run.rounds, quiet)
-    if failure:
-        raise failure[0]
+    finished = threading.Event()
+    follower = threading.Thread(
+        target=_follow_progress,
+        args=(finished, run_dir, config.run.rounds, quiet),
+        name="progress",
+        daemon=True,
+    )
+    follower.start()
+    try:
+        with local_superlink(flwr_home, log_path):
+            run_app(APP_ROOT, flwr_home, run_config, resources, log_path)
+    finally:
+        finished.set()
+        follower.join()
     report = RunReport.load(run_dir)
     if report["status"] != "completed":
         raise FederationError(
@@ -114,7 +116,7 @@ def run_baselines(config: ExperimentConfig, run_dir: Path, *, quiet: bool) -> di
             sub_dir = run_dir / "baselines" / name
             sub_dir.mkdir(parents=True)
             dump_config(no_dp, sub_dir / "config.yaml")
-            federate(no_dp, sub_dir, quiet=True)
+            federate(no_dp, sub_dir, quiet=quiet)
             final = RunReport.load(sub_dir)["final"]
             results[name] = {**final, "run_dir": str(sub_dir)}
     return results
@@ -168,7 +170,8 @@ def show_summary(report: dict[str, Any], run_dir: Path) -> None:
     console.print(f"Report: [cyan]{run_dir / 'report.json'}[/]  plots: perplexity.png, epsilon.png")
 
 
-def _follow_progress(worker: threading.Thread, run_dir: Path, rounds: int, quiet: bool) -> None:
+def _follow_progress(finished: threading.Event, run_dir: Path, rounds: int, quiet: bool) -> None:
+    """Poll report.json (written by the ServerApp) and show one bar for the rounds."""
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -178,8 +181,7 @@ def _follow_progress(worker: threading.Thread, run_dir: Path, rounds: int, quiet
     )
     with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
         task = progress.add_task("starting Flower SuperLink and hospitals", total=rounds)
-        while worker.is_alive():
-            worker.join(timeout=1.0)
+        while not finished.wait(timeout=1.0):
             rows = _rows(run_dir)
             if rows:
                 last = rows[-1]
@@ -188,7 +190,7 @@ def _follow_progress(worker: threading.Thread, run_dir: Path, rounds: int, quiet
                     task,
                     completed=len(rows),
                     description=(
-                        f"cohort {','.join(last['selected'])} | loss {_fmt(last['train_loss'])}"
+                        f"cohort {len(last['selected'])} | loss {_fmt(last['train_loss'])}"
                         f" | ppl {_fmt(last['perplexity'])}"
                         f" | max ε {_fmt(max(epsilons) if epsilons else None)}"
                     ),

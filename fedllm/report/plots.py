@@ -9,6 +9,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+
+BASELINE_STYLES = {
+    "centralized": ("tab:red", "centralised, no DP"),
+    "federated_no_dp": ("tab:purple", "federated, no DP"),
+}
 
 
 def plot_run(report: dict[str, Any], run_dir: Path) -> list[Path]:
@@ -34,9 +40,12 @@ def _plot_perplexity(report: dict[str, Any], run_dir: Path) -> Path:
         axes.plot(rounds, values, marker=".", linewidth=1, alpha=0.7, label=hospital)
     for name, baseline in (report.get("baselines") or {}).items():
         if baseline.get("perplexity") is not None:
-            axes.axhline(baseline["perplexity"], linestyle="--", linewidth=1, label=name)
+            color, label = BASELINE_STYLES.get(name, ("gray", name))
+            axes.axhline(baseline["perplexity"], linestyle="--", color=color, label=label)
+    axes.set_yscale("log")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("round")
-    axes.set_ylabel("held-out perplexity")
+    axes.set_ylabel("held-out perplexity (log scale)")
     axes.set_title(f"Perplexity per round — {report['config']['run']['name']}")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
@@ -51,13 +60,15 @@ def _plot_epsilon(report: dict[str, Any], run_dir: Path) -> Path:
     rows = report["rounds"]
     figure, axes = plt.subplots(figsize=(7, 4.5))
     hospitals = sorted({name for row in rows for name in row["epsilon"]})
+    rounds = [0, *[row["round"] for row in rows]]
     for hospital in hospitals:
-        values = [row["epsilon"].get(hospital) for row in rows]
-        line = axes.plot([row["round"] for row in rows], values, marker="o", label=hospital)[0]
+        values = [0.0, *[row["epsilon"].get(hospital) for row in rows]]
+        line = axes.plot(rounds, values, marker="o", label=hospital)[0]
         cap = (report["privacy"]["hospitals"].get(hospital) or {}).get("epsilon_cap")
         if cap is not None:
             axes.axhline(cap, linestyle=":", color=line.get_color(), linewidth=1)
     privacy = report["privacy"]
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("round")
     axes.set_ylabel(f"cumulative ε (δ={privacy['delta']}, {privacy['accountant']})")
     axes.set_title("Privacy spent per hospital (dotted: cap)")

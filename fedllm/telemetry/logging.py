@@ -5,12 +5,28 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import structlog
+from transformers.utils import logging as transformers_logging
+
+
+def quiet_third_party_output() -> None:
+    """Silence download-style progress bars and deprecation chatter from ML libraries.
+
+    fedllm reports its own progress; the libraries' bars and FutureWarnings only bury it.
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
 
 
 def configure_logging(level: str | None = None, json_output: bool | None = None) -> None:
     """Set structlog up once per process; ``FEDLLM_LOG_LEVEL`` / ``FEDLLM_LOG_JSON`` override."""
+    quiet_third_party_output()
     level_name = (level or os.environ.get("FEDLLM_LOG_LEVEL", "INFO")).upper()
     if json_output is None:
         json_output = os.environ.get("FEDLLM_LOG_JSON", "0") == "1" or not sys.stderr.isatty()
