@@ -17,21 +17,18 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     DateTime,
-    Engine,
     Float,
     ForeignKey,
     Integer,
     String,
-    create_engine,
-    event,
     func,
     select,
 )
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedllm.privacy.accountant import check_accountant, check_delta, compute_epsilon
+from fedllm.privacy.database import ledger_engines
 from fedllm.privacy.events import (
     PrivacyEvent,
     SampledGaussianSteps,
@@ -41,13 +38,6 @@ from fedllm.privacy.events import (
 
 # Comparisons of ε against the cap allow for floating-point noise, nothing more.
 CAP_TOLERANCE = 1e-9
-
-# SQLite waits this long for another process's write lock before failing a charge; a charge
-# holds the lock while the accountant runs, which can take a few seconds for long ledgers.
-_SQLITE_BUSY_TIMEOUT_S = 120.0
-
-# Execution option marking transactions that must hold SQLite's write lock from their start.
-_WRITE_LOCK_OPTION = "fedllm_sqlite_write_lock"
 
 
 class BudgetExceededError(RuntimeError):
@@ -96,24 +86,6 @@ class _EventRow(_Base):
     accountant: Mapped[str] = mapped_column(String(16))
 
 
-def _enable_sqlite_write_locks(engine: Engine) -> None:
-    """Make SQLite transactions real and let writers take the lock at BEGIN.
-
-    pysqlite defers BEGIN until the first write, so a read-check-insert sequence in two
-    processes could both pass the budget check. Taking over transaction control (SQLAlchemy's
-    documented pysqlite recipe) and issuing BEGIN IMMEDIATE for writers serialises charges.
-    """
-
-    @event.listens_for(engine, "connect")
-    def _take_over_transactions(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine, "begin")
-    def _begin(connection: Any) -> None:
-        immediate = connection.get_execution_options().get(_WRITE_LOCK_OPTION, False)
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-
 class NodePrivacyLedger:
     """Persistent, concurrency-safe privacy accountant of one hospital.
 
@@ -145,12 +117,7 @@ class NodePrivacyLedger:
         self._delta = float(delta)
         self._accountant = accountant
 
-        is_sqlite = make_url(url).get_backend_name() == "sqlite"
-        connect_args = {"timeout": _SQLITE_BUSY_TIMEOUT_S} if is_sqlite else {}
-        self._engine = create_engine(url, connect_args=connect_args)
-        if is_sqlite:
-            _enable_sqlite_write_locks(self._engine)
-        self._writer = self._engine.execution_options(**{_WRITE_LOCK_OPTION: True})
+        self._engine, self._writer = ledger_engines(url)
         _Base.metadata.create_all(self._writer)
         self._register()
 

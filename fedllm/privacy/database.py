@@ -1,0 +1,42 @@
+"""SQLAlchemy engines for the privacy ledgers, with writes that serialise on SQLite too.
+
+pysqlite defers BEGIN until the first write, so a read-check-insert sequence in two processes
+could both pass a budget check. Taking over transaction control (SQLAlchemy's documented
+pysqlite recipe) and issuing BEGIN IMMEDIATE for writers serialises them; other databases get
+the same guarantee from ``SELECT ... FOR UPDATE`` in the ledgers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+# SQLite waits this long for another process's write lock before failing a write; a charge
+# holds the lock while the accountant runs, which can take a few seconds for long ledgers.
+SQLITE_BUSY_TIMEOUT_S = 120.0
+
+# Execution option marking transactions that must hold SQLite's write lock from their start.
+WRITE_LOCK_OPTION = "fedllm_sqlite_write_lock"
+
+
+def ledger_engines(url: str) -> tuple[Engine, Engine]:
+    """A reader engine and a writer view of it whose transactions take the write lock at BEGIN."""
+    is_sqlite = make_url(url).get_backend_name() == "sqlite"
+    connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S} if is_sqlite else {}
+    engine = create_engine(url, connect_args=connect_args)
+    if is_sqlite:
+        _enable_sqlite_write_locks(engine)
+    return engine, engine.execution_options(**{WRITE_LOCK_OPTION: True})
+
+
+def _enable_sqlite_write_locks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _take_over_transactions(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        immediate = connection.get_execution_options().get(WRITE_LOCK_OPTION, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
