@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedllm.config.schema import ModelConfig, TinyModelConfig
+from fedllm.config.schema import LoraConfig, ModelConfig, TinyModelConfig
 from fedllm.data import generate_clinical_records
 from fedllm.models.loading import load_lora_model, load_tokenizer
 from fedllm.training.local import DpSgdSettings, train_locally
@@ -32,15 +32,19 @@ class Case:
     batch_size: int
 
 
+QUICK_START_LORA = LoraConfig(r=4, alpha=8.0)
 CASES = (
-    Case("default tiny (2×128)", ModelConfig(max_seq_length=64), 32),
     Case(
-        "larger tiny (4×256)",
+        "quick-start tiny (2×128, r=4)", ModelConfig(max_seq_length=64, lora=QUICK_START_LORA), 64
+    ),
+    Case(
+        "larger tiny (4×256, r=16)",
         ModelConfig(
             max_seq_length=96,
+            lora=LoraConfig(r=16, alpha=32.0),
             tiny=TinyModelConfig(layers=4, hidden_size=256, heads=8, pretrain_steps=100),
         ),
-        32,
+        64,
     ),
 )
 

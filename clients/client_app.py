@@ -9,6 +9,7 @@ accountant where it chooses and impose its own cap.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -16,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedllm.federation.experiment import experiment_from_run_config
 from fedllm.federation.hospital import HospitalSite
+from fedllm.privacy.events import event_to_dict
 from fedllm.telemetry.logging import configure_logging
 
 app = ClientApp()
@@ -48,9 +50,22 @@ def _run_dir(message: Message) -> str:
 
 @app.query()
 def status(message: Message, context: Context) -> Message:
-    """Report identity and privacy budget so the server selects only hospitals that can afford."""
+    """Report identity and privacy budget so the server selects only hospitals that can afford.
+
+    When asked, also release the noised data profile (once per run; charged to the ledger).
+    """
+    config = message.content["config"]
     site = hospital_site(context, _run_dir(message))
-    return Message(RecordDict({"status": ConfigRecord(site.status())}), reply_to=message)
+    profile = None
+    if int(config.get("release-profile", 0)):
+        profile = site.release_profile(str(config["run-id"]))
+    status = site.status()
+    if profile is not None:
+        status["profile"] = profile
+        status["profile-events"] = json.dumps(
+            [event_to_dict(event) for event in site.plan.one_off_events()] if site.plan else []
+        )
+    return Message(RecordDict({"status": ConfigRecord(status)}), reply_to=message)
 
 
 @app.train()
@@ -64,7 +79,11 @@ def train(message: Message, context: Context) -> Message:
         str(config["run-id"]),
     )
     content = RecordDict(
-        {"arrays": ArrayRecord(outcome.adapter), "metrics": MetricRecord(outcome.metrics)}
+        {
+            "arrays": ArrayRecord(outcome.adapter),
+            "metrics": MetricRecord(outcome.metrics),
+            "privacy": ConfigRecord({"events": json.dumps(outcome.events)}),
+        }
     )
     return Message(content, reply_to=message)
 

@@ -2,7 +2,8 @@
 
 It is started by ``fedllm run`` (which passes ``run-dir``) or directly by
 ``flwr run . -c "config-file='configs/x.yaml'"`` (which lets it allocate
-``<output_dir>/<name>/`` itself).
+``<output_dir>/<name>/`` itself). A run whose server stopped part-way resumes from the last
+round its ledger recorded when it is started again on the same run directory.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from fedllm.config import ExperimentConfig, dump_config
 from fedllm.federation.experiment import experiment_from_run_config
 from fedllm.models.adapters import adapter_state, load_adapter_state
 from fedllm.models.loading import load_lora_model
+from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.plots import plot_run
 from fedllm.report.run_dir import allocate_run_dir
 from fedllm.report.run_report import RunReport
 from fedllm.telemetry.logging import configure_logging
-from strategies.budget_fedavg import BudgetAwareFedAvg
+from strategies.privacy_aware import PrivacyAwareStrategy
 
 log = structlog.get_logger(__name__)
 
@@ -31,7 +33,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the configured number of rounds and record everything under the run directory."""
+    """Run (or resume) the configured rounds and record everything under the run directory."""
     configure_logging()
     config = experiment_from_run_config(context.run_config)
     given = str(context.run_config.get("run-dir", ""))
@@ -39,10 +41,17 @@ def main(grid: Grid, context: Context) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "config.yaml").exists():
         dump_config(config, run_dir / "config.yaml")
-    report = RunReport(run_dir, config)
+    ledger = ServerLedger(config.strategy.ledger_url or f"sqlite:///{run_dir / 'server.db'}")
+    run_id = run_dir.name
+    ledger.start_run(run_id, config.model_dump_json())
+    state = ledger.resume_state(run_id)
+    completed = state.last_completed_round if state else 0
+    report = (
+        RunReport.resume(run_dir, config, completed) if completed else RunReport(run_dir, config)
+    )
     report.write()
     try:
-        run_federation(grid, context, config, run_dir, report)
+        run_federation(grid, config, run_dir, report, ledger, completed)
     except BaseException as error:
         report.finish("failed", error=f"{type(error).__name__}: {error}")
         raise
@@ -50,25 +59,39 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_federation(
-    grid: Grid, context: Context, config: ExperimentConfig, run_dir: Path, report: RunReport
+    grid: Grid,
+    config: ExperimentConfig,
+    run_dir: Path,
+    report: RunReport,
+    ledger: ServerLedger,
+    completed: int,
 ) -> None:
-    """Initial evaluation, the federated rounds, then checkpoint and final report."""
+    """Initial evaluation (fresh runs), the remaining rounds, then checkpoint and final report."""
     model = load_lora_model(config.model, torch.device("cpu"), config.run.seed)
-    strategy = BudgetAwareFedAvg(
-        cohort_size=config.federation.cohort_size,
-        report=report,
-        run_context={"run-dir": str(run_dir), "run-id": str(context.run_id)},
-        seed=config.run.seed,
+    strategy = PrivacyAwareStrategy(
+        config,
+        report,
+        run_context={"run-dir": str(run_dir), "run-id": run_dir.name},
+        ledger=ledger,
+        round_offset=completed,
     )
-    initial = ArrayRecord(adapter_state(model))
+    if completed:
+        load_adapter_state(model, torch.load(ledger.checkpoint(run_dir.name)))
+        log.info("run.resumed", run_dir=str(run_dir), after_round=completed)
+    arrays = ArrayRecord(adapter_state(model))
     strategy.query_status(grid)
-    initial_replies = grid.send_and_receive(
-        strategy.configure_evaluate(0, initial, ConfigRecord(), grid)
-    )
-    report.data["initial"] = strategy.summarise_evaluation(initial_replies)
-    report.write()
-    result = strategy.start(grid, initial, num_rounds=config.run.rounds)
-    load_adapter_state(model, result.arrays.to_torch_state_dict())
+    if not completed:
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(0, arrays, ConfigRecord(), grid)
+        )
+        report.data["initial"] = strategy.summarise_evaluation(replies)
+        report.write()
+    remaining = config.run.rounds - completed
+    if remaining > 0:
+        result = strategy.start(grid, arrays, num_rounds=remaining)
+        if len(result.arrays):
+            arrays = result.arrays
+    load_adapter_state(model, arrays.to_torch_state_dict())
     checkpoint = run_dir / "checkpoint"
     model.save_pretrained(checkpoint)
     rows = report.data["rounds"]

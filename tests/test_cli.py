@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from fedllm.cli.app import app
 from fedllm.privacy.accountant import compute_epsilon
-from fedllm.privacy.events import SampledGaussianSteps
+from fedllm.privacy.events import GaussianRelease, SampledGaussianSteps
 from fedllm.report.run_dir import allocate_run_dir
 
 runner = CliRunner()
@@ -38,10 +38,13 @@ def test_plan_reports_sigma_and_projected_epsilon_per_hospital(tmp_path):
         assert row["planned_rounds"] == 2
         assert row["sample_rate"] == pytest.approx(10 / row["units"])
         assert row["epsilon_cap"] == 5
-        reference = compute_epsilon(
-            [SampledGaussianSteps(row["noise_multiplier"], row["sample_rate"], 10)], 1e-5
-        )
-        assert row["projected_epsilon"] == pytest.approx(reference)
+        steps = SampledGaussianSteps(row["noise_multiplier"], row["sample_rate"], 10)
+        # cohort 1 of 2 with the default (quantum) selection: every round also releases a
+        # noised loss statistic, and the run starts with one noised profile release
+        releases = [GaussianRelease(20.0, 2), GaussianRelease(20.0)]
+        reference = compute_epsilon([steps, *releases], 1e-5)
+        assert row["projected_epsilon"] == pytest.approx(reference, rel=1e-6)
+        assert compute_epsilon([steps], 1e-5) < reference
         assert 2.9 < row["projected_epsilon"] <= 3.0
         assert row["epsilon_per_round"] < row["projected_epsilon"]
 

@@ -4,13 +4,10 @@ of DP-SGD at 2 hospitals, and stops everything; the report must say exactly what
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import dp_accounting
 import pytest
-import yaml
+from federation_helpers import TINY_TEST_MODEL, flower_processes, run_experiment
 
 pytestmark = pytest.mark.integration
 
@@ -24,46 +21,18 @@ CONFIG = {
             {"name": "south", "data_size": 60, "specialty_mix": {"oncology": 1.0}},
         ],
     },
-    "model": {
-        "name": "tiny",
-        "max_seq_length": 32,
-        "tiny": {
-            "layers": 1,
-            "hidden_size": 32,
-            "heads": 2,
-            "pretrain_steps": 20,
-            "pretrain_texts": 200,
-        },
-    },
+    "model": TINY_TEST_MODEL,
     "training": {"local_steps": 3, "batch_size": 8, "learning_rate": 0.01},
     "privacy": {"target_epsilon": 4.0, "delta": 1e-5, "accountant": "pld"},
     "evaluation": {"baselines": ["centralized"], "max_eval_sequences": 32},
 }
 
 
-def _flower_processes() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "flower-superlink"], capture_output=True, text=True)
-    return {int(pid) for pid in out.stdout.split()}
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("integration")
-    config = dict(CONFIG, run={**CONFIG["run"], "output_dir": str(root / "runs")})
-    config_file = root / "experiment.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, FEDLLM_CACHE_DIR=str(root / "cache"))
-    before = _flower_processes()
-    result = subprocess.run(
-        [sys.executable, "-m", "fedllm.cli", "run", str(config_file), "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = root / "runs" / "it"
-    return run_dir, json.loads(result.stdout), before
+    before = flower_processes()
+    run_dir, report = run_experiment(tmp_path_factory.mktemp("integration"), CONFIG)
+    return run_dir, report, before
 
 
 def test_report_records_rounds_and_privacy(finished_run):
@@ -124,4 +93,4 @@ def test_hospital_ledgers_persist_on_disk(finished_run):
 
 def test_nothing_left_running(finished_run):
     _, _, before = finished_run
-    assert _flower_processes() - before == set()
+    assert flower_processes() - before == set()

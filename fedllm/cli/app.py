@@ -6,7 +6,8 @@ import typer
 
 from fedllm.cli.plan import add_plan_command
 from fedllm.cli.privacy import privacy_app
-from fedllm.cli.run import run_command
+from fedllm.cli.run import resume_command, run_command
+from fedllm.cli.select import add_select_command
 from fedllm.telemetry.logging import configure_logging
 
 app = typer.Typer(
@@ -16,6 +17,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("run")(run_command)
+app.command("resume")(resume_command)
+add_select_command(app)
 add_plan_command(privacy_app)
 app.add_typer(privacy_app, name="privacy")
 

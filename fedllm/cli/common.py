@@ -14,7 +14,7 @@ error_console = Console(stderr=True)
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print a user-facing error in one block (no traceback) and exit."""
-    error_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    error_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,12 +43,41 @@ def run_command(
     """Run a federation of simulated hospitals; outputs go to <output_dir>/<name>/."""
     try:
         config = load_config(config_file, overrides or [])
-        run_dir = allocate_run_dir(config.run.output_dir, config.run.name)
+    except ConfigError as error:
+        fail(str(error))
+    run_and_show(
+        config, allocate_run_dir(config.run.output_dir, config.run.name), baselines, json_output
+    )
+
+
+def resume_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/quickstart")],
+    baselines: Annotated[
+        bool, typer.Option(help="Also run the baselines listed in evaluation.baselines")
+    ] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+) -> None:
+    """Continue a run that stopped part-way, from the last round its server ledger recorded."""
+    try:
+        config = load_config(run_dir / "config.yaml")
+    except ConfigError as error:
+        fail(f"{run_dir} is not a resumable run: {error}")
+    run_and_show(config, run_dir.resolve(), baselines, json_output)
+
+
+def run_and_show(
+    config: ExperimentConfig, run_dir: Path, baselines: bool, json_output: bool
+) -> None:
+    """Execute a run, turning user-facing failures into one-line errors."""
+    try:
         report = execute(config, run_dir, with_baselines=baselines, quiet=json_output)
     except (ConfigError, DataError, ModelLoadError, FederationError) as error:
         fail(str(error))
     except KeyboardInterrupt:
-        fail(f"interrupted; Flower processes stopped, partial results in {run_dir}", code=130)
+        fail(
+            f"interrupted; Flower processes stopped. Continue with: fedllm resume {run_dir}",
+            code=130,
+        )
     if json_output:
         print_json(report)
     else:
@@ -57,19 +87,28 @@ def run_command(
 def execute(
     config: ExperimentConfig, run_dir: Path, *, with_baselines: bool, quiet: bool
 ) -> dict[str, Any]:
-    """Federated run, then baselines; returns the final report."""
+    """Federated run, then baselines; returns the final report with the phases' wall times."""
     dump_config(config, run_dir / "config.yaml")
     if not quiet:
         console.print(f"[bold]fedllm[/] run [cyan]{run_dir}[/]")
+    clock = time.perf_counter()
+    phases: dict[str, float] = {}
     with console.status("Preparing the base model (first use pretrains it on public text)..."):
         resolve_model_path(config.model, config.run.seed)
+    phases["base_model_s"] = time.perf_counter() - clock
     federate(config, run_dir, quiet=quiet)
+    phases["federation_s"] = time.perf_counter() - clock - sum(phases.values())
     report = RunReport.load(run_dir)
     if with_baselines and config.evaluation.baselines:
         report["baselines"] = run_baselines(config, run_dir, quiet=quiet)
         report["comparison"] = compare(report)
-        save_report(run_dir, report)
+        phases["baselines_s"] = time.perf_counter() - clock - sum(phases.values())
         plot_run(report, run_dir)
+    report["timing"] = {
+        **(report.get("timing") or {}),
+        "cli_phases": {name: round(seconds, 3) for name, seconds in phases.items()},
+    }
+    save_report(run_dir, report)
     return report
 
 
@@ -114,7 +153,7 @@ def run_baselines(config: ExperimentConfig, run_dir: Path, *, quiet: bool) -> di
                 update={"privacy": config.privacy.model_copy(update={"enabled": False})}
             )
             sub_dir = run_dir / "baselines" / name
-            sub_dir.mkdir(parents=True)
+            sub_dir.mkdir(parents=True, exist_ok=True)
             dump_config(no_dp, sub_dir / "config.yaml")
             federate(no_dp, sub_dir, quiet=quiet)
             final = RunReport.load(sub_dir)["final"]

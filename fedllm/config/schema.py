@@ -195,10 +195,46 @@ class EvaluationConfig(StrictModel):
     max_eval_sequences: PositiveInt = 256
 
 
-class StrategyConfig(StrictModel):
-    """Server strategy; FedAvg over a cohort of hospitals that can still afford the round."""
+class ServerDpSettings(StrictModel):
+    """Optional hospital-level DP on the aggregate: clip each hospital's update, add noise."""
 
-    name: Literal["fedavg"] = "fedavg"
+    mode: Literal["off", "fixed", "adaptive"] = "off"
+    noise_multiplier: float = Field(1.0, ge=0.0)
+    clip_norm: PositiveFloat = 0.1
+    target_quantile: float = Field(0.5, gt=0.0, lt=1.0)
+    clip_learning_rate: PositiveFloat = 0.2
+
+
+class StrategyConfig(StrictModel):
+    """How the server picks each round's cohort and combines the hospitals' adapters.
+
+    ``selection``: ``random`` (uniform among eligible hospitals), ``oort`` (the K highest
+    utilities), ``quantum`` (the cohort QUBO, utility minus λ·redundancy, solved by the
+    quantum-inspired sampler; the cohort is drawn from its low-energy ensemble) or ``exact``
+    (the same QUBO solved to optimality by MILP). ``solver`` overrides the QUBO solver by name
+    (see ``fedllm select --help``), including any dimod sampler as ``dimod:module.Class``.
+    With probability ``uniform_mix`` a QUBO round draws a uniform cohort instead, which keeps
+    every eligible hospital's inclusion probability ≥ uniform_mix·K/|eligible| and so bounds
+    the n_i/π_i aggregation weights.
+    """
+
+    selection: Literal["random", "oort", "quantum", "exact"] = "quantum"
+    solver: str | None = None
+    solver_options: dict[str, float | int | str | bool] = {}
+    redundancy_weight: float = Field(0.5, ge=0.0)
+    aggregation: Literal["weighted", "inclusion-weighted", "trimmed-mean", "median"] = (
+        "inclusion-weighted"
+    )
+    trim_fraction: float = Field(0.2, ge=0.0, lt=0.5)
+    server_dp: ServerDpSettings = ServerDpSettings()
+    exploration_weight: float = Field(0.5, ge=0.0)
+    straggler_penalty: float = Field(2.0, ge=0.0)
+    utility_noise_multiplier: PositiveFloat = 20.0
+    utility_sample_size: PositiveInt = 512
+    profile_noise_multiplier: PositiveFloat = 20.0
+    loss_clip: PositiveFloat = 5.0
+    uniform_mix: float = Field(0.1, ge=0.0, le=1.0)
+    ledger_url: str | None = None
 
 
 class ExperimentConfig(StrictModel):
@@ -212,3 +248,22 @@ class ExperimentConfig(StrictModel):
     privacy: PrivacyConfig = PrivacyConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     strategy: StrategyConfig = StrategyConfig()
+
+    @property
+    def selects(self) -> bool:
+        """Whether there is a choice to make: fewer cohort places than hospitals."""
+        return self.federation.cohort_size < self.federation.num_hospitals
+
+    @property
+    def needs_utility_statistics(self) -> bool:
+        """Whether hospitals report a loss statistic each round (noised under DP)."""
+        return self.selects and self.strategy.selection != "random"
+
+    @property
+    def needs_profiles(self) -> bool:
+        """Whether hospitals report a data profile once per run (noised under DP)."""
+        return (
+            self.selects
+            and self.strategy.selection in ("quantum", "exact")
+            and self.strategy.redundancy_weight > 0
+        )

@@ -16,14 +16,20 @@ import structlog
 import torch
 
 from fedllm.config.schema import ExperimentConfig
+from fedllm.data import SPECIALTIES, ClinicalRecord
 from fedllm.federation.hospital_data import hospital_data, training_texts
 from fedllm.models.adapters import AdapterState, adapter_state, load_adapter_state
 from fedllm.models.loading import load_lora_model, load_tokenizer
+from fedllm.privacy.events import event_to_dict
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.privacy.plan import HospitalPrivacyPlan, plan_hospital
+from fedllm.privacy.releases import release_counts, release_scalar
 from fedllm.training.evaluation import EvaluationResult, evaluate
 from fedllm.training.local import DpSgdSettings, train_locally
 from fedllm.training.sequences import encode_texts
+from fedllm.training.statistics import clipped_square_loss_sum
+
+PROFILE_BINS = (*SPECIALTIES, "unknown")
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +43,22 @@ def pick_device(preference: str) -> torch.device:
     return torch.device(preference)
 
 
+def specialty_counts(records: list[ClinicalRecord], unit: str) -> dict[str, int]:
+    """Training units per specialty; a patient counts once (first record's specialty).
+
+    Counting each unit once keeps the histogram's sensitivity at 1 for either privacy unit.
+    """
+    counts = dict.fromkeys(PROFILE_BINS, 0)
+    seen: set[str] = set()
+    for record in records:
+        if unit == "patient":
+            if record.patient_id in seen:
+                continue
+            seen.add(record.patient_id)
+        counts[record.specialty if record.specialty in counts else "unknown"] += 1
+    return counts
+
+
 def stable_seed(*parts: object) -> int:
     """A seed that is the same in every process (unlike ``hash``, which is salted per process)."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
@@ -48,6 +70,7 @@ class RoundOutcome:
     """A trained adapter and the metrics that travel back to the server with it."""
 
     adapter: AdapterState
+    events: list[dict[str, Any]]
     metrics: dict[str, float | int]
 
 
@@ -73,6 +96,7 @@ class HospitalSite:
         )
         eval_texts = [r.text for r in data.eval][: config.evaluation.max_eval_sequences]
         self.eval_data = encode_texts(tokenizer, eval_texts, length)
+        self.specialty_counts = specialty_counts(data.train, config.privacy.unit)
         self.model = load_lora_model(config.model, self.device, config.run.seed)
         self.plan: HospitalPrivacyPlan | None = None
         self.ledger: NodePrivacyLedger | None = None
@@ -108,14 +132,35 @@ class HospitalSite:
             }
         return status
 
+    def release_profile(self, run_id: str) -> list[float] | None:
+        """The noised specialty counts (bins ``PROFILE_BINS``), released and charged once per run.
+
+        Returns None when the plan releases no profile, the cap cannot afford it, or it was
+        already released in this run (by this or another process serving this hospital: the
+        ledger is the record, and the server keeps the profile it was sent).
+        """
+        if self.plan is None or self.ledger is None:
+            return [float(self.specialty_counts[b]) for b in PROFILE_BINS]
+        release = self.plan.profile_release
+        already = any(
+            row["run_id"] == run_id and row["round_id"] == 0 for row in self.ledger.history()
+        )
+        if release is None or already or not self.ledger.can_afford(self.plan.one_off_events()):
+            return None
+        self.ledger.charge(self.plan.one_off_events(), round_id=0, run_id=run_id)
+        noised = release_counts(self.specialty_counts, release.noise_multiplier)
+        return [noised[b] for b in PROFILE_BINS]
+
     def train_round(
         self, global_adapter: AdapterState, server_round: int, run_id: str
     ) -> RoundOutcome:
         """Charge the ledger for one round (refusing past the cap), then run local DP-SGD."""
         load_adapter_state(self.model, global_adapter)
         dp = None
+        charged: list[dict[str, Any]] = []
         if self.plan is not None and self.ledger is not None:
             self.ledger.charge(self.plan.round_events(), round_id=server_round, run_id=run_id)
+            charged = [event_to_dict(event) for event in self.plan.round_events()]
             dp = DpSgdSettings(self.plan.noise_multiplier, self.config.privacy.max_grad_norm)
         generator = torch.Generator().manual_seed(
             stable_seed(self.config.run.seed, self.index, server_round, run_id)
@@ -139,6 +184,20 @@ class HospitalSite:
             "sample-rate": result.sample_rate,
             "round-steps": result.steps,
         }
+        if self.config.needs_utility_statistics:
+            clip = self.config.strategy.loss_clip
+            statistic_rate = min(
+                1.0, self.config.strategy.utility_sample_size / len(self.train_data)
+            )
+            square_sum = clipped_square_loss_sum(
+                self.model, self.train_data, statistic_rate, clip, generator
+            )
+            if self.plan is not None and self.plan.utility_release is not None:
+                square_sum = release_scalar(
+                    square_sum, clip**2, self.plan.utility_release.noise_multiplier
+                )
+            metrics["utility-square-loss-sum"] = square_sum
+            metrics["utility-sample-size"] = statistic_rate * len(self.train_data)
         if self.plan is not None and self.ledger is not None:
             metrics |= {
                 "epsilon": self.ledger.spent_epsilon(),
@@ -148,7 +207,7 @@ class HospitalSite:
                 "rounds-participated": self.ledger.rounds_participated(),
             }
         log.info("hospital.trained", hospital=self.name, round=server_round, **metrics)
-        return RoundOutcome(adapter_state(self.model), metrics)
+        return RoundOutcome(adapter_state(self.model), charged, metrics)
 
     def evaluate(self, global_adapter: AdapterState) -> EvaluationResult:
         """Held-out loss of the global adapter on this hospital's evaluation split."""

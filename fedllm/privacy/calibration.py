@@ -8,7 +8,7 @@ on paper could be refused by the ledger at run time.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from numbers import Real
 
 import dp_accounting
@@ -20,7 +20,12 @@ from fedllm.privacy.accountant import (
     compute_epsilon,
     make_accountant,
 )
-from fedllm.privacy.events import SampledGaussianSteps, canonical_events, to_dp_event
+from fedllm.privacy.events import (
+    PrivacyEvent,
+    SampledGaussianSteps,
+    canonical_events,
+    to_dp_event,
+)
 
 # Relative precision of σ: the returned σ is never more than 0.1 % noisier than necessary.
 RELATIVE_TOLERANCE = 1e-3
@@ -71,10 +76,13 @@ def calibrate_noise_multiplier(
     sample_rate: float,
     steps: int,
     accountant: str = "pld",
+    fixed_events: Sequence[PrivacyEvent] = (),
 ) -> float:
     """Return the smallest σ (to 0.1 %) with ε([SampledGaussianSteps(σ, q, steps)], δ) <= target.
 
-    The result is guaranteed to satisfy the target under `accountant`, never to exceed it.
+    ``fixed_events`` are other releases the same budget must also pay for (noised utility
+    statistics, a data profile); σ is chosen so that the DP-SGD steps composed with them still
+    meet the target. The result is guaranteed to satisfy the target under `accountant`.
     """
     if (
         isinstance(target_epsilon, bool)
@@ -90,7 +98,9 @@ def calibrate_noise_multiplier(
     def solve(pld_interval: float, start: float, step: float) -> float:
         def gap(sigma: float) -> float:
             event = SampledGaussianSteps(sigma, sample_rate, steps)
-            epsilon = compute_epsilon([event], delta, accountant, pld_interval=pld_interval)
+            epsilon = compute_epsilon(
+                [event, *fixed_events], delta, accountant, pld_interval=pld_interval
+            )
             return epsilon - target_epsilon
 
         low, high = _bracket(gap, start, step)
@@ -99,7 +109,7 @@ def calibrate_noise_multiplier(
         return dp_accounting.calibrate_dp_mechanism(
             make_fresh_accountant=lambda: make_accountant(accountant, pld_interval=pld_interval),
             make_event_from_param=lambda sigma: to_dp_event(
-                canonical_events([SampledGaussianSteps(sigma, sample_rate, steps)])
+                canonical_events([SampledGaussianSteps(sigma, sample_rate, steps), *fixed_events])
             ),
             target_epsilon=target_epsilon,
             target_delta=delta,

@@ -1,8 +1,9 @@
 """A hospital's privacy plan for a run: its sampling rate, noise multiplier and projected ε.
 
-The cost of a round is known before it starts (σ, q and the number of steps are fixed), so
-both the hospital and the server can tell in advance whether a round fits under the cap, and
-a researcher can read every hospital's projected ε before anything trains.
+The cost of a round is known before it starts (σ, q and the number of steps are fixed, and so
+are the noised statistics a hospital releases for the server's selection), so both the
+hospital and the server can tell in advance whether a round fits under the cap, and a
+researcher can read every hospital's projected ε before anything trains.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ from dataclasses import dataclass
 from fedllm.config.schema import ExperimentConfig
 from fedllm.privacy.accountant import compute_epsilon
 from fedllm.privacy.calibration import calibrate_noise_multiplier
-from fedllm.privacy.events import SampledGaussianSteps
+from fedllm.privacy.events import GaussianRelease, PrivacyEvent, SampledGaussianSteps
 from fedllm.training.local import sample_rate_for
 
 
 @dataclass(frozen=True)
 class HospitalPrivacyPlan:
-    """How one hospital's DP-SGD is parameterised for the whole run."""
+    """How one hospital's DP-SGD and statistics releases are parameterised for the whole run.
+
+    ``utility_release`` is the Gaussian release of the noised loss statistic that a hospital
+    sends with each round's update when the server selects by utility; ``profile_release`` is
+    the one-off release of its noised data profile (specialty counts) used for redundancy.
+    """
 
     hospital: str
     num_units: int
@@ -30,42 +36,54 @@ class HospitalPrivacyPlan:
     epsilon_cap: float
     delta: float
     accountant: str
+    utility_release: GaussianRelease | None = None
+    profile_release: GaussianRelease | None = None
 
-    def round_events(self) -> list[SampledGaussianSteps]:
-        """The privacy events one round of local training adds to the hospital's ledger."""
-        return [SampledGaussianSteps(self.noise_multiplier, self.sample_rate, self.steps_per_round)]
+    def round_events(self) -> list[PrivacyEvent]:
+        """The privacy events one round adds to the hospital's ledger."""
+        steps: list[PrivacyEvent] = [
+            SampledGaussianSteps(self.noise_multiplier, self.sample_rate, self.steps_per_round)
+        ]
+        return steps + ([self.utility_release] if self.utility_release else [])
+
+    def one_off_events(self) -> list[PrivacyEvent]:
+        """Events released once per run, before the first round."""
+        return [self.profile_release] if self.profile_release else []
 
     def epsilon_after(self, rounds: int) -> float:
         """ε after taking part in ``rounds`` rounds of this run (from a fresh ledger)."""
-        if rounds == 0:
-            return 0.0
-        events = [
-            SampledGaussianSteps(
-                self.noise_multiplier, self.sample_rate, self.steps_per_round * rounds
-            )
-        ]
-        return compute_epsilon(events, self.delta, self.accountant)
+        return compute_epsilon(
+            self.one_off_events() + rounds * self.round_events(), self.delta, self.accountant
+        )
 
 
 def plan_hospital(
     config: ExperimentConfig, hospital: str, num_units: int, epsilon_cap: float | None
 ) -> HospitalPrivacyPlan:
     """Derive σ for a hospital holding ``num_units`` sampling units (records or patients)."""
-    privacy = config.privacy
+    privacy, strategy = config.privacy, config.strategy
     if not privacy.enabled:
         raise ValueError("privacy is disabled in this config: there is no DP plan to make")
     sample_rate = sample_rate_for(config.training.batch_size, num_units)
     planned_rounds = privacy.planned_rounds or config.run.rounds
     steps = config.training.local_steps
+    utility = (
+        GaussianRelease(strategy.utility_noise_multiplier)
+        if config.needs_utility_statistics
+        else None
+    )
+    profile = GaussianRelease(strategy.profile_noise_multiplier) if config.needs_profiles else None
     if privacy.noise_multiplier is not None:
         sigma = privacy.noise_multiplier
     else:
+        releases = [GaussianRelease(utility.noise_multiplier, planned_rounds)] if utility else []
         sigma = calibrate_noise_multiplier(
             privacy.target_epsilon,
             privacy.delta,
             sample_rate,
             steps * planned_rounds,
             privacy.accountant,
+            fixed_events=releases + ([profile] if profile else []),
         )
     cap = epsilon_cap if epsilon_cap is not None else privacy.cap()
     return HospitalPrivacyPlan(
@@ -78,4 +96,6 @@ def plan_hospital(
         epsilon_cap=cap if math.isfinite(cap) else math.inf,
         delta=privacy.delta,
         accountant=privacy.accountant,
+        utility_release=utility,
+        profile_release=profile,
     )

@@ -68,6 +68,19 @@ class RunReport:
         }
 
     @classmethod
+    def resume(cls, run_dir: Path, config: ExperimentConfig, completed_rounds: int) -> RunReport:
+        """Continue a run's report after a restart, keeping the rounds the ledger completed."""
+        report = cls(run_dir, config)
+        if (run_dir / REPORT_FILE).is_file():
+            previous = cls.load(run_dir)
+            report.data.update({key: previous[key] for key in ("started_at", "initial", "privacy")})
+            report.data["rounds"] = [
+                row for row in previous["rounds"] if row["round"] <= completed_rounds
+            ]
+        report.data["resumed_after_round"] = completed_rounds
+        return report
+
+    @classmethod
     def load(cls, run_dir: Path) -> dict[str, Any]:
         """Read a report written by a (possibly other) process."""
         return json.loads((run_dir / REPORT_FILE).read_text(encoding="utf-8"))

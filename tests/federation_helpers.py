@@ -1,0 +1,52 @@
+"""Running the real `fedllm` CLI (and so a real Flower SuperLink) from tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TINY_TEST_MODEL = {
+    "name": "tiny",
+    "max_seq_length": 32,
+    "tiny": {
+        "layers": 1,
+        "hidden_size": 32,
+        "heads": 2,
+        "pretrain_steps": 20,
+        "pretrain_texts": 200,
+    },
+}
+
+
+def flower_processes() -> set[int]:
+    """PIDs of running SuperLinks (to check that a run leaves none behind)."""
+    out = subprocess.run(["pgrep", "-f", "flower-superlink"], capture_output=True, text=True)
+    return {int(pid) for pid in out.stdout.split()}
+
+
+def run_cli(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``python -m fedllm.cli ARGS`` with a model cache private to ``root``."""
+    env = dict(os.environ, FEDLLM_CACHE_DIR=str(root / "cache"))
+    return subprocess.run(
+        [sys.executable, "-m", "fedllm.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def run_experiment(root: Path, config: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Write ``config`` under ``root``, ``fedllm run`` it, return the run dir and its report."""
+    config = {**config, "run": {**config["run"], "output_dir": str(root / "runs")}}
+    config_file = root / "experiment.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    result = run_cli(root, "run", str(config_file), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "runs" / config["run"]["name"], json.loads(result.stdout)

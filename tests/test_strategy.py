@@ -1,0 +1,157 @@
+"""The strategy's decisions without a federation: eligibility, selection modes, hooks, weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedllm.config import validate_config
+from fedllm.privacy.server_ledger import ServerLedger
+from fedllm.report.run_report import RunReport
+from strategies.privacy_aware import Contribution, HospitalView, PrivacyAwareStrategy
+
+NAMES = ("alpha", "beta", "gamma", "delta", "epsilon")
+
+
+def _strategy(tmp_path, cls=PrivacyAwareStrategy, **strategy):
+    config = validate_config(
+        {
+            "federation": {"num_hospitals": 5, "cohort_size": 2},
+            "strategy": strategy,
+            "evaluation": {"baselines": []},
+        }
+    )
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    report = RunReport(tmp_path, config)
+    ledger = ServerLedger(f"sqlite:///{tmp_path / 'server.db'}")
+    instance = cls(config, report, {"run-dir": str(tmp_path), "run-id": "t"}, ledger)
+    for node_id, name in enumerate(NAMES):
+        instance.views[node_id] = HospitalView(
+            node_id,
+            name,
+            status={
+                "num-units": 100 * (node_id + 1),
+                "speed": 1.0,
+                "can-afford": 1,
+                "epsilon": 1.0,
+                "epsilon-next": 2.0,
+                "epsilon-cap": 8.0,
+            },
+            profile=[1.0, 0.0] if node_id < 3 else [0.0, 1.0],
+        )
+    return instance
+
+
+def _select(strategy, server_round=3):
+    views = sorted(strategy.views.values(), key=lambda v: v.name)
+    eligible = [v for v in views if strategy.is_eligible(v, server_round)[0]]
+    utilities = {v.name: strategy.utility(v, server_round) for v in eligible}
+    return strategy.select(views, eligible, utilities, server_round)
+
+
+@pytest.mark.parametrize("selection", ["random", "oort", "quantum", "exact"])
+def test_ineligible_hospitals_are_never_selected(tmp_path, selection):
+    strategy = _strategy(tmp_path, selection=selection)
+    for view in strategy.views.values():
+        if view.name in ("delta", "epsilon", "alpha"):
+            view.status["can-afford"] = 0
+    for server_round in range(1, 6):
+        cohort = _select(strategy, server_round)
+        assert len(cohort.members) == 2
+        assert cohort.members <= {"beta", "gamma"}
+        assert cohort.inclusion_probabilities["delta"] == 0.0
+        assert sum(cohort.inclusion_probabilities.values()) == pytest.approx(2.0)
+
+
+def test_ineligibility_reason_names_the_cap(tmp_path):
+    strategy = _strategy(tmp_path)
+    view = strategy.views[0]
+    view.status |= {"can-afford": 0, "epsilon-next": 9.5, "epsilon-cap": 8.0}
+    ok, reason = strategy.is_eligible(view, 1)
+    assert not ok
+    assert "9.500" in reason
+    assert "cap 8.000" in reason
+
+
+def test_oort_picks_highest_utility_and_a_subclass_hook_changes_it(tmp_path):
+    plain = _strategy(tmp_path, selection="oort")
+    for view in plain.views.values():
+        view.square_loss_sum, view.sample_size = 40.0, 10.0
+    assert _select(plain).members == {"epsilon", "delta"}  # the largest hospitals
+
+    class PreferSmall(PrivacyAwareStrategy):
+        def utility(self, view, server_round):
+            return 1.0 / view.num_units
+
+    custom = _strategy(tmp_path / "custom", cls=PreferSmall, selection="oort")
+    assert _select(custom).members == {"alpha", "beta"}
+
+
+def test_quantum_selection_avoids_redundant_pairs(tmp_path):
+    strategy = _strategy(tmp_path, selection="exact", redundancy_weight=10.0, uniform_mix=0.0)
+    # three hospitals share one case mix, two share another: a diverse pair must win
+    for _ in range(3):
+        members = _select(strategy).members
+        profiles = {tuple(strategy.views[NAMES.index(m)].profile) for m in members}
+        assert len(profiles) == 2
+
+
+def test_inclusion_weighting_divides_by_probability(tmp_path):
+    strategy = _strategy(tmp_path, aggregation="inclusion-weighted")
+    adapter = {"w": torch.zeros(2)}
+    contributions = [
+        Contribution("a", adapter, 100.0, 0.5, {}),
+        Contribution("b", adapter, 100.0, 1.0, {}),
+    ]
+    weights = strategy.aggregation_weights(contributions)
+    assert weights[0] / weights[1] == pytest.approx(2.0)
+    plain = _strategy(tmp_path / "plain", aggregation="weighted")
+    assert plain.aggregation_weights(contributions) == [100.0, 100.0]
+
+
+def test_robust_rules_ignore_an_outlier(tmp_path):
+    strategy = _strategy(tmp_path, aggregation="median")
+    updates = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([1.2])}, {"w": torch.tensor([50.0])}]
+    contributions = [Contribution(str(i), u, 1.0, 1.0, {}) for i, u in enumerate(updates)]
+    merged = strategy.aggregate(contributions, {"w": torch.tensor([0.0])})
+    assert float(merged["w"][0]) == pytest.approx(1.2)
+    mean = _strategy(tmp_path / "mean", aggregation="weighted").aggregate(
+        contributions, {"w": torch.tensor([0.0])}
+    )
+    assert float(mean["w"][0]) > 10
+
+
+def test_utility_prefers_unexplored_and_penalises_stragglers(tmp_path):
+    strategy = _strategy(tmp_path, selection="oort")
+    for view in strategy.views.values():
+        view.square_loss_sum, view.sample_size, view.times_selected = 40.0, 10.0, 3
+        view.last_duration_s = 10.0
+    slow = strategy.views[2]
+    slow.last_duration_s = 100.0
+    fresh = strategy.views[1]
+    fresh.times_selected = 0
+    utilities = {v.name: strategy.utility(v, 5) for v in strategy.views.values()}
+    assert utilities["gamma"] < utilities["beta"]
+    baseline = _strategy(tmp_path / "b", selection="oort")
+    for view in baseline.views.values():
+        view.square_loss_sum, view.sample_size, view.times_selected = 40.0, 10.0, 3
+    assert utilities["beta"] > baseline.utility(baseline.views[1], 5)
+    assert np.isfinite(list(utilities.values())).all()
+
+
+def test_uniform_mix_bounds_inclusion_probabilities(tmp_path):
+    strategy = _strategy(tmp_path, selection="exact", redundancy_weight=0.0, uniform_mix=0.2)
+    for view in strategy.views.values():
+        view.square_loss_sum, view.sample_size = 40.0, 10.0
+    cohort = _select(strategy)
+    # exact + no redundancy: the two largest hospitals always win the ensemble ...
+    floor = 0.2 * 2 / 5
+    probabilities = cohort.inclusion_probabilities
+    assert probabilities["alpha"] == pytest.approx(floor, abs=1e-3)
+    assert probabilities["epsilon"] == pytest.approx(0.8 + floor, abs=1e-3)
+    assert sum(probabilities.values()) == pytest.approx(2.0)
+    # ... and the uniform draw happens about 20 % of the time
+    draws = [_select(strategy).members for _ in range(300)]
+    share = sum(members != {"delta", "epsilon"} for members in draws) / len(draws)
+    assert 0.1 < share < 0.3
