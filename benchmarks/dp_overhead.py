@@ -21,6 +21,7 @@ import torch
 from fedllm.config.schema import LoraConfig, ModelConfig, TinyModelConfig
 from fedllm.data import generate_clinical_records
 from fedllm.models.loading import load_lora_model, load_tokenizer
+from fedllm.telemetry.logging import quiet_third_party_output
 from fedllm.training.local import DpSgdSettings, train_locally
 from fedllm.training.sequences import encode_texts
 
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
+    quiet_third_party_output()
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(
         f"machine: {platform.platform()}, {os.cpu_count()} cores, torch {torch.__version__},"

@@ -21,6 +21,7 @@ from typing import Any
 
 from fedllm.cli.run import execute
 from fedllm.config import validate_config
+from fedllm.telemetry.logging import quiet_third_party_output
 
 STRATEGIES = {
     "random FedAvg": {"selection": "random", "aggregation": "weighted"},
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
+    quiet_third_party_output()
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores")
     print(f"command: python benchmarks/time_to_accuracy.py --rounds {args.rounds}")
     reports = {}

@@ -8,6 +8,7 @@ round its ledger recorded when it is started again on the same run directory.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import structlog
@@ -58,6 +59,17 @@ def main(grid: Grid, context: Context) -> None:
     plot_run(report.data, run_dir)
 
 
+def load_strategy_class(spec: str | None) -> type[PrivacyAwareStrategy]:
+    """``package.module:Class`` (a PrivacyAwareStrategy subclass), or the default."""
+    if spec is None:
+        return PrivacyAwareStrategy
+    module_name, _, class_name = spec.partition(":")
+    strategy_class = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(strategy_class, type) and issubclass(strategy_class, PrivacyAwareStrategy)):
+        raise TypeError(f"strategy.strategy_class {spec!r} is not a PrivacyAwareStrategy subclass")
+    return strategy_class
+
+
 def run_federation(
     grid: Grid,
     config: ExperimentConfig,
@@ -68,7 +80,8 @@ def run_federation(
 ) -> None:
     """Initial evaluation (fresh runs), the remaining rounds, then checkpoint and final report."""
     model = load_lora_model(config.model, torch.device("cpu"), config.run.seed)
-    strategy = PrivacyAwareStrategy(
+    strategy_class = load_strategy_class(config.strategy.strategy_class)
+    strategy = strategy_class(
         config,
         report,
         run_context={"run-dir": str(run_dir), "run-id": run_dir.name},

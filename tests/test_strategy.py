@@ -155,3 +155,20 @@ def test_uniform_mix_bounds_inclusion_probabilities(tmp_path):
     draws = [_select(strategy).members for _ in range(300)]
     share = sum(members != {"delta", "epsilon"} for members in draws) / len(draws)
     assert 0.1 < share < 0.3
+
+
+def test_example_subclass_changes_one_hook_and_loads_by_name(tmp_path):
+    from examples.custom_strategy import FairnessFirstStrategy
+    from strategies.server_app import load_strategy_class
+
+    assert load_strategy_class("examples.custom_strategy:FairnessFirstStrategy") is (
+        FairnessFirstStrategy
+    )
+    assert load_strategy_class(None) is PrivacyAwareStrategy
+    with pytest.raises(TypeError, match="not a PrivacyAwareStrategy subclass"):
+        load_strategy_class("fedllm.config:ExperimentConfig")
+    fair = _strategy(tmp_path, cls=FairnessFirstStrategy, selection="oort")
+    for view in fair.views.values():
+        view.square_loss_sum, view.sample_size = 40.0, 10.0
+    fair.views[4].times_selected = fair.views[3].times_selected = 5
+    assert _select(fair).members == {"gamma", "beta"}

@@ -28,6 +28,11 @@ from fedllm.report.plots import plot_run
 from fedllm.report.run_dir import allocate_run_dir
 from fedllm.report.run_report import RunReport, save_report
 
+WithBaselines = Annotated[
+    bool, typer.Option(help="Also run the baselines listed in evaluation.baselines")
+]
+JsonReport = Annotated[bool, typer.Option("--json", help="Print the report as JSON")]
+
 
 def run_command(
     config_file: Annotated[Path, typer.Argument(help="Experiment YAML, e.g. configs/default.yaml")],
@@ -35,10 +40,8 @@ def run_command(
         list[str] | None,
         typer.Option("--set", help="Override a config key: --set training.local_steps=5"),
     ] = None,
-    baselines: Annotated[
-        bool, typer.Option(help="Also run the baselines listed in evaluation.baselines")
-    ] = True,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    baselines: WithBaselines = True,
+    json_output: JsonReport = False,
 ) -> None:
     """Run a federation of simulated hospitals; outputs go to <output_dir>/<name>/."""
     try:
@@ -52,10 +55,8 @@ def run_command(
 
 def resume_command(
     run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/quickstart")],
-    baselines: Annotated[
-        bool, typer.Option(help="Also run the baselines listed in evaluation.baselines")
-    ] = True,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    baselines: WithBaselines = True,
+    json_output: JsonReport = False,
 ) -> None:
     """Continue a run that stopped part-way, from the last round its server ledger recorded."""
     try:

@@ -213,11 +213,14 @@ class StrategyConfig(StrictModel):
     quantum-inspired sampler; the cohort is drawn from its low-energy ensemble) or ``exact``
     (the same QUBO solved to optimality by MILP). ``solver`` overrides the QUBO solver by name
     (see ``fedllm select --help``), including any dimod sampler as ``dimod:module.Class``.
+    ``strategy_class`` (``package.module:Class``) names a subclass of ``PrivacyAwareStrategy``
+    to run instead, so an ML engineer's override of one hook is selected from YAML.
     With probability ``uniform_mix`` a QUBO round draws a uniform cohort instead, which keeps
     every eligible hospital's inclusion probability ≥ uniform_mix·K/|eligible| and so bounds
     the n_i/π_i aggregation weights.
     """
 
+    strategy_class: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     selection: Literal["random", "oort", "quantum", "exact"] = "quantum"
     solver: str | None = None
     solver_options: dict[str, float | int | str | bool] = {}
