@@ -220,7 +220,10 @@ class PrivacyAwareStrategy(FedAvg):
         eligible, ineligible = [], {}
         for view in views:
             ok, reason = self.is_eligible(view, current)
-            (eligible.append(view) if ok else ineligible.__setitem__(view.name, reason))
+            if ok:
+                eligible.append(view)
+            else:
+                ineligible[view.name] = reason
         utilities = {v.name: self.utility(v, current) for v in eligible}
         cohort = self.select(views, eligible, utilities, current)
         for view in views:

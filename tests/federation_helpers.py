@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 TINY_TEST_MODEL = {
@@ -24,10 +26,15 @@ TINY_TEST_MODEL = {
 }
 
 
-def flower_processes() -> set[int]:
-    """PIDs of running SuperLinks (to check that a run leaves none behind)."""
-    out = subprocess.run(["pgrep", "-f", "flower-superlink"], capture_output=True, text=True)
-    return {int(pid) for pid in out.stdout.split()}
+def flower_processes(root: Path) -> set[int]:
+    """PIDs of processes started for a run under ``root``: the SuperLink, the ServerApp, the
+    simulation runtime and Ray's daemons all inherit its ``FLWR_HOME`` (a run must leave none)."""
+    found = set()
+    for process in psutil.process_iter():
+        with suppress(psutil.Error):
+            if process.environ().get("FLWR_HOME", "").startswith(str(root)):
+                found.add(process.pid)
+    return found
 
 
 def run_cli(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

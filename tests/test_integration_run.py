@@ -30,9 +30,9 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    before = flower_processes()
-    run_dir, report = run_experiment(tmp_path_factory.mktemp("integration"), CONFIG)
-    return run_dir, report, before
+    root = tmp_path_factory.mktemp("integration")
+    run_dir, report = run_experiment(root, CONFIG)
+    return run_dir, report, root
 
 
 def test_report_records_rounds_and_privacy(finished_run):
@@ -92,5 +92,5 @@ def test_hospital_ledgers_persist_on_disk(finished_run):
 
 
 def test_nothing_left_running(finished_run):
-    _, _, before = finished_run
-    assert flower_processes() - before == set()
+    _, _, root = finished_run
+    assert flower_processes(root) == set()

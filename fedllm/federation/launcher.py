@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 CONNECTION_NAME = "fedllm-local"
 STARTUP_TIMEOUT_S = 60.0
@@ -101,7 +101,7 @@ def local_superlink(flwr_home: Path, log_path: Path) -> Iterator[str]:
         _wait_until_healthy(process, port, log_path)
         yield address
     finally:
-        stop_process_group(process)
+        stop_process_tree(process)
 
 
 def run_app(
@@ -139,24 +139,33 @@ def run_app(
         try:
             code = process.wait()
         finally:
-            stop_process_group(process)
+            # `flwr run --stream` only follows the run's log: no reason to give it long
+            stop_process_tree(process, grace_s=1.0)
     if code != 0:
         raise FederationError(f"`flwr run` exited with code {code}; see {log_path}")
 
 
-def stop_process_group(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    """Terminate a process and everything it started (SuperLink's ServerApp, Ray workers)."""
-    if process.poll() is None:
-        _signal_group(process.pid, signal.SIGTERM)
-        with suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=grace_s)
-    _signal_group(process.pid, signal.SIGKILL)
+def stop_process_tree(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """Terminate a process and everything it started, however it detached.
+
+    Flower's SuperExec starts the ServerApp and the simulation runtime in sessions of their
+    own, and Ray's daemons hang below those, so signalling the process group is not enough:
+    the whole tree of descendants is collected first (before parents die and orphans are
+    re-parented), asked to terminate, and killed after ``grace_s``.
+    """
+    try:
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for member in tree:
+        with suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for member in alive:
+        with suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
     process.wait()
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(pid, sig)
 
 
 def _wait_until_healthy(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
