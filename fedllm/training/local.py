@@ -90,9 +90,7 @@ def train_locally(
     loss_sum, seen = 0.0, 0
     try:
         for _ in range(steps):
-            chosen = torch.nonzero(
-                torch.rand(len(data), generator=generator) < sample_rate
-            ).squeeze(1)
+            chosen = data.poisson_sample(sample_rate, generator)
             optimizer.zero_grad(set_to_none=True)
             if len(chosen) == 0:
                 if dp is not None:

@@ -29,6 +29,12 @@ class EncodedSequences:
         """The sequences at ``indices`` (a possibly empty Poisson sample)."""
         return EncodedSequences(self.input_ids[indices], self.attention_mask[indices])
 
+    def poisson_sample(
+        self, sample_rate: float, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Indices of a Poisson sample: each sequence independently with probability q."""
+        return torch.nonzero(torch.rand(len(self), generator=generator) < sample_rate).squeeze(1)
+
     @property
     def num_tokens(self) -> int:
         """Tokens that are predicted (every real token but the first of each sequence)."""

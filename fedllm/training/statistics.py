@@ -24,7 +24,7 @@ def clipped_square_loss_sum(
     generator: torch.Generator | None = None,
 ) -> float:
     """Σ min(loss, clip)² over a fresh Poisson sample of the hospital's sequences."""
-    chosen = torch.nonzero(torch.rand(len(data), generator=generator) < sample_rate).squeeze(1)
+    chosen = data.poisson_sample(sample_rate, generator)
     if len(chosen) == 0:
         return 0.0
     batch = data.select(chosen)
