@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from fedllm.config.schema import ExperimentConfig
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -65,12 +67,23 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 
 
 def validate_config(raw: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
-    """Validate a raw mapping, rewording pydantic's errors as 'key: got value; expected ...'."""
+    """Validate an experiment mapping (see `validate_model`)."""
+    return validate_model(ExperimentConfig, raw, source, what="config")
+
+
+def validate_model(
+    model: type[M], raw: Mapping[str, Any], source: str, *, what: str = "config"
+) -> M:
+    """Validate any YAML-backed schema, rewording pydantic's errors as 'key: got value; expected'.
+
+    Every fedllm YAML file (experiment, node, router, hospital) goes through here so that a
+    user sees one wording for every mistake, whichever file they got wrong.
+    """
     try:
-        return ExperimentConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as error:
-        lines = [_describe(item) for item in error.errors()]
-        raise ConfigError(f"{source}: invalid config\n  " + "\n  ".join(lines)) from None
+        lines = [describe_error(item) for item in error.errors()]
+        raise ConfigError(f"{source}: invalid {what}\n  " + "\n  ".join(lines)) from None
 
 
 def dump_config(config: ExperimentConfig, path: Path) -> None:
@@ -78,7 +91,8 @@ def dump_config(config: ExperimentConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "utf-8")
 
 
-def _describe(item: Mapping[str, Any]) -> str:
+def describe_error(item: Mapping[str, Any]) -> str:
+    """One pydantic error as 'key: got value; expected: ...' (or 'unknown key')."""
     key = ".".join(str(part) for part in item["loc"]) or "(top level)"
     if item["type"] == "extra_forbidden":
         return f"{key}: unknown key (value {item['input']!r}); check the spelling"
