@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import typer
 
+from fedllm.cli.audit import audit_app
 from fedllm.cli.plan import add_plan_command
 from fedllm.cli.privacy import privacy_app
 from fedllm.cli.run import resume_command, run_command
 from fedllm.cli.select import add_select_command
+from fedllm.cli.users import users_app
 from fedllm.telemetry.logging import configure_logging
 
 app = typer.Typer(
     name="fedllm",
-    help="Privacy-preserving federated fine-tuning of language models across hospitals.",
+    help="Privacy-preserving federated fine-tuning and serving of LMs across hospitals.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -21,6 +23,8 @@ app.command("resume")(resume_command)
 add_select_command(app)
 add_plan_command(privacy_app)
 app.add_typer(privacy_app, name="privacy")
+app.add_typer(users_app, name="users")
+app.add_typer(audit_app, name="audit")
 
 
 @app.callback()
