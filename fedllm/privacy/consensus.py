@@ -1,0 +1,214 @@
+"""Differentially private consensus across hospitals: GNMax over public candidate tokens.
+
+A ``require_consensus`` answer asks several hospitals' *local* models (not covered by the DP
+guarantee of the global model) which next token to emit. Letting the router see their raw
+votes would leak their data, so every token is chosen by PATE's Gaussian NoisyMax (GNMax):
+
+1. The candidates are the top-k next tokens of the DP-trained *global* model. That model is
+   already accounted for, so choosing candidates is post-processing: it costs 0 ε and the
+   candidate set does not depend on any hospital's local data.
+2. Each participating hospital votes for one candidate with its local model.
+3. The router adds N(0, σ²) to every candidate's vote count and emits the argmax.
+
+One hospital's data can at most move its own vote from one candidate to another: the vote
+histogram changes by -1 in one bin and +1 in another, an L2 sensitivity of √2. Each token is
+therefore a Gaussian mechanism with noise multiplier σ/√2 in sensitivity-1 units. The bound is
+hospital-level (any change to a hospital's entire dataset), hence also record-level.
+
+An answer of up to ``max_tokens`` tokens is charged ``max_tokens`` such mechanisms *before*
+the first vote. Its actual length depends on the noisy outputs (when EOS wins), but charging
+the maximum keeps the cost fixed in advance, so no privacy odometer (a bound on an adaptively
+chosen number of mechanisms) is needed and a hospital can refuse an answer up front.
+
+Everything this module returns about a decision is computed from the noisy counts only, so
+releasing it (the chosen token, a confidence score, a consensus flag) is post-processing too.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+import dp_accounting
+import numpy as np
+
+from fedllm.privacy.accountant import check_accountant, check_delta, compute_epsilon
+from fedllm.privacy.events import GaussianRelease
+
+# One hospital moves one vote from one candidate to another: ‖(-1, +1)‖₂ = √2.
+VOTE_SENSITIVITY = math.sqrt(2)
+
+# noise_for_epsilon returns a σ that is never more than this fraction noisier than needed.
+CALIBRATION_RELATIVE_TOLERANCE = 1e-4
+
+# Per-answer costs are looked up on every consensus request; composing a PLD takes up to a
+# second, so the few (σ, max_tokens, δ, accountant) combinations a router uses are kept.
+_COST_CACHE_SIZE = 256
+
+# Galloping step for bracketing σ around the analytic Gaussian estimate (squared on each miss).
+_BRACKET_STEP = 1.01
+
+
+def _check_finite(name: str, value: object) -> float:
+    """Return `value` as a float, rejecting bools, non-numbers, NaN and infinities."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_max_tokens(max_tokens: object) -> int:
+    """Return `max_tokens` as an int, rejecting anything that is not an integer >= 1."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, Integral) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    return int(max_tokens)
+
+
+@dataclass(frozen=True)
+class TokenDecision:
+    """The noisy outcome of one token's vote; every field is derived from noisy counts only.
+
+    ``index`` is the chosen candidate's position, ``noisy_top_fraction`` its noisy count divided
+    by the number of voters (clipped to [0, 1]) and ``confident`` whether that fraction reached
+    the mechanism's threshold.
+    """
+
+    index: int
+    noisy_top_fraction: float
+    confident: bool
+
+
+@dataclass(frozen=True)
+class ConsensusMechanism:
+    """GNMax with noise std ``vote_noise_std`` on every candidate's vote count.
+
+    ``threshold`` is the fraction of voters the winning noisy count must reach for a token to
+    count as agreed on; it shapes the reported confidence, not the privacy cost.
+    """
+
+    vote_noise_std: float
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        """Validate eagerly so a misconfigured router fails at start-up, not mid-answer."""
+        if _check_finite("vote_noise_std", self.vote_noise_std) <= 0:
+            raise ValueError(f"vote_noise_std must be > 0, got {self.vote_noise_std!r}")
+        if not 0 < _check_finite("threshold", self.threshold) <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold!r}")
+
+    @property
+    def noise_multiplier(self) -> float:
+        """σ/√2: the noise in units of the vote histogram's sensitivity."""
+        return self.vote_noise_std / VOTE_SENSITIVITY
+
+    def token_event(self) -> GaussianRelease:
+        """The privacy event of choosing one token, as charged to each voting hospital."""
+        return GaussianRelease(noise_multiplier=self.noise_multiplier)
+
+    def answer_events(self, max_tokens: int) -> list[GaussianRelease]:
+        """The events of an answer of up to `max_tokens` tokens: `max_tokens` token events.
+
+        Returned as one ``GaussianRelease(σ/√2, count=max_tokens)``, the same composition in the
+        form a node ledger records for ``/v1/consensus/open``.
+        """
+        count = _check_max_tokens(max_tokens)
+        return [GaussianRelease(noise_multiplier=self.noise_multiplier, count=count)]
+
+    def epsilon_cost(self, max_tokens: int, delta: float, accountant: str = "pld") -> float:
+        """ε at `delta` of one answer of up to `max_tokens` tokens (cached).
+
+        This is what each participating hospital's ledger and the asking user's and
+        department's router quotas are charged, whatever length the answer turns out to have.
+        """
+        count = _check_max_tokens(max_tokens)
+        check_delta(delta)
+        check_accountant(accountant)
+        return _epsilon_cost(self.noise_multiplier, count, float(delta), accountant)
+
+    def decide(
+        self, votes: Sequence[int], n_candidates: int, rng: np.random.Generator
+    ) -> TokenDecision:
+        """Choose one candidate from the hospitals' `votes` (candidate indices) with GNMax.
+
+        `rng` supplies the noise. In production it must be unpredictable to the hospitals and
+        users (``np.random.default_rng()`` seeds from the OS): anyone who can predict the noise
+        can subtract it. Tests pass seeded generators.
+        """
+        if isinstance(n_candidates, bool) or not isinstance(n_candidates, Integral):
+            raise ValueError(f"n_candidates must be an integer, got {n_candidates!r}")
+        if n_candidates < 1:
+            raise ValueError(f"n_candidates must be >= 1, got {n_candidates!r}")
+        if len(votes) == 0:
+            raise ValueError("at least one vote is needed")
+        for vote in votes:
+            if isinstance(vote, bool) or not isinstance(vote, Integral):
+                raise ValueError(f"votes must be integers, got {vote!r}")
+            if not 0 <= vote < n_candidates:
+                raise ValueError(f"vote {vote!r} is not a candidate index in [0, {n_candidates})")
+        counts = np.bincount(np.asarray(votes, dtype=np.int64), minlength=int(n_candidates))
+        noisy = counts + rng.normal(0.0, self.vote_noise_std, size=int(n_candidates))
+        index = int(np.argmax(noisy))
+        fraction = float(np.clip(noisy[index] / len(votes), 0.0, 1.0))
+        return TokenDecision(
+            index=index, noisy_top_fraction=fraction, confident=fraction >= self.threshold
+        )
+
+
+@functools.lru_cache(maxsize=_COST_CACHE_SIZE)
+def _epsilon_cost(noise_multiplier: float, max_tokens: int, delta: float, accountant: str) -> float:
+    """Cached ε of `max_tokens` Gaussian mechanisms with `noise_multiplier`."""
+    event = GaussianRelease(noise_multiplier=noise_multiplier, count=max_tokens)
+    return compute_epsilon([event], delta, accountant)
+
+
+def summarise(decisions: Sequence[TokenDecision]) -> tuple[bool, float]:
+    """``(consensus_reached, confidence_score)`` of an answer's token decisions.
+
+    Consensus is reached when every token was confident; the score is the mean noisy top
+    fraction, in [0, 1]. An answer with no decided tokens reached no consensus: (False, 0.0).
+    """
+    if not decisions:
+        return False, 0.0
+    reached = all(d.confident for d in decisions)
+    score = sum(d.noisy_top_fraction for d in decisions) / len(decisions)
+    return reached, float(min(max(score, 0.0), 1.0))
+
+
+def noise_for_epsilon(
+    epsilon: float, max_tokens: int, delta: float, accountant: str = "pld"
+) -> float:
+    """The smallest vote noise std σ (to 0.01 %) whose per-answer ε is at most `epsilon`.
+
+    The search is a bisection on :meth:`ConsensusMechanism.epsilon_cost` itself, so the
+    returned σ is guaranteed to meet the target under the accountant that will charge it. It
+    starts from the analytic Gaussian σ (``max_tokens`` Gaussians with multiplier s compose to
+    one with s/√max_tokens), so only a handful of accountant evaluations are needed.
+    """
+    target = _check_finite("epsilon", epsilon)
+    if target <= 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    count = _check_max_tokens(max_tokens)
+    check_delta(delta)
+    check_accountant(accountant)
+
+    def gap(sigma: float) -> float:
+        return ConsensusMechanism(sigma).epsilon_cost(count, delta, accountant) - target
+
+    estimate = dp_accounting.get_sigma_gaussian(target, delta) * math.sqrt(count)
+    start = estimate * VOTE_SENSITIVITY
+    low, high, step = start, start, _BRACKET_STEP
+    if gap(start) > 0:
+        while gap(high) > 0:
+            low, high, step = high, high * step, step * step
+    else:
+        while gap(low) <= 0:
+            high, low, step = low, low / step, step * step
+    while high - low > CALIBRATION_RELATIVE_TOLERANCE * high:
+        middle = math.sqrt(low * high)
+        if gap(middle) > 0:
+            low = middle
+        else:
+            high = middle
+    return high
