@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from fedllm.cli.audit import audit_app
+from fedllm.cli.certs import certs_app
+from fedllm.cli.keys import keys_app
 from fedllm.cli.plan import add_plan_command
 from fedllm.cli.privacy import privacy_app
 from fedllm.cli.run import resume_command, run_command
@@ -25,6 +27,8 @@ add_plan_command(privacy_app)
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
+app.add_typer(certs_app, name="certs")
+app.add_typer(keys_app, name="keys")
 
 
 @app.callback()
