@@ -11,6 +11,7 @@ from fedllm.cli.plan import add_plan_command
 from fedllm.cli.privacy import privacy_app
 from fedllm.cli.run import resume_command, run_command
 from fedllm.cli.select import add_select_command
+from fedllm.cli.serve import serve_command
 from fedllm.cli.users import users_app
 from fedllm.telemetry.logging import configure_logging
 
@@ -25,6 +26,7 @@ app.command("resume")(resume_command)
 add_select_command(app)
 add_plan_command(privacy_app)
 app.add_typer(privacy_app, name="privacy")
+app.command("serve")(serve_command)
 app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
 app.add_typer(certs_app, name="certs")

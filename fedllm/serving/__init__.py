@@ -1,0 +1,1 @@
+"""Serving: the hospital inference server (node) and the shared HTTP API contract."""

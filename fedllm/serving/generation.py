@@ -1,0 +1,383 @@
+"""The real node model: a base causal LM, the federation's global adapter (hot-reloaded) and an
+optional local adapter of the hospital's own.
+
+Hot reload: the server's final adapter lands in ``runs/<name>/checkpoint/`` (peft
+``save_pretrained``), which is written in place, not atomically. So the weights file is read
+once into memory, hashed and parsed from those bytes (the version always names exactly the
+weights being served), and a half-written or broken adapter is logged and the old one kept; the
+poller retries when the files change again. Every use of the model, and every swap, holds one
+lock: requests see either the old adapter or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import structlog
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load as load_safetensors
+from transformers import PreTrainedModel
+
+from fedllm.config.schema import ModelConfig
+from fedllm.models.loading import load_base_model, load_tokenizer
+from fedllm.serving.backends import Generation
+
+log = structlog.get_logger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+LOCAL_ADAPTER = "local"
+BASE_VERSION = "base"
+VERSION_CHARS = 12
+
+Role = Literal["global", "vote"]
+
+
+class AdapterLoadError(RuntimeError):
+    """An adapter directory could not be read or does not fit the base model."""
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter read from disk in one go: its config, weights and content hash."""
+
+    config: LoraConfig
+    state: dict[str, torch.Tensor]
+    version: str
+
+
+def adapter_signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    """Cheap change detector: (name, size, mtime_ns) of the adapter's files that exist."""
+    signature = []
+    for name in (ADAPTER_CONFIG, *ADAPTER_WEIGHTS):
+        try:
+            stat = (directory / name).stat()
+        except OSError:
+            continue
+        signature.append((name, stat.st_size, stat.st_mtime_ns))
+    return tuple(signature)
+
+
+def read_adapter(directory: Path) -> AdapterFiles:
+    """Read a peft ``save_pretrained`` directory; the version is a hash of the weights file."""
+    weights = next((directory / n for n in ADAPTER_WEIGHTS if (directory / n).is_file()), None)
+    if weights is None:
+        raise AdapterLoadError(f"{directory}: no {' or '.join(ADAPTER_WEIGHTS)}")
+    try:
+        raw_config = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        data = weights.read_bytes()
+        if weights.suffix == ".safetensors":
+            state = load_safetensors(data)
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        config = LoraConfig.from_peft_type(**raw_config)
+    except Exception as error:  # any malformed file must keep the old adapter, not crash
+        raise AdapterLoadError(f"{directory}: unreadable adapter: {error}") from error
+    if not isinstance(config, LoraConfig):
+        raise AdapterLoadError(f"{directory}: not a LoRA adapter ({raw_config.get('peft_type')})")
+    config.inference_mode = True
+    version = hashlib.sha256(data).hexdigest()[:VERSION_CHARS]
+    return AdapterFiles(config=config, state=state, version=version)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` means CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+class ModelBackend:
+    """Base model + global adapter (hot-reloaded from ``adapter_dir``) + optional local adapter.
+
+    Text generation and consensus candidates use the global adapter (the DP-trained model:
+    post-processing, 0 ε); votes use the local adapter when one is configured (private, so
+    only inside charged consensus sessions), else the global model.
+    """
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        *,
+        adapter_dir: Path | None = None,
+        local_adapter: Path | None = None,
+        reload_interval_s: float = 5.0,
+        device: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        self._lock = threading.RLock()
+        self._reload_lock = threading.Lock()
+        self._device = pick_device(device)
+        self._tokenizer = load_tokenizer(model_config, seed)
+        self._model: PreTrainedModel | PeftModel = load_base_model(model_config, self._device, seed)
+        self._model.eval()
+        self._max_positions = _max_positions(self._model)
+        self._model_name = model_config.name
+        self._global: str | None = None
+        self._has_local = False
+        self.model_version = BASE_VERSION
+        self.eos_token_id = int(self._tokenizer.eos_token_id)
+        self.adapter_dir = adapter_dir
+        self._signature: tuple[tuple[str, int, int], ...] = ()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+
+        if local_adapter is not None:
+            self._install(LOCAL_ADAPTER, read_adapter(local_adapter))
+            self._has_local = True
+            log.info("node.local_adapter_loaded", path=str(local_adapter))
+        if adapter_dir is None:
+            log.warning("node.no_global_adapter", detail="serving the base model only")
+            return
+        self.check_for_update()
+        if self._global is None:
+            log.warning("node.global_adapter_missing", path=str(adapter_dir))
+        if reload_interval_s > 0:
+            self._poller = threading.Thread(
+                target=self._poll, args=(reload_interval_s,), name="adapter-reload", daemon=True
+            )
+            self._poller.start()
+
+    @property
+    def has_global_adapter(self) -> bool:
+        """Whether a global adapter is loaded (False: base model only)."""
+        return self._global is not None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs."""
+        return self._device
+
+    def close(self) -> None:
+        """Stop the reload poller (the model itself needs no cleanup)."""
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join()
+
+    def _poll(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self.check_for_update()
+
+    def check_for_update(self) -> bool:
+        """Reload the global adapter if its files changed; True when a new version is served.
+
+        A stat per call when nothing changed, so it is cheap enough to run on a timer. The
+        signature is remembered even when loading fails, so a broken adapter is reported once
+        and retried only when its files change again.
+        """
+        if self.adapter_dir is None:
+            return False
+        with self._reload_lock:
+            return self._reload(self.adapter_dir)
+
+    def _reload(self, adapter_dir: Path) -> bool:
+        signature = adapter_signature(adapter_dir)
+        if not signature or signature == self._signature:
+            return False
+        self._signature = signature
+        try:
+            files = read_adapter(adapter_dir)
+        except AdapterLoadError as error:
+            log.error("node.adapter_reload_failed", error=str(error), kept=self.model_version)
+            return False
+        if files.version == self.model_version:
+            return False
+        trained_on = files.config.base_model_name_or_path
+        if trained_on and trained_on != self._model_name:
+            log.warning(
+                "node.adapter_base_mismatch", adapter_base=trained_on, base=self._model_name
+            )
+        name = f"global-{files.version}"
+        try:
+            with self._lock:
+                self._install(name, files)
+                previous, self._global = self._global, name
+                if previous is not None:
+                    self._peft().set_adapter(name)
+                    self._peft().delete_adapter(previous)
+                self.model_version = files.version
+        except AdapterLoadError as error:
+            log.error("node.adapter_reload_failed", error=str(error), kept=self.model_version)
+            return False
+        log.info("node.adapter_loaded", version=files.version, path=str(adapter_dir))
+        return True
+
+    def _peft(self) -> PeftModel:
+        if not isinstance(self._model, PeftModel):
+            raise AdapterLoadError("no adapter is loaded")
+        return self._model
+
+    def _install(self, name: str, files: AdapterFiles) -> None:
+        """Add adapter ``name`` with ``files``' weights, or leave the model exactly as it was."""
+        with self._lock:
+            wrapped_here = not isinstance(self._model, PeftModel)
+            try:
+                if wrapped_here:
+                    self._model = get_peft_model(self._model, files.config, adapter_name=name)
+                else:
+                    self._model.add_adapter(name, files.config)
+                result = set_peft_model_state_dict(self._model, files.state, adapter_name=name)
+                unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+                missing = [k for k in result.missing_keys if name in k and "lora_" in k]
+                if unexpected or missing:
+                    raise AdapterLoadError(
+                        f"adapter does not fit the base model: {len(missing)} missing, "
+                        f"{len(unexpected)} unexpected tensors"
+                    )
+            except Exception as error:
+                self._undo_install(name, wrapped_here)
+                if isinstance(error, AdapterLoadError):
+                    raise
+                raise AdapterLoadError(f"adapter does not fit the base model: {error}") from error
+            self._model.to(self._device)
+            self._model.eval()
+
+    def _undo_install(self, name: str, wrapped_here: bool) -> None:
+        if not isinstance(self._model, PeftModel):
+            return
+        if wrapped_here:
+            self._model = self._model.unload()
+        elif name in self._model.peft_config:
+            self._model.delete_adapter(name)
+            active = self._global or (LOCAL_ADAPTER if self._has_local else None)
+            if active is not None:
+                self._model.set_adapter(active)
+
+    def _encode(self, prompt: str, token_ids: Sequence[int], reserve: int) -> list[int]:
+        """Prompt + continuation ids, keeping the most recent ones that fit the context."""
+        vocabulary = len(self._tokenizer)
+        bad = [i for i in token_ids if not 0 <= i < vocabulary]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocabulary})")
+        ids = [*self._tokenizer(prompt)["input_ids"], *token_ids]
+        if not ids:
+            ids = [self.eos_token_id]
+        room = max(1, self._max_positions - reserve)
+        return ids[-room:]
+
+    @contextmanager
+    def _using(self, role: Role) -> Iterator[PreTrainedModel | PeftModel]:
+        """The model, locked and without grads, with the adapter for ``role`` active.
+
+        ``global``: the global adapter (the bare base model before one is loaded); ``vote``:
+        the local adapter if configured, else the global one. The name is resolved under the
+        lock because a reload may replace the global adapter at any moment.
+        """
+        with self._lock, torch.no_grad():
+            adapter = self._global
+            if role == "vote" and self._has_local:
+                adapter = LOCAL_ADAPTER
+            model = self._model
+            if not isinstance(model, PeftModel):
+                yield model
+            elif adapter is None:
+                with model.disable_adapter():
+                    yield model
+            else:
+                model.set_adapter(adapter)
+                yield model
+
+    def _logits(self, ids: list[int], role: Role) -> torch.Tensor:
+        """Next-token logits after ``ids`` with the adapter for ``role`` active."""
+        inputs = torch.tensor([ids], device=self._device)
+        with self._using(role) as model:
+            output = model(input_ids=inputs, attention_mask=torch.ones_like(inputs))
+            return output.logits[0, -1].float()
+
+    def generate(
+        self,
+        prompt: str,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None = None,
+        top_p: float = 1.0,
+    ) -> Generation:
+        """Greedy at temperature 0 (deterministic), else sampled (reproducible with ``seed``)."""
+        ids = self._encode(prompt, (), reserve=max_tokens)
+        max_tokens = min(max_tokens, self._max_positions - len(ids))
+        generator = torch.Generator(device=self._device)
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()
+        produced: list[int] = []
+        finish = "length"
+        with self._using("global") as model:
+            inputs = torch.tensor([ids], device=self._device)
+            mask = torch.ones_like(inputs)
+            past = None
+            for _ in range(max_tokens):
+                output = model(
+                    input_ids=inputs, attention_mask=mask, past_key_values=past, use_cache=True
+                )
+                past = output.past_key_values
+                token = _next_token(output.logits[0, -1].float(), temperature, top_p, generator)
+                if token == self.eos_token_id:
+                    finish = "stop"
+                    break
+                produced.append(token)
+                inputs = torch.tensor([[token]], device=self._device)
+                mask = torch.cat([mask, torch.ones_like(inputs)], dim=1)
+        return Generation(
+            text=self._tokenizer.decode(produced, skip_special_tokens=True),
+            prompt_tokens=len(ids),
+            completion_tokens=len(produced),
+            finish_reason=finish,
+        )
+
+    def candidates(self, prompt: str, token_ids: Sequence[int], k: int) -> list[int]:
+        """Top-k next tokens of the GLOBAL model (the base model if none is loaded yet)."""
+        logits = self._logits(self._encode(prompt, token_ids, reserve=1), "global")
+        k = min(k, logits.shape[-1])
+        return [int(i) for i in torch.topk(logits, k).indices]
+
+    def vote(self, prompt: str, token_ids: Sequence[int], candidates: Sequence[int]) -> int:
+        """Index of the local model's (else the global model's) favourite among candidates."""
+        vocabulary = len(self._tokenizer)
+        if not candidates:
+            raise ValueError("candidates must not be empty")
+        bad = [i for i in candidates if not 0 <= i < vocabulary]
+        if bad:
+            raise ValueError(f"candidate {bad[0]} is outside the vocabulary (size {vocabulary})")
+        logits = self._logits(self._encode(prompt, token_ids, reserve=1), "vote")
+        scores = logits[torch.tensor(list(candidates), device=logits.device)]
+        return int(torch.argmax(scores))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of ``token_ids`` (special tokens such as EOS dropped)."""
+        vocabulary = len(self._tokenizer)
+        bad = [i for i in token_ids if not 0 <= i < vocabulary]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocabulary})")
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def _max_positions(model: PreTrainedModel) -> int:
+    """The model's context length (GPT-2 calls it n_positions)."""
+    config = model.config
+    return int(getattr(config, "max_position_embeddings", None) or config.n_positions)
+
+
+def _next_token(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> int:
+    """Argmax at temperature 0; otherwise nucleus sampling from softmax(logits / T)."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

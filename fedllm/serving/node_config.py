@@ -1,0 +1,91 @@
+"""``node.yaml``: the configuration of one hospital's inference server.
+
+Hospital IT edits this file, so it is validated like an experiment YAML: unknown keys and bad
+values are one ``ConfigError`` naming the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+
+from fedllm.config.loading import read_yaml, validate_model
+from fedllm.config.schema import ModelConfig, StrictModel
+from fedllm.serving.schemas import MAX_PROMPT_CHARS, MAX_TOKENS_LIMIT
+
+Identifier = Annotated[
+    str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+]
+
+
+class TlsConfig(StrictModel):
+    """Server certificate and key; ``client_ca_file`` turns on mutual TLS (client certificates
+    signed by that CA are then required)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> TlsConfig:
+        for path in (self.cert_file, self.key_file, self.client_ca_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"file not found: {path}")
+        return self
+
+
+class NodeLedgerConfig(StrictModel):
+    """The hospital's privacy ledger, charged for consensus votes (same database as training)."""
+
+    url: str = Field(min_length=1)
+    epsilon_cap: PositiveFloat
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    accountant: Literal["pld", "rdp", "prv"] = "pld"
+
+
+class NodeLimits(StrictModel):
+    """This node's request limits (stricter than or equal to the protocol's ceilings)."""
+
+    max_prompt_chars: int = Field(8000, ge=1, le=MAX_PROMPT_CHARS)
+    max_tokens: int = Field(256, ge=1, le=MAX_TOKENS_LIMIT)
+
+
+class NodeServerConfig(StrictModel):
+    """One hospital inference server: what it serves, where, and how it accounts privacy."""
+
+    node_id: Identifier
+    hospital_id: Identifier
+    host: str = "127.0.0.1"
+    port: int = Field(8081, ge=0, le=65535)
+    backend: Literal["model", "constant"] = "model"
+    model: ModelConfig = ModelConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    adapter_dir: Path | None = None
+    local_adapter: Path | None = None
+    reload_interval_s: PositiveFloat = 5.0
+    specialisations: list[str] = Field(default_factory=list)
+    tls: TlsConfig | None = None
+    ledger: NodeLedgerConfig | None = None
+    limits: NodeLimits = NodeLimits()
+    session_ttl_s: PositiveFloat = 600.0
+    max_sessions: PositiveInt = 10_000
+
+    @model_validator(mode="after")
+    def _local_adapter_exists(self) -> NodeServerConfig:
+        if self.local_adapter is not None and not self.local_adapter.is_dir():
+            raise ValueError(f"local_adapter directory not found: {self.local_adapter}")
+        return self
+
+
+def load_node_config(path: str | Path) -> NodeServerConfig:
+    """Read and validate ``node.yaml``. Relative paths, like an experiment's ``output_dir``,
+    are relative to the directory the server is started from."""
+    return validate_node_config(read_yaml(path), source=str(path))
+
+
+def validate_node_config(raw: Mapping[str, Any], source: str = "node config") -> NodeServerConfig:
+    """Validate a raw mapping, rewording pydantic's errors as 'key: got value; expected ...'."""
+    return validate_model(NodeServerConfig, raw, source, what="node config")
