@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from fedllm.privacy import (
     compute_epsilon,
     event_to_dict,
 )
+from fedllm.security.encryption import ENV_VAR, IntegrityError, KeyRing
 
 DELTA = 1e-5
 ROUND = SampledGaussianSteps(1.0, 0.02, 20)
@@ -208,3 +210,21 @@ def test_charge_rejects_non_events_without_recording(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         ledger.charge([ROUND, {"steps": 1}], round_id=1, run_id="r")  # type: ignore[list-item]
     assert ledger.events() == []
+
+
+def test_ledger_events_are_encrypted_at_rest_and_tampering_is_refused(tmp_path, monkeypatch):
+    """With a key ring configured, the event column holds AES-GCM ciphertext, not mechanisms."""
+    monkeypatch.setenv(ENV_VAR, KeyRing.generate().to_json())
+    ledger = NodePrivacyLedger(_url(tmp_path), "h1", epsilon_cap=100.0, delta=DELTA)
+    ledger.charge([ROUND, ROUND], round_id=1, run_id="r")
+    assert ledger.events() == [ROUND, ROUND]
+    assert ledger.spent_epsilon() == pytest.approx(_epsilon_of_rounds(2))
+
+    with sqlite3.connect(tmp_path / "ledger.db") as raw:
+        stored = [row[0] for row in raw.execute("SELECT event FROM privacy_events ORDER BY id")]
+        assert all("noise_multiplier" not in value for value in stored)
+        # Change one base64 character of the first row's tag: authentication must fail.
+        tampered = stored[0][:-8] + ("A" if stored[0][-8] != "A" else "B") + stored[0][-7:]
+        raw.execute("UPDATE privacy_events SET event = ? WHERE id = 1", (tampered,))
+    with pytest.raises(IntegrityError):
+        ledger.events()

@@ -15,7 +15,6 @@ from numbers import Real
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
     DateTime,
     Float,
     ForeignKey,
@@ -35,6 +34,7 @@ from fedllm.privacy.events import (
     event_from_dict,
     event_to_dict,
 )
+from fedllm.security.encryption import EncryptedJSON, environment_keyring
 
 # Comparisons of ε against the cap allow for floating-point noise, nothing more.
 CAP_TOLERANCE = 1e-9
@@ -81,7 +81,10 @@ class _EventRow(_Base):
     round_id: Mapped[int] = mapped_column(Integer)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     kind: Mapped[str] = mapped_column(String(64))
-    event: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # AES-256-GCM at rest when a key ring is configured (FEDLLM_ENCRYPTION_KEYS / _KEY_FILE).
+    event: Mapped[dict[str, Any]] = mapped_column(
+        EncryptedJSON(environment_keyring, name="privacy_events.event")
+    )
     epsilon_after: Mapped[float] = mapped_column(Float)
     accountant: Mapped[str] = mapped_column(String(16))
 

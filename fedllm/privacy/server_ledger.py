@@ -23,7 +23,6 @@ from numbers import Real
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
     Boolean,
     DateTime,
     Float,
@@ -38,6 +37,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from fedllm.privacy.accountant import compute_epsilon
 from fedllm.privacy.database import ledger_engines
 from fedllm.privacy.events import PrivacyEvent, event_from_dict, event_to_dict
+from fedllm.security.encryption import EncryptedJSON, environment_keyring
 
 
 class _Base(DeclarativeBase):
@@ -104,7 +104,10 @@ class _MirroredEvent(_Base):
     round_id: Mapped[int] = mapped_column(Integer)
     hospital: Mapped[str] = mapped_column(String(255), index=True)
     kind: Mapped[str] = mapped_column(String(64))
-    event: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # AES-256-GCM at rest when a key ring is configured (FEDLLM_ENCRYPTION_KEYS / _KEY_FILE).
+    event: Mapped[dict[str, Any]] = mapped_column(
+        EncryptedJSON(environment_keyring, name="server_privacy_events.event")
+    )
 
 
 @dataclass(frozen=True)
