@@ -9,6 +9,7 @@ from fedllm.cli.certs import certs_app
 from fedllm.cli.keys import keys_app
 from fedllm.cli.plan import add_plan_command
 from fedllm.cli.privacy import privacy_app
+from fedllm.cli.router import router_command
 from fedllm.cli.run import resume_command, run_command
 from fedllm.cli.select import add_select_command
 from fedllm.cli.serve import serve_command
@@ -27,6 +28,7 @@ add_select_command(app)
 add_plan_command(privacy_app)
 app.add_typer(privacy_app, name="privacy")
 app.command("serve")(serve_command)
+app.command("router")(router_command)
 app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
 app.add_typer(certs_app, name="certs")

@@ -21,7 +21,7 @@ users_app = typer.Typer(
     no_args_is_help=True,
 )
 
-DEFAULT_USERS_DB = "sqlite:///users.db"
+DEFAULT_USERS_DB = "sqlite:///router.db"  # the router's own default database.url
 
 Database = Annotated[
     str,

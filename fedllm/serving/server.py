@@ -36,7 +36,8 @@ class BackgroundServer:
 
     ``with BackgroundServer(app) as server: httpx.get(server.url + "/v1/health")``. TLS is on
     when ``ssl_certfile`` is given; ``ssl_ca_certs`` with ``ssl_cert_reqs=ssl.CERT_REQUIRED``
-    makes it mutual TLS (clients must present a certificate signed by that CA).
+    makes it mutual TLS (clients must present a certificate signed by that CA). ``port`` 0 picks
+    a free port; a fixed one lets a stopped server come back at the same address.
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class BackgroundServer:
         ssl_keyfile: str | None = None,
         ssl_ca_certs: str | None = None,
         ssl_cert_reqs: int = ssl.CERT_NONE,
+        port: int = 0,
     ) -> None:
         self._app = app
         self._ssl = {
@@ -59,7 +61,7 @@ class BackgroundServer:
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
         self.host = LOOPBACK
-        self.port = 0
+        self.port = port
 
     @property
     def url(self) -> str:
@@ -68,9 +70,13 @@ class BackgroundServer:
         return f"{scheme}://{self.host}:{self.port}"
 
     def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def start(self) -> BackgroundServer:
+        """Bind, start uvicorn in its thread and wait until it serves."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((LOOPBACK, 0))
+        sock.bind((LOOPBACK, self.port))
         self._socket = sock
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(

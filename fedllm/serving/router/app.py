@@ -1,0 +1,363 @@
+"""The router's HTTP API: ``create_router_app(config) -> FastAPI``.
+
+Endpoints (all JSON; errors are ``{"detail": ...}``):
+
+- ``POST /v1/auth/token``: username + password (form or JSON) → bearer token.
+- ``POST /v1/inference``: the seed contract; plain (0 ε) or consensus (charged) answers.
+- ``POST /v1/completions``, ``POST /v1/chat/completions``: OpenAI-compatible, 0 ε.
+- ``GET /v1/privacy/budget/{user_id}``: own budget (admins: anyone's).
+- ``GET /v1/health``, ``GET /metrics``: unauthenticated, for load balancers and Prometheus.
+- ``POST /v1/admin/nodes``, ``PUT /v1/admin/config``: admins only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+from urllib.parse import parse_qs
+
+import structlog
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+
+from fedllm.security.tokens import Principal, TokenError
+from fedllm.security.users import AccountLockedError, AuthenticationError, Role
+from fedllm.serving.budgets import LedgerUnavailableError
+from fedllm.serving.router.admin import AdminConfigUpdate, apply_quotas, apply_runtime
+from fedllm.serving.router.cache import cache_key
+from fedllm.serving.router.config import NodeConfig, RouterConfig
+from fedllm.serving.router.errors import ApiError, install_error_handlers, retry_after
+from fedllm.serving.router.middleware import ObserveMiddleware
+from fedllm.serving.router.service import (
+    consensus_inference,
+    effective_remaining,
+    forward,
+    plain_inference,
+    privacy_headers,
+)
+from fedllm.serving.router.state import RouterState
+from fedllm.serving.schemas import ChatCompletionRequest, CompletionRequest, InferenceRequest
+
+log = structlog.get_logger(__name__)
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def client_address(request: Request) -> str:
+    """The peer address (the router is meant to be reached directly, not via a proxy)."""
+    return request.client.host if request.client else "unknown"
+
+
+def _state(request: Request) -> RouterState:
+    return request.app.state.router
+
+
+async def authenticated(request: Request) -> Principal:
+    """The bearer token's principal, rate-limited per user; 401/429 otherwise."""
+    state = _state(request)
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        state.metrics.auth_failures.labels(reason="missing token").inc()
+        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)", _CHALLENGE)
+    try:
+        principal = state.tokens.verify(token.strip())
+    except TokenError as error:
+        state.metrics.auth_failures.labels(reason=error.reason).inc()
+        await state.audit("auth_failure", reason=error.reason, client=client_address(request))
+        raise ApiError(401, f"invalid token: {error.reason}", _CHALLENGE) from None
+    wait = state.limiter.try_acquire(f"user:{principal.issuer}:{principal.subject}")
+    if wait > 0:
+        raise ApiError(429, "rate limit exceeded; slow down", retry_after(wait))
+    return principal
+
+
+UserPrincipal = Annotated[Principal, Depends(authenticated)]
+
+
+async def admin(request: Request, principal: UserPrincipal) -> Principal:
+    """Admins only (403 and an audit entry otherwise)."""
+    if principal.role != Role.ADMIN:
+        await _state(request).audit("admin_denied", user=principal.subject, path=request.url.path)
+        raise ApiError(403, "admin role required")
+    return principal
+
+
+AdminPrincipal = Annotated[Principal, Depends(admin)]
+
+
+async def _json_body(request: Request, model: type[BaseModel]) -> Any:
+    """Parse and validate a JSON body; 422 with field errors (never the values) otherwise."""
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as error:
+        raise _validation_error(error) from None
+
+
+def _validation_error(error: ValidationError) -> ApiError:
+    problems = [
+        {"loc": list(item["loc"]), "msg": item["msg"], "type": item["type"]}
+        for item in error.errors(include_url=False, include_context=False, include_input=False)
+    ]
+    return _UnprocessableError(problems)
+
+
+class _UnprocessableError(ApiError):
+    """A 422 whose detail is a list of field problems (FastAPI's shape)."""
+
+    def __init__(self, problems: list[dict[str, Any]]) -> None:
+        super().__init__(422, "invalid request")
+        self.detail = problems  # type: ignore[assignment]
+
+
+def _json(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(body, ensure_ascii=False, allow_nan=False),
+        status_code=status_code,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def create_router_app(config: RouterConfig) -> FastAPI:
+    """The router app; keys, databases and audit log are opened here (ConfigError if bad)."""
+    state = RouterState.build(config)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await state.pool.start()
+        for node in state.pool.nodes:
+            state.metrics.observe_node(node)
+        log.info("router_started", nodes=len(state.pool.nodes), policy=config.routing.policy)
+        try:
+            yield
+        finally:
+            await state.pool.stop()
+            state.close()
+            log.info("router_stopped")
+
+    app = FastAPI(
+        title="fedllm router",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.router = state
+    install_error_handlers(app)
+    _install_middleware(app, state)
+    _auth_routes(app, state)
+    _inference_routes(app, state)
+    _info_routes(app, state)
+    _admin_routes(app, state)
+    return app
+
+
+def _install_middleware(app: FastAPI, state: RouterState) -> None:
+    app.add_middleware(
+        ObserveMiddleware,
+        metrics=state.metrics,
+        max_request_bytes=state.config.limits.max_request_bytes,
+    )
+
+
+def _auth_routes(app: FastAPI, state: RouterState) -> None:
+    @app.post("/v1/auth/token")
+    async def issue_token(request: Request) -> Response:
+        """Exchange a username and password for a short-lived bearer token."""
+        client = client_address(request)
+        wait = state.login_limiter.try_acquire(f"login:{client}")
+        if wait > 0:
+            state.metrics.auth_failures.labels(reason="rate limited").inc()
+            raise ApiError(429, "too many login attempts; slow down", retry_after(wait))
+        username, password = await _credentials(request)
+        try:
+            user = await asyncio.to_thread(state.users.authenticate, username, password)
+        except AccountLockedError as error:
+            state.metrics.auth_failures.labels(reason="locked").inc()
+            await state.audit("login_locked", user=username, client=client)
+            raise ApiError(
+                423,
+                "account locked after repeated failed logins; try again later",
+                retry_after(error.retry_after_s),
+            ) from None
+        except AuthenticationError:
+            state.metrics.auth_failures.labels(reason="bad credentials").inc()
+            await state.audit("login_failed", user=username, client=client)
+            raise ApiError(401, "invalid username or password", _CHALLENGE) from None
+        token = state.tokens.issuer.issue(user)
+        await state.audit(
+            "token_issued",
+            user=user.username,
+            role=str(user.role),
+            department=user.department,
+            client=client,
+        )
+        return _json(
+            {"access_token": token, "token_type": "bearer", "expires_in": state.tokens.ttl_s}
+        )
+
+
+async def _credentials(request: Request) -> tuple[str, str]:
+    """username and password from a JSON or form body; 422 if either is missing."""
+    raw = await request.body()
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    data: Any
+    if content_type == "application/x-www-form-urlencoded":
+        form = parse_qs(raw.decode("utf-8", errors="replace"), keep_blank_values=True)
+        data = {key: values[0] for key, values in form.items()}
+    else:
+        try:
+            data = json.loads(raw or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(
+                422, "body must be JSON or form data with username and password"
+            ) from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "body must be an object with username and password")
+    username, password = data.get("username"), data.get("password")
+    if not isinstance(username, str) or not isinstance(password, str) or not username:
+        raise ApiError(422, "username and password are required strings")
+    return username, password
+
+
+def _inference_routes(app: FastAPI, state: RouterState) -> None:
+    @app.post("/v1/inference")
+    async def inference(request: Request, principal: UserPrincipal) -> Response:
+        """A plain (0 ε) or consensus (charged) answer."""
+        body = await _json_body(request, InferenceRequest)
+        if body.require_consensus:
+            answer = await consensus_inference(state, principal, body)
+            return _json(answer)
+        answer, hit = await plain_inference(state, principal, body)
+        return _json(answer, headers={"X-Cache": "hit" if hit else "miss"})
+
+    async def openai_proxy(
+        request: Request, principal: Principal, path: str, model: type[BaseModel]
+    ) -> Response:
+        body = await _json_body(request, model)
+        reason = body.unsupported_reason()
+        if reason is not None:
+            raise ApiError(400, reason)
+        payload = body.model_dump(exclude_none=True)
+        cacheable = body.temperature == 0 and body.seed is None and state.cache.enabled
+        key = cache_key(principal.subject, path, payload) if cacheable else ""
+        answer = state.cache.get(key) if cacheable else None
+        hit = answer is not None
+        if cacheable:
+            (state.metrics.cache_hits if hit else state.metrics.cache_misses).inc()
+        if answer is None:
+            forwarded = await forward(state, path, payload, principal.department)
+            answer = forwarded.body
+            if cacheable:
+                state.cache.put(key, answer)
+        headers = privacy_headers(0.0)
+        headers["X-Cache"] = "hit" if hit else "miss"
+        return _json(answer, headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, principal: UserPrincipal) -> Response:
+        """OpenAI-compatible text completion from the DP global model (0 ε)."""
+        return await openai_proxy(request, principal, "/v1/completions", CompletionRequest)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, principal: UserPrincipal) -> Response:
+        """OpenAI-compatible chat completion from the DP global model (0 ε)."""
+        return await openai_proxy(request, principal, "/v1/chat/completions", ChatCompletionRequest)
+
+
+def _info_routes(app: FastAPI, state: RouterState) -> None:
+    @app.get("/v1/privacy/budget/{user_id}")
+    async def budget(
+        user_id: str, principal: UserPrincipal, department: str | None = None
+    ) -> Response:
+        """A user's quota use this period; only your own unless you are an admin."""
+        is_admin = principal.role == Role.ADMIN
+        if user_id != principal.subject and not is_admin:
+            await state.audit("budget_read_denied", user=principal.subject, target=user_id)
+            raise ApiError(403, "you may only read your own privacy budget")
+        if user_id == principal.subject and department is None:
+            department = principal.department
+        if department is None:
+            user = await asyncio.to_thread(state.users.get, user_id)
+            if user is None:
+                raise ApiError(
+                    404, f"unknown user {user_id!r}; pass ?department= for external users"
+                )
+            department = user.department
+        try:
+            status = await asyncio.to_thread(state.budgets.status, user_id, department)
+        except LedgerUnavailableError:
+            raise ApiError(503, "privacy budget ledger unavailable") from None
+        except ValueError as error:
+            raise ApiError(422, str(error)) from None
+        return _json(
+            {
+                "user_id": status.user_id,
+                "department": status.department,
+                "quota": status.quota,
+                "spent": status.spent,
+                "reserved": status.reserved,
+                "remaining": status.remaining,
+                "department_remaining": status.department_remaining,
+                "effective_remaining": effective_remaining(status),
+                "period_end": status.period_end.isoformat(),
+            }
+        )
+
+    @app.get("/v1/health")
+    async def health() -> Response:
+        """Router status and every node's health as last probed."""
+        nodes = [node.summary() for node in state.pool.nodes]
+        healthy = sum(1 for node in nodes if node["healthy"])
+        return _json(
+            {
+                "status": "ok" if healthy else "degraded",
+                "nodes_healthy": healthy,
+                "nodes_total": len(nodes),
+                "routing_policy": state.config.routing.policy,
+                "nodes": nodes,
+            }
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text exposition."""
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+def _admin_routes(app: FastAPI, state: RouterState) -> None:
+    @app.post("/v1/admin/nodes", status_code=201)
+    async def add_node(request: Request, principal: AdminPrincipal) -> Response:
+        """Register (or replace) a hospital node at runtime; it is probed at once."""
+        node = await _json_body(request, NodeConfig)
+        replaced = state.pool.get(node.node_id) is not None
+        added = await state.pool.add_node(node)
+        state.metrics.observe_node(added)
+        await state.audit(
+            "admin_node_added",
+            user=principal.subject,
+            node_id=node.node_id,
+            url=node.url,
+            replaced=replaced,
+        )
+        return _json(added.summary(), status_code=201)
+
+    @app.put("/v1/admin/config")
+    async def update_config(request: Request, principal: AdminPrincipal) -> Response:
+        """Change routing policy, quotas, rate limits or cache settings at runtime."""
+        update = await _json_body(request, AdminConfigUpdate)
+        try:
+            applied = await asyncio.to_thread(apply_quotas, state, update)
+        except LedgerUnavailableError:
+            raise ApiError(503, "privacy budget ledger unavailable; quotas unchanged") from None
+        except ValueError as error:
+            raise ApiError(422, str(error)) from None
+        applied.update(apply_runtime(state, update))
+        await state.audit("admin_config_changed", user=principal.subject, changes=applied)
+        return _json({"applied": applied})

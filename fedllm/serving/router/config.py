@@ -1,0 +1,207 @@
+"""The router's YAML schema (`fedllm router --config router.yaml`).
+
+The router is the only component facing clinicians, so its configuration is where security
+defaults live: TLS is required unless an operator writes ``insecure: true`` (loopback
+development only), signing keys are read from files or environment variables and never from
+the YAML itself, and unknown keys are rejected so a misspelt limit can never silently fall
+back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
+
+from fedllm.config.loading import read_yaml, validate_model
+from fedllm.config.schema import StrictModel
+
+RoutingPolicyName = Literal["least-busy", "latency", "specialisation", "privacy-aware"]
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class ListenConfig(StrictModel):
+    """Where the router accepts connections (loopback unless the operator opens it up)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8443, ge=0, le=65535)
+
+
+class TLSConfig(StrictModel):
+    """The router's own server certificate (clients verify it)."""
+
+    cert_file: str
+    key_file: str
+
+
+class DatabaseConfig(StrictModel):
+    """SQLAlchemy URL of the users and per-user/department budget tables."""
+
+    url: str = "sqlite:///router.db"
+
+
+class TrustedIssuerConfig(StrictModel):
+    """An external identity provider whose tokens the router accepts (public key only)."""
+
+    issuer: str
+    public_key_file: str
+    algorithms: list[str] = Field(default_factory=lambda: ["EdDSA"], min_length=1)
+
+
+class AuthConfig(StrictModel):
+    """Token issuing (router's own key) and verification (own key + trusted issuers)."""
+
+    issuer: str = "fedllm-router"
+    audience: str = "fedllm"
+    signing_key_file: str | None = None
+    signing_key_env: str | None = None
+    token_ttl_s: PositiveInt = 900
+    algorithm: Literal["EdDSA", "ES256", "ES384", "RS256", "PS256"] = "EdDSA"
+    trusted_issuers: list[TrustedIssuerConfig] = Field(default_factory=list)
+    max_failed_logins: PositiveInt = 5
+    lockout_s: PositiveFloat = 900.0
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> AuthConfig:
+        if (self.signing_key_file is None) == (self.signing_key_env is None):
+            raise ValueError("set exactly one of signing_key_file or signing_key_env")
+        return self
+
+
+class RateLimitConfig(StrictModel):
+    """Token buckets: per authenticated user, and per client address + username for logins."""
+
+    requests_per_s: PositiveFloat = 20.0
+    burst: PositiveInt = 40
+    login_per_s: PositiveFloat = 0.5
+    login_burst: PositiveInt = 5
+
+
+class BudgetConfig(StrictModel):
+    """Per-user and per-department ε quotas, refreshed every period, on top of hospital caps."""
+
+    user_quota: NonNegativeFloat = 1.0
+    department_quota: NonNegativeFloat = 10.0
+    period_s: PositiveFloat = 30 * 24 * 3600.0
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["pld", "rdp", "prv"] = "pld"
+    quota_overrides: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+
+
+class NodeConfig(StrictModel):
+    """A hospital inference server the router may send requests to."""
+
+    node_id: str = Field(pattern=_NAME)
+    url: str = Field(pattern=r"^https?://")
+    specialisations: list[str] = Field(default_factory=list)
+
+
+class NodeTLSConfig(StrictModel):
+    """How the router verifies nodes (CA) and, for mutual TLS, proves itself to them."""
+
+    ca_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> NodeTLSConfig:
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("client_cert_file and client_key_file go together")
+        return self
+
+
+class RoutingConfig(StrictModel):
+    """Which node serves a request, how often to retry, and how nodes are health-checked."""
+
+    policy: RoutingPolicyName = "least-busy"
+    retries: int = Field(2, ge=0, le=10)
+    timeout_s: PositiveFloat = 30.0
+    health_interval_s: PositiveFloat = 5.0
+    ewma_alpha: float = Field(0.2, gt=0, le=1)
+    unhealthy_after_failures: PositiveInt = 3
+
+
+class CacheConfig(StrictModel):
+    """Per-user cache of deterministic (temperature 0, non-consensus) answers."""
+
+    max_entries: int = Field(1024, ge=0)
+    ttl_s: NonNegativeFloat = 60.0
+
+
+class ConsensusConfig(StrictModel):
+    """GNMax consensus across hospitals: noise on vote counts, candidates, quorum."""
+
+    vote_noise_std: PositiveFloat = 4.0
+    top_k: int = Field(5, ge=2, le=100)
+    min_nodes: PositiveInt = 2
+    max_nodes: PositiveInt | None = None
+    threshold: float = Field(0.5, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _max_at_least_min(self) -> ConsensusConfig:
+        if self.max_nodes is not None and self.max_nodes < self.min_nodes:
+            raise ValueError("max_nodes must be >= min_nodes")
+        return self
+
+
+class AuditConfig(StrictModel):
+    """Hash-chained audit log; prompts are stored only as HMAC digests under this key."""
+
+    path: str = "router-audit.jsonl"
+    redaction_key_file: str | None = None
+    redaction_key_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> AuditConfig:
+        if (self.redaction_key_file is None) == (self.redaction_key_env is None):
+            raise ValueError("set exactly one of redaction_key_file or redaction_key_env")
+        return self
+
+
+class LimitsConfig(StrictModel):
+    """Guards against oversized or runaway requests."""
+
+    max_request_bytes: PositiveInt = 256 * 1024
+    max_connections: PositiveInt = 200
+    max_keepalive_connections: PositiveInt = 50
+
+
+class RouterConfig(StrictModel):
+    """Everything `fedllm router` needs."""
+
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    tls: TLSConfig | None = None
+    insecure: bool = False
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    auth: AuthConfig
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    budgets: BudgetConfig = Field(default_factory=BudgetConfig)
+    nodes: list[NodeConfig] = Field(default_factory=list)
+    node_tls: NodeTLSConfig | None = None
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    consensus: ConsensusConfig = Field(default_factory=ConsensusConfig)
+    audit: AuditConfig
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @model_validator(mode="after")
+    def _tls_or_insecure(self) -> RouterConfig:
+        if self.tls is None and not self.insecure:
+            raise ValueError("tls.cert_file and tls.key_file are required (or insecure: true)")
+        ids = [node.node_id for node in self.nodes]
+        duplicates = sorted({node_id for node_id in ids if ids.count(node_id) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate node_id {duplicates}")
+        return self
+
+
+def load_router_config(path: str | Path) -> RouterConfig:
+    """Read and validate ``path``; every user mistake becomes one ConfigError."""
+    return validate_model(RouterConfig, read_yaml(path), str(path), what="router config")

@@ -1,0 +1,254 @@
+"""What the router does for one request: route and fail over, or run a charged consensus.
+
+Budget rules (fail closed):
+
+- Plain answers come from the DP-trained global model (post-processing): 0 ε, no reservation.
+- A consensus answer costs ``ConsensusMechanism.epsilon_cost(max_tokens, δ)``. It is reserved
+  against the user's and the department's quota (the department from the token, never from the
+  request) *before* any hospital is contacted, committed once any hospital vote was used, and
+  refunded when none was (every hospital refused or failed before voting). A ledger failure
+  refuses the request (503): no quota bookkeeping, no consensus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+
+from fedllm.security.tokens import Principal
+from fedllm.serving.budgets import LedgerUnavailableError, QuotaExceededError, Reservation
+from fedllm.serving.router.cache import cache_key
+from fedllm.serving.router.consensus import ConsensusError, ConsensusRun
+from fedllm.serving.router.errors import ApiError
+from fedllm.serving.router.node_pool import NodeCallError
+from fedllm.serving.router.policies import POLICIES, privacy_aware
+from fedllm.serving.router.state import RouterState
+from fedllm.serving.schemas import POST_PROCESSING_NOTE, InferenceRequest
+
+log = structlog.get_logger(__name__)
+
+CONSENSUS_NOTE = (
+    "GNMax consensus of hospitals' local models: each participating hospital's ledger was "
+    "charged ε={epsilon:.6g} (δ={delta:g}) for up to {max_tokens} tokens, and so was your quota"
+)
+# Response headers must be latin-1; the JSON bodies keep the Unicode ε.
+ASCII_NOTE = POST_PROCESSING_NOTE.replace("ε", "epsilon")
+QUOTA_STATUS = 403
+
+
+def privacy_headers(cost: float) -> dict[str, str]:
+    """X-Privacy-Cost / X-Privacy-Note for OpenAI-shaped answers (their bodies are OpenAI's)."""
+    return {"X-Privacy-Cost": f"{cost:g}", "X-Privacy-Note": ASCII_NOTE}
+
+
+class Forwarded:
+    """A node's successful JSON answer and which node gave it."""
+
+    __slots__ = ("body", "node_id")
+
+    def __init__(self, body: dict[str, Any], node_id: str) -> None:
+        self.body = body
+        self.node_id = node_id
+
+
+async def forward(
+    state: RouterState, path: str, payload: dict[str, Any], department: str | None
+) -> Forwarded:
+    """POST to nodes in policy order, failing over on network errors, timeouts and 5xx.
+
+    A 4xx is the caller's problem (another node would say the same): it is passed back as is.
+    """
+    policy = POLICIES[state.config.routing.policy]
+    candidates = policy(state.pool.nodes, department)
+    if not candidates:
+        state.metrics.errors.labels(reason="no_healthy_node").inc()
+        raise ApiError(503, "no healthy hospital node is available; try again shortly")
+    attempts = candidates[: state.config.routing.retries + 1]
+    for node in attempts:
+        try:
+            response = await state.pool.call(node, path, payload)
+        except NodeCallError as error:
+            state.metrics.node_failures.labels(node_id=node.node_id).inc()
+            log.warning("node_call_failed", node_id=node.node_id, path=path, reason=error.reason)
+            continue
+        if response.status_code == 200:
+            return Forwarded(response.json(), node.node_id)
+        detail = _detail(response)
+        raise ApiError(response.status_code, detail)
+    state.metrics.errors.labels(reason="all_nodes_failed").inc()
+    raise ApiError(503, f"{len(attempts)} hospital node(s) failed to answer; try again shortly")
+
+
+def _detail(response: Any) -> str:
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = None
+    return detail if detail is not None else f"hospital node answered HTTP {response.status_code}"
+
+
+def effective_remaining(quota: Any) -> float:
+    """What the user can still spend: the smaller of their and their department's remaining ε."""
+    return min(quota.remaining, quota.department_remaining)
+
+
+async def plain_inference(
+    state: RouterState, principal: Principal, request: InferenceRequest
+) -> tuple[dict[str, Any], bool]:
+    """A 0-ε answer of the global model; returns (body, served_from_cache)."""
+    started = time.perf_counter()
+    payload = request.model_dump(exclude={"department"})
+    cacheable = request.temperature == 0 and state.cache.enabled
+    key = cache_key(principal.subject, "/v1/inference", payload) if cacheable else ""
+    body = state.cache.get(key) if cacheable else None
+    hit = body is not None
+    if cacheable:
+        (state.metrics.cache_hits if hit else state.metrics.cache_misses).inc()
+    if body is None:
+        forwarded = await forward(
+            state, "/v1/inference", payload, request.department or principal.department
+        )
+        body = forwarded.body
+        body["node_id"] = forwarded.node_id
+        body["privacy_cost"] = 0.0
+        body["privacy_note"] = POST_PROCESSING_NOTE
+        if cacheable:
+            state.cache.put(key, dict(body))
+    body = dict(body)
+    try:
+        quota = await state.budget_status(principal.subject, principal.department)
+        body["remaining_budget"] = effective_remaining(quota)
+    except LedgerUnavailableError:
+        body["remaining_budget"] = None
+    body["processing_time"] = time.perf_counter() - started
+    return body, hit
+
+
+async def consensus_inference(
+    state: RouterState, principal: Principal, request: InferenceRequest
+) -> dict[str, Any]:
+    """A charged GNMax consensus answer (reserve → consensus → commit or refund)."""
+    started = time.perf_counter()
+    budgets = state.config.budgets
+    mechanism = state.consensus.mechanism
+    cost = await asyncio.to_thread(
+        mechanism.epsilon_cost, request.max_tokens, budgets.delta, budgets.accountant
+    )
+    if request.privacy_budget is not None and cost > request.privacy_budget:
+        raise ApiError(
+            400,
+            f"a consensus answer of up to {request.max_tokens} tokens costs ε={cost:.6g} "
+            f"(δ={budgets.delta:g}), more than privacy_budget={request.privacy_budget:g}; "
+            "lower max_tokens or raise privacy_budget",
+        )
+    reservation = await _reserve(state, principal, cost)
+    nodes = privacy_aware(state.pool.nodes)
+    run = ConsensusRun(state.pool, state.consensus, nodes)
+    try:
+        outcome = await run.run(request.prompt, request.max_tokens)
+    except ConsensusError as error:
+        await _settle_failed(state, principal, reservation, error, request.prompt)
+        state.metrics.errors.labels(reason="consensus_failed").inc()
+        raise ApiError(error.status_code, error.detail) from None
+    except BaseException:
+        await _settle(state, reservation, commit=run.votes_cast)
+        raise
+    await _settle(state, reservation, commit=True)
+    state.metrics.budget_consumed.labels(department=principal.department).inc(cost)
+    await state.audit(
+        "consensus_charge",
+        user=principal.subject,
+        department=principal.department,
+        epsilon=cost,
+        delta=budgets.delta,
+        max_tokens=request.max_tokens,
+        session_id=run.session_id,
+        nodes=outcome.participants,
+        refused_nodes=outcome.refused_nodes,
+        reservation=reservation.id,
+        prompt=request.prompt,
+    )
+    try:
+        quota = await state.budget_status(principal.subject, principal.department)
+        remaining: float | None = effective_remaining(quota)
+    except LedgerUnavailableError:
+        remaining = None
+    return {
+        "response": outcome.text,
+        "privacy_cost": cost,
+        "remaining_budget": remaining,
+        "node_id": ",".join(outcome.participants),
+        "processing_time": time.perf_counter() - started,
+        "consensus_reached": outcome.consensus_reached,
+        "confidence_score": outcome.confidence_score,
+        "privacy_note": CONSENSUS_NOTE.format(
+            epsilon=cost, delta=budgets.delta, max_tokens=request.max_tokens
+        ),
+        "model_version": outcome.model_version,
+    }
+
+
+async def _reserve(state: RouterState, principal: Principal, cost: float) -> Reservation:
+    try:
+        reservation = await asyncio.to_thread(
+            state.budgets.reserve, principal.subject, principal.department, cost
+        )
+    except QuotaExceededError as error:
+        await state.audit(
+            "quota_exceeded",
+            user=principal.subject,
+            department=principal.department,
+            scope=error.scope,
+            requested=error.requested,
+            remaining=error.remaining,
+        )
+        raise ApiError(
+            QUOTA_STATUS,
+            f"privacy quota exceeded ({error.scope} {error.name!r}): this answer costs "
+            f"ε={error.requested:.6g}, remaining ε={error.remaining:.6g} until "
+            f"{error.period_end.isoformat()}",
+        ) from None
+    except LedgerUnavailableError:
+        state.metrics.errors.labels(reason="ledger_unavailable").inc()
+        raise ApiError(503, "privacy budget ledger unavailable; request refused") from None
+    state.forget_budget(principal.subject)
+    return reservation
+
+
+async def _settle(state: RouterState, reservation: Reservation, *, commit: bool) -> None:
+    """Commit or refund; a ledger failure here leaves the reservation held (fail safe)."""
+    settle = state.budgets.commit if commit else state.budgets.refund
+    try:
+        await asyncio.to_thread(settle, reservation)
+    except LedgerUnavailableError:
+        state.metrics.errors.labels(reason="ledger_unavailable").inc()
+        log.error("budget_settlement_failed", reservation=reservation.id, commit=commit)
+    state.forget_budget(reservation.user_id)
+
+
+async def _settle_failed(
+    state: RouterState,
+    principal: Principal,
+    reservation: Reservation,
+    error: ConsensusError,
+    prompt: str,
+) -> None:
+    """A failed consensus: charge the quota only if a hospital vote was used."""
+    await _settle(state, reservation, commit=error.votes_cast)
+    if error.votes_cast:
+        state.metrics.budget_consumed.labels(department=principal.department).inc(
+            reservation.epsilon
+        )
+    await state.audit(
+        "consensus_failed_charged" if error.votes_cast else "consensus_refund",
+        user=principal.subject,
+        department=principal.department,
+        epsilon=reservation.epsilon,
+        reservation=reservation.id,
+        charged_nodes=error.charged_nodes,
+        reason=error.detail,
+        prompt=prompt,
+    )

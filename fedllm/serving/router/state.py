@@ -1,0 +1,161 @@
+"""Everything one router app holds: configuration, stores, pool, cache, metrics, audit.
+
+Built once by ``RouterState.build`` so every configuration mistake (missing key file, bad
+database URL, audit log already open elsewhere) surfaces before the server starts listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cachetools import TTLCache
+
+from fedllm.config.loading import ConfigError
+from fedllm.privacy.consensus import ConsensusMechanism
+from fedllm.security.audit import AuditLog, AuditLogError
+from fedllm.security.ratelimit import RateLimiter
+from fedllm.security.tokens import KeyLoadError
+from fedllm.security.users import UserStore
+from fedllm.serving.budgets import BudgetLedger, BudgetStatus
+from fedllm.serving.router.auth import RouterTokens
+from fedllm.serving.router.cache import ResponseCache
+from fedllm.serving.router.config import AuditConfig, RouterConfig
+from fedllm.serving.router.consensus import ConsensusSettings
+from fedllm.serving.router.metrics import RouterMetrics
+from fedllm.serving.router.node_pool import NodePool
+
+# Plain (0 ε) answers report the user's remaining quota from this short-lived view instead of
+# reading the database on every request; any change made through this router invalidates it.
+BUDGET_VIEW_TTL_S = 2.0
+BUDGET_VIEW_SIZE = 10_000
+
+
+def read_redaction_key(config: AuditConfig) -> bytes:
+    """The audit log's HMAC key from its file or environment variable (never from the YAML)."""
+    if config.redaction_key_env is not None:
+        value = os.environ.get(config.redaction_key_env, "")
+        if not value:
+            raise ConfigError(
+                f"audit.redaction_key_env: environment variable {config.redaction_key_env} "
+                "is not set"
+            )
+        return value.strip().encode()
+    assert config.redaction_key_file is not None
+    try:
+        return Path(config.redaction_key_file).read_bytes().strip()
+    except OSError as error:
+        raise ConfigError(
+            f"audit.redaction_key_file: cannot read {config.redaction_key_file}: {error.strerror}"
+        ) from None
+
+
+@dataclass
+class RouterState:
+    """The router's components (one per app)."""
+
+    config: RouterConfig
+    tokens: RouterTokens
+    users: UserStore
+    budgets: BudgetLedger
+    audit_log: AuditLog
+    pool: NodePool
+    cache: ResponseCache
+    metrics: RouterMetrics
+    limiter: RateLimiter
+    login_limiter: RateLimiter
+    consensus: ConsensusSettings
+    budget_view: TTLCache[str, BudgetStatus]
+
+    @classmethod
+    def build(cls, config: RouterConfig) -> RouterState:
+        """Load keys, open databases and the audit log; ConfigError on a user mistake."""
+        try:
+            tokens = RouterTokens(config.auth)
+        except (KeyLoadError, ValueError) as error:
+            raise ConfigError(f"auth: {error}") from None
+        try:
+            users = UserStore(
+                config.database.url,
+                max_failed_logins=config.auth.max_failed_logins,
+                lockout_s=config.auth.lockout_s,
+            )
+            budgets = BudgetLedger(
+                config.database.url,
+                user_quota=config.budgets.user_quota,
+                department_quota=config.budgets.department_quota,
+                period_s=config.budgets.period_s,
+                quota_overrides=config.budgets.quota_overrides,
+            )
+        except ValueError as error:
+            raise ConfigError(f"database.url: {error}") from None
+        try:
+            audit_log = AuditLog(Path(config.audit.path), read_redaction_key(config.audit))
+        except (AuditLogError, ValueError, OSError) as error:
+            raise ConfigError(f"audit: {error}") from None
+        metrics = RouterMetrics()
+        try:
+            mechanism = ConsensusMechanism(
+                vote_noise_std=config.consensus.vote_noise_std,
+                threshold=config.consensus.threshold,
+            )
+            pool = NodePool(
+                config.nodes,
+                config.routing,
+                tls=config.node_tls,
+                limits=config.limits,
+                on_health=metrics.observe_node,
+            )
+        except (ValueError, OSError) as error:
+            audit_log.close()
+            raise ConfigError(f"nodes: {error}") from None
+        return cls(
+            config=config,
+            tokens=tokens,
+            users=users,
+            budgets=budgets,
+            audit_log=audit_log,
+            pool=pool,
+            cache=ResponseCache(config.cache.max_entries, config.cache.ttl_s),
+            metrics=metrics,
+            limiter=RateLimiter(config.rate_limit.requests_per_s, config.rate_limit.burst),
+            login_limiter=RateLimiter(config.rate_limit.login_per_s, config.rate_limit.login_burst),
+            consensus=ConsensusSettings(
+                mechanism=mechanism,
+                top_k=config.consensus.top_k,
+                min_nodes=config.consensus.min_nodes,
+                max_nodes=config.consensus.max_nodes,
+            ),
+            budget_view=TTLCache(maxsize=BUDGET_VIEW_SIZE, ttl=BUDGET_VIEW_TTL_S),
+        )
+
+    async def audit(self, event: str, **fields: Any) -> None:
+        """Append to the audit log off the event loop (each entry is fsynced)."""
+        await asyncio.to_thread(self.audit_log.record, event, **fields)
+
+    async def budget_status(self, user_id: str, department: str) -> BudgetStatus:
+        """The user's budget, from the short-lived view when fresh."""
+        key = f"{user_id}\x00{department}"
+        cached = self.budget_view.get(key)
+        if cached is not None:
+            return cached
+        status = await asyncio.to_thread(self.budgets.status, user_id, department)
+        self.budget_view[key] = status
+        return status
+
+    def forget_budget(self, user_id: str | None = None) -> None:
+        """Drop cached budget views (one user's, or all after a quota change)."""
+        if user_id is None:
+            self.budget_view.clear()
+            return
+        for key in [key for key in self.budget_view if key.startswith(f"{user_id}\x00")]:
+            self.budget_view.pop(key, None)
+
+    def close(self) -> None:
+        """Release the audit log's file lock and database connections."""
+        self.audit_log.close()
+        self.users.close()
+        self.budgets.close()
