@@ -2,21 +2,22 @@
 
 It adapts Flower messages to :class:`fedllm.federation.hospital.HospitalSite`. A site (data,
 model, ledger) is built once per process and reused across rounds. Which hospital this node
-is comes from the node config: ``hospital-index`` when the operator set one, else Flower's
-simulation ``partition-id``; ``ledger-url`` and ``epsilon-cap`` let a hospital keep its
-accountant where it chooses and impose its own cap.
+is comes from the node config (:mod:`fedllm.federation.node_settings`): ``hospital-name`` or
+``hospital-index`` when the operator set one, else Flower's simulation ``partition-id``;
+``data-path`` names a deployed hospital's own records file; ``ledger-url`` and
+``epsilon-cap`` let a hospital keep its accountant where it chooses and impose its own cap.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedllm.federation.experiment import experiment_from_run_config
 from fedllm.federation.hospital import HospitalSite
+from fedllm.federation.node_settings import node_settings
 from fedllm.privacy.events import event_to_dict
 from fedllm.telemetry.logging import configure_logging
 
@@ -28,18 +29,16 @@ _SITES: dict[tuple[str, int, str], HospitalSite] = {}
 def hospital_site(context: Context, run_dir: str) -> HospitalSite:
     """The cached site for this node and run, built on first use."""
     config = experiment_from_run_config(context.run_config)
-    node = context.node_config
-    index = int(node.get("hospital-index", node.get("partition-id", 0)))
-    key = (config.model_dump_json(), index, run_dir)
+    settings = node_settings(config, context.node_config, run_dir)
+    key = (config.model_dump_json(), settings.index, run_dir)
     if key not in _SITES:
         configure_logging()
-        name = config.federation.profiles()[index].name
-        default_ledger = Path(run_dir) / "hospitals" / name / "ledger.db"
-        default_ledger.parent.mkdir(parents=True, exist_ok=True)
-        ledger_url = str(node.get("ledger-url", f"sqlite:///{default_ledger}"))
-        cap = node.get("epsilon-cap")
         _SITES[key] = HospitalSite(
-            config, index, ledger_url, epsilon_cap=float(cap) if cap is not None else None
+            config,
+            settings.index,
+            settings.ledger_url,
+            epsilon_cap=settings.epsilon_cap,
+            local_data=settings.local_data,
         )
     return _SITES[key]
 

@@ -9,6 +9,7 @@ process dies before the update leaves the hospital.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 
 from fedllm.config.schema import ExperimentConfig
 from fedllm.data import SPECIALTIES, ClinicalRecord
-from fedllm.federation.hospital_data import hospital_data, training_texts
+from fedllm.federation.hospital_data import LocalDataSource, hospital_data, training_texts
 from fedllm.models.adapters import AdapterState, adapter_state, load_adapter_state
 from fedllm.models.loading import load_lora_model, load_tokenizer
 from fedllm.privacy.events import event_to_dict
@@ -75,7 +76,11 @@ class RoundOutcome:
 
 
 class HospitalSite:
-    """One hospital: its data, its copy of the model and its persistent privacy ledger."""
+    """One hospital: its data, its copy of the model and its persistent privacy ledger.
+
+    ``local_data`` is a deployed hospital's own records file; without it the records come
+    from the experiment config (simulation).
+    """
 
     def __init__(
         self,
@@ -83,12 +88,13 @@ class HospitalSite:
         index: int,
         ledger_url: str,
         epsilon_cap: float | None = None,
+        local_data: LocalDataSource | None = None,
     ) -> None:
         self.config = config
         self.index = index
         self.profile = config.federation.profiles()[index]
         self.device = pick_device(config.training.device)
-        data = hospital_data(config, index)
+        data = hospital_data(config, index, local_data)
         tokenizer = load_tokenizer(config.model, config.run.seed)
         length = config.model.max_seq_length
         self.train_data = encode_texts(
@@ -129,6 +135,10 @@ class HospitalSite:
                 "epsilon-next": self.ledger.projected_epsilon(self.plan.round_events()),
                 "epsilon-cap": self.plan.epsilon_cap,
                 "can-afford": int(self.ledger.can_afford(self.plan.round_events())),
+                # what a round will charge, so the server can mirror it if the reply is lost
+                "round-events": json.dumps(
+                    [event_to_dict(event) for event in self.plan.round_events()]
+                ),
             }
         return status
 

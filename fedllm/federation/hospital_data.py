@@ -2,7 +2,8 @@
 
 Simulated hospitals must see the same data in every process that asks (the hospital's own
 ClientApp, the privacy planner, the centralised baseline), so everything here is a pure
-function of the config and the hospital's index.
+function of the config and the hospital's index. A deployed hospital instead reads its own
+records file (``LocalDataSource``, named by its node config), which never leaves the site.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 from fedllm.config.schema import DataConfig, ExperimentConfig
 from fedllm.data import (
@@ -24,6 +26,17 @@ from fedllm.data import (
 
 
 @dataclass(frozen=True)
+class LocalDataSource:
+    """A deployed hospital's own records: a JSONL or CSV file and its column names."""
+
+    path: str
+    format: Literal["jsonl", "csv"]
+    text_field: str = "text"
+    specialty_field: str | None = None
+    patient_field: str | None = None
+
+
+@dataclass(frozen=True)
 class HospitalData:
     """A hospital's training records and its held-out (patient-disjoint) evaluation records."""
 
@@ -32,14 +45,28 @@ class HospitalData:
     eval: list[ClinicalRecord]
 
 
-def hospital_data(config: ExperimentConfig, index: int) -> HospitalData:
-    """Records of hospital ``index`` (0-based, in the order of ``federation.profiles()``)."""
+def hospital_data(
+    config: ExperimentConfig, index: int, local: LocalDataSource | None = None
+) -> HospitalData:
+    """Records of hospital ``index`` (0-based, in the order of ``federation.profiles()``).
+
+    With ``local``, the records are the hospital's own file rather than the experiment's data
+    section; the patient-disjoint train/eval split is the same either way.
+    """
     profiles = config.federation.profiles()
     if not 0 <= index < len(profiles):
         raise ValueError(f"hospital index {index} outside 0..{len(profiles) - 1}")
     profile = profiles[index]
     seed = config.run.seed * 1000 + index
-    if config.data.source == "synthetic":
+    if local is not None:
+        records = load_records(
+            local.format,
+            local.path,
+            text_field=local.text_field,
+            specialty_field=local.specialty_field,
+            patient_field=local.patient_field,
+        )
+    elif config.data.source == "synthetic":
         records = generate_clinical_records(
             profile.data_size, profile.specialty_mix, seed=seed, hospital_tag=f"h{index}"
         )
