@@ -14,6 +14,13 @@ Each round:
 5. **aggregate** (hook :meth:`aggregation_weights`): by default ``n_i / π_i`` normalised, with
    π_i the cohort's inclusion probability, or a robust rule, optionally with server-side DP.
 
+Hospitals may drop out: every wait is bounded by ``strategy.round_timeout_s``, a round with
+fewer than ``strategy.min_cohort`` successful replies is recorded as skipped (the global
+adapter stays unchanged), and a hospital that was sent a train message but did not reply
+(``lost``) or replied with an error (``failed``) has the round's planned privacy events
+mirrored anyway: it charges its own ledger *before* training, so the server cannot know it
+did not, and an over-estimate is the only safe error for a privacy ledger.
+
 ML engineers subclass and override one hook; the Flower plumbing stays here. Every round is
 recorded in the server's ledger (one transaction) and in ``report.json``.
 """
@@ -29,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -59,6 +67,8 @@ from fedllm.training.evaluation import EvaluationResult, combine
 
 QUBO_SOLVERS = {"quantum": DEFAULT_SOLVER, "exact": "exact"}
 
+log = structlog.get_logger(__name__)
+
 
 @dataclass
 class HospitalView:
@@ -73,6 +83,7 @@ class HospitalView:
     times_selected: int = 0
     last_duration_s: float | None = None
     unmirrored_events: list[dict[str, Any]] = field(default_factory=list)
+    planned_events: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def num_units(self) -> int:
@@ -104,7 +115,7 @@ class PrivacyAwareStrategy(FedAvg):
         run_context: dict[str, str],
         ledger: ServerLedger,
         round_offset: int = 0,
-        query_timeout: float = 600.0,
+        query_timeout: float | None = None,
     ) -> None:
         super().__init__(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
         self.config = config
@@ -114,7 +125,9 @@ class PrivacyAwareStrategy(FedAvg):
         self.run_id = run_context["run-id"]
         self.ledger = ledger
         self.round_offset = round_offset
-        self.query_timeout = query_timeout
+        self.query_timeout = (
+            query_timeout if query_timeout is not None else config.strategy.round_timeout_s
+        )
         self.rng = random.Random(config.run.seed + round_offset)
         self.ensemble_rng = np.random.default_rng(config.run.seed + round_offset)
         self.views: dict[int, HospitalView] = {}
@@ -208,6 +221,8 @@ class PrivacyAwareStrategy(FedAvg):
             if "profile" in status:
                 view.profile = [float(x) for x in status.pop("profile")]
                 view.unmirrored_events += json.loads(str(status.pop("profile-events")))
+            if "round-events" in status:
+                view.planned_events = json.loads(str(status.pop("round-events")))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -229,10 +244,12 @@ class PrivacyAwareStrategy(FedAvg):
         for view in views:
             if view.name in cohort.members:
                 view.times_selected += 1
+        nodes = [v.node_id for v in views if v.name in cohort.members]
         self._round = {
             "started": started,
             "global": arrays.to_torch_state_dict(),
             "cohort": cohort,
+            "sent": {v.node_id: v.name for v in views if v.name in cohort.members},
             "row": {
                 "round": current,
                 "selected": sorted(cohort.members),
@@ -244,7 +261,6 @@ class PrivacyAwareStrategy(FedAvg):
         }
         content = {**dict(config), **self.run_context, "server-round": current}
         record = RecordDict({"arrays": arrays, "config": ConfigRecord(content)})
-        nodes = [v.node_id for v in views if v.name in cohort.members]
         return self._construct_messages(record, nodes, MessageType.TRAIN)
 
     def select(
@@ -308,14 +324,20 @@ class PrivacyAwareStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the cohort's adapters and mirror their privacy spending."""
-        row, cohort = self._round["row"], self._round["cohort"]
+        """Aggregate the cohort's adapters and mirror their privacy spending.
+
+        Replies are matched to the hospitals the round was sent to; anything else (an error
+        the SuperLink generates for an unavailable node, a stray reply) is ignored, and a
+        hospital without a reply of its own is ``lost``.
+        """
+        row, cohort, sent = self._round["row"], self._round["cohort"], self._round["sent"]
         contributions, events, failed = [], {}, []
-        by_node = {v.node_id: v for v in self.views.values()}
         for reply in replies:
-            view = by_node.get(reply.metadata.src_node_id)
-            name = view.name if view else str(reply.metadata.src_node_id)
-            if reply.has_error() or view is None:
+            name = sent.get(reply.metadata.src_node_id)
+            if name is None or name in events or name in failed:
+                continue
+            view = self.views[reply.metadata.src_node_id]
+            if reply.has_error():
                 failed.append(name)
                 continue
             metrics = dict(reply.content["metrics"])
@@ -330,7 +352,12 @@ class PrivacyAwareStrategy(FedAvg):
                     metrics,
                 )
             )
-        row["failed"] = failed
+        lost = sorted(set(sent.values()) - set(events) - set(failed))
+        for view in self.views.values():
+            if view.name in failed or view.name in lost:
+                events[view.name] = list(view.planned_events)
+        row["failed"] = sorted(failed)
+        row["lost"] = lost
         row["hospital_events"] = events
         row["train_seconds"] = {c.hospital: c.metrics["train-seconds"] for c in contributions}
         row["train_loss"] = (
@@ -343,7 +370,16 @@ class PrivacyAwareStrategy(FedAvg):
             if contributions
             else None
         )
-        if not contributions:
+        row["skipped"] = len(contributions) < self.settings.min_cohort
+        if row["skipped"]:
+            log.warning(
+                "round.skipped",
+                round=row["round"],
+                replies=len(contributions),
+                min_cohort=self.settings.min_cohort,
+                lost=lost,
+                failed=row["failed"],
+            )
             return None, None
         aggregated = self.aggregate(contributions, self._round["global"])
         return ArrayRecord(aggregated), MetricRecord({"train-loss": row["train_loss"]})
@@ -379,12 +415,24 @@ class PrivacyAwareStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Every hospital evaluates the new global adapter on its held-out split."""
+        """Every reachable hospital evaluates the new global adapter on its held-out split.
+
+        Reachable: it answered this round's status query and did not drop out of training,
+        so a hospital known to be gone does not cost the round another timeout.
+        """
         current = server_round + self.round_offset
         content = {**dict(config), **self.run_context, "server-round": current}
         record = RecordDict({"arrays": arrays, "config": ConfigRecord(content)})
         self._round["arrays"] = arrays
-        return self._construct_messages(record, list(grid.get_node_ids()), MessageType.EVALUATE)
+        gone = set(self._round.get("row", {}).get("lost", []))
+        nodes = [
+            node_id
+            for node_id in grid.get_node_ids()
+            if node_id in self.views
+            and self.views[node_id].status
+            and self.views[node_id].name not in gone
+        ]
+        return self._construct_messages(record, nodes, MessageType.EVALUATE)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

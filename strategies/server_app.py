@@ -95,13 +95,16 @@ def run_federation(
     strategy.query_status(grid)
     if not completed:
         replies = grid.send_and_receive(
-            strategy.configure_evaluate(0, arrays, ConfigRecord(), grid)
+            strategy.configure_evaluate(0, arrays, ConfigRecord(), grid),
+            timeout=config.strategy.round_timeout_s,
         )
         report.data["initial"] = strategy.summarise_evaluation(replies)
         report.write()
     remaining = config.run.rounds - completed
     if remaining > 0:
-        result = strategy.start(grid, arrays, num_rounds=remaining)
+        result = strategy.start(
+            grid, arrays, num_rounds=remaining, timeout=config.strategy.round_timeout_s
+        )
         if len(result.arrays):
             arrays = result.arrays
     load_adapter_state(model, arrays.to_torch_state_dict())

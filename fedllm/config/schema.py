@@ -218,6 +218,10 @@ class StrategyConfig(StrictModel):
     With probability ``uniform_mix`` a QUBO round draws a uniform cohort instead, which keeps
     every eligible hospital's inclusion probability ≥ uniform_mix·K/|eligible| and so bounds
     the n_i/π_i aggregation weights.
+    ``round_timeout_s`` bounds how long the server waits for replies to any message of a round
+    (status query, training, evaluation), so a hospital that drops out cannot stall the run;
+    a round with fewer than ``min_cohort`` successful training replies is recorded as skipped
+    and leaves the global adapter unchanged.
     """
 
     strategy_class: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -238,6 +242,8 @@ class StrategyConfig(StrictModel):
     loss_clip: PositiveFloat = 5.0
     uniform_mix: float = Field(0.1, ge=0.0, le=1.0)
     ledger_url: str | None = None
+    round_timeout_s: PositiveFloat = 3600.0
+    min_cohort: PositiveInt = 1
 
 
 class ExperimentConfig(StrictModel):
@@ -251,6 +257,15 @@ class ExperimentConfig(StrictModel):
     privacy: PrivacyConfig = PrivacyConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     strategy: StrategyConfig = StrategyConfig()
+
+    @model_validator(mode="after")
+    def _min_cohort_reachable(self) -> ExperimentConfig:
+        if self.strategy.min_cohort > self.federation.cohort_size:
+            raise ValueError(
+                f"strategy.min_cohort ({self.strategy.min_cohort}) must be <= "
+                f"federation.cohort_size ({self.federation.cohort_size})"
+            )
+        return self
 
     @property
     def selects(self) -> bool:
