@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import secrets
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedllm.security.encryption import write_atomic
+from fedllm.security.tokens import generate_ed25519_keypair
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
 DEFAULT_DAYS = 365
@@ -75,6 +77,7 @@ class Credentials:
     node_server_certs: dict[str, tuple[Path, Path]]
     jwt_private_key: Path
     jwt_public_key: Path
+    audit_key: Path
 
     def files(self) -> list[tuple[str, Path]]:
         """Every file with a short description of what it is for, in a stable order."""
@@ -97,6 +100,7 @@ class Credentials:
             ("router client private key", self.router_client_key),
             ("router JWT signing key (Ed25519)", self.jwt_private_key),
             ("router JWT verification key (Ed25519)", self.jwt_public_key),
+            ("router audit-log redaction key (HMAC)", self.audit_key),
         ]
         return entries
 
@@ -158,6 +162,7 @@ def layout(out: Path, hospitals: Sequence[str]) -> Credentials:
         },
         jwt_private_key=root / "router" / "jwt_private.pem",
         jwt_public_key=root / "router" / "jwt_public.pem",
+        audit_key=root / "router" / "audit.key",
     )
 
 
@@ -205,7 +210,7 @@ def init_credentials(
     issuer.server(creds.superlink_cert, creds.superlink_key, "fedllm-superlink", superlink_hosts)
     issuer.server(creds.router_cert, creds.router_key, "fedllm-router", router_hosts)
     issuer.client(creds.router_client_cert, creds.router_client_key, "fedllm-router")
-    _write_jwt_keys(creds.jwt_private_key, creds.jwt_public_key)
+    _write_router_secrets(creds)
     for name in names:
         _issue_hospital(creds, issuer, name, node_hosts.get(name, DEFAULT_HOSTS))
     return creds
@@ -317,6 +322,7 @@ def check_credentials(out: Path, *, warn_days: int = EXPIRY_WARNING_DAYS) -> Cre
     for private_path, public_path in creds.supernode_keys.values():
         _check_supernode_key(report, private_path, public_path)
     _check_private_mode(report, creds.jwt_private_key)
+    _check_private_mode(report, creds.audit_key)
     for directory in [creds.root, *(p for p in creds.root.rglob("*") if p.is_dir())]:
         mode = stat.S_IMODE(directory.stat().st_mode)
         if mode & 0o077:
@@ -483,13 +489,12 @@ def _issue_hospital(creds: Credentials, issuer: _Issuer, name: str, hosts: Seque
     issuer.server(cert_path, key_path, f"fedllm-node-{name}", hosts)
 
 
-def _write_jwt_keys(private_path: Path, public_path: Path) -> None:
-    key = ed25519.Ed25519PrivateKey.generate()
-    write_atomic(private_path, _pem_private(key), mode=0o600)
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    write_atomic(public_path, public, mode=0o644)
+def _write_router_secrets(creds: Credentials) -> None:
+    """The router's token-signing key pair and the key that redacts prompts in its audit log."""
+    private, public = generate_ed25519_keypair()
+    write_atomic(creds.jwt_private_key, private, mode=0o600)
+    write_atomic(creds.jwt_public_key, public, mode=0o644)
+    write_atomic(creds.audit_key, secrets.token_hex(32).encode("ascii") + b"\n", mode=0o600)
 
 
 def _check_certificate(
