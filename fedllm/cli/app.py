@@ -6,6 +6,7 @@ import typer
 
 from fedllm.cli.audit import audit_app
 from fedllm.cli.certs import certs_app
+from fedllm.cli.hospital import hospital_app
 from fedllm.cli.keys import keys_app
 from fedllm.cli.plan import add_plan_command
 from fedllm.cli.privacy import privacy_app
@@ -13,6 +14,7 @@ from fedllm.cli.router import router_command
 from fedllm.cli.run import resume_command, run_command
 from fedllm.cli.select import add_select_command
 from fedllm.cli.serve import serve_command
+from fedllm.cli.superlink import superlink_app
 from fedllm.cli.users import users_app
 from fedllm.telemetry.logging import configure_logging
 
@@ -33,6 +35,8 @@ app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
 app.add_typer(certs_app, name="certs")
 app.add_typer(keys_app, name="keys")
+app.add_typer(hospital_app, name="hospital")
+app.add_typer(superlink_app, name="superlink")
 
 
 @app.callback()

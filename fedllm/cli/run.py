@@ -1,4 +1,5 @@
-"""``fedllm run``: a whole experiment from one YAML file on Flower's local simulation runtime."""
+"""``fedllm run``: a whole experiment from one YAML file on Flower's local simulation runtime,
+or, with ``--federation NAME``, on a deployed SuperLink and the hospitals' SuperNodes."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fedllm.config import ConfigError, ExperimentConfig, dump_config, load_confi
 from fedllm.data import DataError
 from fedllm.federation.baselines import run_centralized_baseline
 from fedllm.federation.experiment import APP_ROOT
+from fedllm.federation.flower_cli import DeployedFederation, deployed_federation
 from fedllm.federation.launcher import (
     FederationError,
     SimulationResources,
@@ -42,14 +44,35 @@ def run_command(
     ] = None,
     baselines: WithBaselines = True,
     json_output: JsonReport = False,
+    federation: Annotated[
+        str | None,
+        typer.Option(
+            "--federation",
+            help="Run on a deployed SuperLink: a \\[superlink.NAME] entry of your Flower config "
+            "(~/.flwr/config.toml) instead of simulated hospitals",
+        ),
+    ] = None,
 ) -> None:
-    """Run a federation of simulated hospitals; outputs go to <output_dir>/<name>/."""
+    """Run a federation of simulated hospitals (or a deployed one); outputs go to
+    <output_dir>/<name>/."""
     try:
         config = load_config(config_file, overrides or [])
-    except ConfigError as error:
+        target = (
+            deployed_federation(federation, config_file, overrides or [], app_root=APP_ROOT)
+            if federation
+            else None
+        )
+    except (ConfigError, FederationError) as error:
         fail(str(error))
+    if target is not None and baselines and config.evaluation.baselines and not json_output:
+        # federated_no_dp would train on the hospitals' records without DP
+        console.print("Baselines are not run against a deployed federation.")
     run_and_show(
-        config, allocate_run_dir(config.run.output_dir, config.run.name), baselines, json_output
+        config,
+        allocate_run_dir(config.run.output_dir, config.run.name),
+        baselines and target is None,
+        json_output,
+        target,
     )
 
 
@@ -67,11 +90,17 @@ def resume_command(
 
 
 def run_and_show(
-    config: ExperimentConfig, run_dir: Path, baselines: bool, json_output: bool
+    config: ExperimentConfig,
+    run_dir: Path,
+    baselines: bool,
+    json_output: bool,
+    target: DeployedFederation | None = None,
 ) -> None:
     """Execute a run, turning user-facing failures into one-line errors."""
     try:
-        report = execute(config, run_dir, with_baselines=baselines, quiet=json_output)
+        report = execute(
+            config, run_dir, with_baselines=baselines, quiet=json_output, target=target
+        )
     except (ConfigError, DataError, ModelLoadError, FederationError) as error:
         fail(str(error))
     except KeyboardInterrupt:
@@ -86,7 +115,12 @@ def run_and_show(
 
 
 def execute(
-    config: ExperimentConfig, run_dir: Path, *, with_baselines: bool, quiet: bool
+    config: ExperimentConfig,
+    run_dir: Path,
+    *,
+    with_baselines: bool,
+    quiet: bool,
+    target: DeployedFederation | None = None,
 ) -> dict[str, Any]:
     """Federated run, then baselines; returns the final report with the phases' wall times."""
     dump_config(config, run_dir / "config.yaml")
@@ -97,7 +131,7 @@ def execute(
     with console.status("Preparing the base model (first use pretrains it on public text)..."):
         resolve_model_path(config.model, config.run.seed)
     phases["base_model_s"] = time.perf_counter() - clock
-    federate(config, run_dir, quiet=quiet)
+    federate(config, run_dir, quiet=quiet, target=target)
     phases["federation_s"] = time.perf_counter() - clock - sum(phases.values())
     report = RunReport.load(run_dir)
     if with_baselines and config.evaluation.baselines:
@@ -113,8 +147,15 @@ def execute(
     return report
 
 
-def federate(config: ExperimentConfig, run_dir: Path, *, quiet: bool) -> None:
-    """Run the Flower app on a private local SuperLink, showing per-round progress."""
+def federate(
+    config: ExperimentConfig,
+    run_dir: Path,
+    *,
+    quiet: bool,
+    target: DeployedFederation | None = None,
+) -> None:
+    """Run the Flower app on a private local SuperLink (or the deployed ``target``), showing
+    per-round progress."""
     flwr_home = run_dir / ".flwr"
     log_path = run_dir / "flower.log"
     resources = SimulationResources(num_supernodes=config.federation.num_hospitals)
@@ -128,8 +169,13 @@ def federate(config: ExperimentConfig, run_dir: Path, *, quiet: bool) -> None:
     )
     follower.start()
     try:
-        with local_superlink(flwr_home, log_path):
-            run_app(APP_ROOT, flwr_home, run_config, resources, log_path)
+        if target is None:
+            with local_superlink(flwr_home, log_path):
+                run_app(APP_ROOT, flwr_home, run_config, resources, log_path)
+        else:
+            target.connect(flwr_home)
+            run_config |= target.run_config
+            run_app(APP_ROOT, flwr_home, run_config, None, log_path, connection=target.name)
     finally:
         finished.set()
         follower.join()

@@ -108,24 +108,22 @@ def run_app(
     app_dir: Path,
     flwr_home: Path,
     run_config: Mapping[str, str],
-    resources: SimulationResources,
+    resources: SimulationResources | None,
     log_path: Path,
+    connection: str = CONNECTION_NAME,
 ) -> None:
-    """``flwr run`` the app on the SuperLink configured in ``flwr_home``; block until it ends."""
-    federation_config = (
-        f"num-supernodes={resources.num_supernodes} "
-        f"client-resources-num-cpus={resources.cpus_per_client} "
-        f"client-resources-num-gpus={resources.gpus_per_client}"
-    )
-    command = [
-        "flwr",
-        "run",
-        str(app_dir),
-        CONNECTION_NAME,
-        "--stream",
-        "--federation-config",
-        federation_config,
-    ]
+    """``flwr run`` the app on the SuperLink ``connection`` of ``flwr_home``; block until it ends.
+
+    ``resources`` sizes a simulation; a deployed SuperLink (``None``) has real SuperNodes.
+    """
+    command = ["flwr", "run", str(app_dir), connection, "--stream"]
+    if resources is not None:
+        command += [
+            "--federation-config",
+            f"num-supernodes={resources.num_supernodes} "
+            f"client-resources-num-cpus={resources.cpus_per_client} "
+            f"client-resources-num-gpus={resources.gpus_per_client}",
+        ]
     for key, value in run_config.items():
         command += ["--run-config", f"{key}={json.dumps(value)}"]
     with log_path.open("ab") as log_file:

@@ -1,0 +1,234 @@
+"""Flower's deployment runtime across machines: a SuperLink and SuperNodes, secure by default.
+
+Flower 1.42 serves the Fleet API (SuperNodes), the Control API (``flwr run``, ``flwr supernode
+register``) and the Runtime API (the ServerApp) from one HTTPS port of ``flower-superlink``.
+Everything here builds the exact command lines and files Flower reads, so that TLS
+(``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile`` on the SuperLink, ``--root-certificates``
+on SuperNodes and in the Flower CLI's ``config.toml``) and SuperNode authentication
+(``--enable-supernode-auth`` on the SuperLink, each hospital's public key registered through
+the Control API, ``--auth-supernode-private-key`` on its SuperNode) are on unless a caller asks
+for insecure mode explicitly, and then loudly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import yaml
+
+from fedllm.config.hospital import HospitalConfig
+from fedllm.federation import node_settings as keys
+from fedllm.federation.launcher import FederationError
+
+DEFAULT_SUPERLINK_PORT = 9092
+
+INSECURE_WARNING = (
+    "INSECURE MODE: TLS and SuperNode authentication are OFF. Model updates and privacy "
+    "reports travel unencrypted and ANY machine that can reach the SuperLink can join the "
+    "federation. Use only on a laptop or in a test network, never with real patient data."
+)
+
+log = structlog.get_logger(__name__)
+
+NodeValue = str | int | float | bool
+
+
+class DeploymentError(FederationError):
+    """A deployment cannot start as configured (missing file, refused registration...)."""
+
+
+@dataclass(frozen=True)
+class SuperLinkTls:
+    """The SuperLink's TLS files: the consortium CA and the SuperLink's certificate and key."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+def superlink_command(
+    *,
+    host: str,
+    port: int,
+    database: Path,
+    tls: SuperLinkTls | None,
+    insecure: bool = False,
+) -> list[str]:
+    """``flower-superlink`` with TLS and SuperNode authentication, or explicitly insecure.
+
+    Apps run in a subprocess of the SuperLink (``--isolation subprocess``) from the Flower App
+    Bundle ``flwr run`` uploads, in this environment: runtime dependency installation is off,
+    so a run can never pull code from a package index onto the consortium's server.
+    """
+    check_security(tls is not None, insecure)
+    command = [
+        "flower-superlink",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(database),
+        "--isolation",
+        "subprocess",
+        "--disable-runtime-dependency-installation",
+    ]
+    if tls is None:
+        return [*command, "--insecure"]
+    return [
+        *command,
+        "--ssl-ca-certfile",
+        str(tls.ca_cert),
+        "--ssl-certfile",
+        str(tls.cert),
+        "--ssl-keyfile",
+        str(tls.key),
+        "--enable-supernode-auth",
+    ]
+
+
+def supernode_command(
+    *,
+    superlink: str,
+    root_certificates: Path | None,
+    auth_private_key: Path | None,
+    node_config_file: Path,
+    clientapp_port: int,
+    insecure: bool = False,
+    max_retries: int | None = None,
+    max_wait_s: float | None = None,
+) -> list[str]:
+    """``flower-supernode`` that verifies the SuperLink's certificate and signs every request.
+
+    ``clientapp_port`` is the SuperNode's local Runtime API (127.0.0.1 only), which the
+    ClientApp subprocess talks to; two SuperNodes on one machine need two ports.
+    """
+    check_security(root_certificates is not None, insecure)
+    if insecure and auth_private_key is not None:
+        raise DeploymentError(
+            "SuperNode authentication needs TLS: drop the key or the insecure flag"
+        )
+    if not insecure and auth_private_key is None:
+        raise DeploymentError("an authentication private key is required with TLS")
+    command = [
+        "flower-supernode",
+        "--superlink",
+        superlink,
+        "--node-config",
+        str(node_config_file),
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(clientapp_port),
+    ]
+    if max_retries is not None:
+        command += ["--max-retries", str(max_retries)]
+    if max_wait_s is not None:
+        command += ["--max-wait-time", str(max_wait_s)]
+    if insecure:
+        return [*command, "--insecure"]
+    return [
+        *command,
+        "--root-certificates",
+        str(root_certificates),
+        "--auth-supernode-private-key",
+        str(auth_private_key),
+    ]
+
+
+def check_security(have_tls: bool, insecure: bool) -> None:
+    """Secure unless insecure mode is asked for explicitly; then warn, every time."""
+    if have_tls and insecure:
+        raise DeploymentError("TLS files and insecure mode were both given; choose one")
+    if not have_tls and not insecure:
+        raise DeploymentError(
+            "TLS files are required; insecure mode must be asked for explicitly (--insecure)"
+        )
+    if insecure:
+        log.warning("deployment.insecure", warning=INSECURE_WARNING)
+
+
+def write_node_config(path: Path, values: Mapping[str, NodeValue]) -> Path:
+    """The SuperNode's node config as a TOML file (``--node-config FILE.toml``).
+
+    A file, not the ``key="value"`` command-line form, so that paths and database URLs with
+    spaces or quotes reach the ClientApp unchanged (JSON string escapes are valid TOML).
+    """
+    lines = [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _toml_value(value: NodeValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def hospital_node_config(config: HospitalConfig) -> dict[str, NodeValue]:
+    """What the hospital's ClientApp reads (see :mod:`fedllm.federation.node_settings`)."""
+    values: dict[str, NodeValue] = {
+        keys.HOSPITAL_NAME: config.hospital,
+        keys.DATA_PATH: str(config.data.path),
+        keys.DATA_FORMAT: config.data.resolved_format(),
+        keys.DATA_TEXT_FIELD: config.data.text_field,
+        keys.LEDGER_URL: config.privacy.ledger_url,
+    }
+    if config.data.specialty_field:
+        values[keys.DATA_SPECIALTY_FIELD] = config.data.specialty_field
+    if config.data.patient_field:
+        values[keys.DATA_PATIENT_FIELD] = config.data.patient_field
+    if config.privacy.epsilon_cap is not None:
+        values[keys.EPSILON_CAP] = config.privacy.epsilon_cap
+    return values
+
+
+def hospital_supernode_command(config: HospitalConfig) -> list[str]:
+    """The SuperNode of ``hospital.yaml``, its node config written under its state dir."""
+    node_config = write_node_config(
+        config.runtime.state_dir / "node-config.toml", hospital_node_config(config)
+    )
+    return supernode_command(
+        superlink=config.superlink.address,
+        root_certificates=config.superlink.ca_cert,
+        auth_private_key=config.auth.private_key if config.auth else None,
+        node_config_file=node_config,
+        clientapp_port=config.runtime.clientapp_port,
+        insecure=config.superlink.insecure,
+        max_retries=config.runtime.max_retries,
+        max_wait_s=config.runtime.max_wait_s,
+    )
+
+
+def missing_hospital_files(config: HospitalConfig) -> list[str]:
+    """Files ``hospital.yaml`` points to that do not exist, named by their key."""
+    candidates: list[tuple[str, Path | None]] = [
+        ("superlink.ca_cert", config.superlink.ca_cert),
+        ("data.path", config.data.path),
+    ]
+    if config.auth is not None:
+        candidates.append(("auth.private_key", config.auth.private_key))
+    return [
+        f"{key}: {path} does not exist" for key, path in candidates if path and not path.is_file()
+    ]
+
+
+def write_inference_config(config: HospitalConfig) -> Path | None:
+    """The ``inference`` section as the ``node.yaml`` that ``fedllm serve`` reads."""
+    if config.inference is None:
+        return None
+    path = config.runtime.state_dir / "node.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        yaml.safe_dump(config.inference.model_dump(mode="json"), sort_keys=False), "utf-8"
+    )
+    return path

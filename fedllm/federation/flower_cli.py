@@ -1,0 +1,180 @@
+"""The Flower CLI's side of a deployment: connections, SuperNode registration, ``flwr run``.
+
+``flwr`` finds a SuperLink in ``$FLWR_HOME/config.toml`` (``[superlink.<name>] address = ...,
+root-certificates = ...``). The operator registers hospitals' public keys through it and the
+researcher's ``fedllm run --federation NAME`` runs through it; each gets a private FLWR_HOME
+so that no command touches another's Flower state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedllm.federation.deployment import DeploymentError, check_security
+from fedllm.federation.launcher import flower_environment
+
+OPERATOR_CONNECTION = "fedllm-operator"
+
+
+def write_flower_connection(
+    flwr_home: Path,
+    name: str,
+    address: str,
+    root_certificates: Path | None,
+    *,
+    insecure: bool = False,
+) -> Path:
+    """A private ``FLWR_HOME/config.toml`` whose default connection is this SuperLink.
+
+    The Flower CLI (``flwr run``, ``flwr supernode register``) reaches a TLS SuperLink through
+    ``[superlink.<name>] address = ... root-certificates = ...``.
+    """
+    check_security(root_certificates is not None, insecure)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    security = (
+        "insecure = true"
+        if insecure
+        else f"root-certificates = {json.dumps(str(root_certificates))}"
+    )
+    path = flwr_home / "config.toml"
+    path.write_text(
+        f"[superlink]\ndefault = {json.dumps(name)}\n\n"
+        f"[superlink.{json.dumps(name)}]\naddress = {json.dumps(address)}\n{security}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def register_supernode(flwr_home: Path, connection: str, public_key: Path, name: str) -> str:
+    """Register a hospital's public key with the SuperLink (``flwr supernode register``).
+
+    Returns ``"registered"``, or ``"already registered"`` when the SuperLink's database
+    already holds the key (a restarted SuperLink keeps its registrations), so starting the
+    operator's SuperLink twice is harmless.
+    """
+    if not public_key.is_file():
+        raise DeploymentError(f"public key of {name!r} not found: {public_key}")
+    result = subprocess.run(
+        [
+            "flwr",
+            "supernode",
+            "register",
+            str(public_key),
+            connection,
+            "--name",
+            name,
+            "--format",
+            "json",
+        ],
+        env=flower_environment(flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = f"{result.stdout}\n{result.stderr}"
+    if result.returncode == 0 and '"success": true' in output:
+        return "registered"
+    if "already" in output.lower():
+        return "already registered"
+    raise DeploymentError(f"could not register {name!r} ({public_key}): {output.strip()[-800:]}")
+
+
+@dataclass(frozen=True)
+class DeployedFederation:
+    """A deployed SuperLink as the researcher's Flower config names it, plus how to run there.
+
+    ``run_config`` carries the experiment by reference (``config-file`` relative to the app,
+    ``overrides``): the Flower App Bundle that ``flwr run`` uploads contains the app's
+    ``configs/``, so the ServerApp and every hospital's ClientApp load the same experiment
+    without any file of the researcher's machine.
+    """
+
+    name: str
+    address: str
+    root_certificates: Path | None
+    insecure: bool
+    run_config: dict[str, str]
+
+    def connect(self, flwr_home: Path) -> None:
+        """Point a private FLWR_HOME at this SuperLink (``flwr run`` reads it)."""
+        write_flower_connection(
+            flwr_home, self.name, self.address, self.root_certificates, insecure=self.insecure
+        )
+
+
+def flower_config_path() -> Path:
+    """The Flower CLI's own config: ``$FLWR_HOME/config.toml``, else ``~/.flwr/config.toml``."""
+    home = os.environ.get("FLWR_HOME")
+    return (Path(home) if home else Path.home() / ".flwr") / "config.toml"
+
+
+def deployed_federation(
+    name: str,
+    config_file: Path,
+    overrides: Sequence[str],
+    *,
+    app_root: Path,
+    flower_config: Path | None = None,
+) -> DeployedFederation:
+    """Resolve ``fedllm run --federation NAME``: the ``[superlink.NAME]`` entry of the Flower
+    config (``address``, ``root-certificates`` or ``insecure = true``) and the experiment."""
+    path = flower_config or flower_config_path()
+    if not path.is_file():
+        raise DeploymentError(
+            f"no Flower config at {path}; add a [superlink.{name}] entry with address and "
+            "root-certificates (see docs/deploy.md)"
+        )
+    try:
+        connections = tomllib.loads(path.read_text(encoding="utf-8")).get("superlink", {})
+    except tomllib.TOMLDecodeError as error:
+        raise DeploymentError(f"{path}: invalid TOML: {error}") from None
+    entry = connections.get(name)
+    if not isinstance(entry, dict):
+        known = sorted(k for k, v in connections.items() if isinstance(v, dict))
+        raise DeploymentError(f"{path} has no [superlink.{name}] entry; known: {known}")
+    address, insecure = entry.get("address"), bool(entry.get("insecure", False))
+    certificates = entry.get("root-certificates")
+    if not isinstance(address, str) or not address:
+        raise DeploymentError(f"[superlink.{name}] in {path} has no address")
+    if not insecure and not certificates:
+        raise DeploymentError(
+            f"[superlink.{name}] in {path} needs root-certificates (the consortium's ca.crt), "
+            "or insecure = true for a test network"
+        )
+    root = None
+    if certificates:
+        root = Path(str(certificates)).expanduser()
+        root = root if root.is_absolute() else path.parent / root
+        if not root.is_file():
+            raise DeploymentError(f"root-certificates of [superlink.{name}] not found: {root}")
+    return DeployedFederation(
+        name, address, root, insecure, experiment_reference(config_file, overrides, app_root)
+    )
+
+
+def experiment_reference(
+    config_file: Path, overrides: Sequence[str], app_root: Path
+) -> dict[str, str]:
+    """``config-file`` relative to the app and the overrides, as the run config passes them."""
+    try:
+        relative = config_file.resolve().relative_to(app_root.resolve())
+    except ValueError:
+        raise DeploymentError(
+            f"{config_file} is outside the app directory {app_root}: with --federation the "
+            "experiment YAML travels in the Flower App Bundle, so put it under configs/"
+        ) from None
+    # ';' separates overrides in one run-config value, which Flower's CLI double-quotes
+    awkward = [o for o in overrides if ";" in o or '"' in o]
+    if awkward:
+        raise DeploymentError(
+            f"override {awkward[0]!r} contains ';' or '\"', which cannot travel in the run "
+            "config; use single quotes for YAML strings"
+        )
+    return {"config-file": relative.as_posix(), "overrides": "; ".join(overrides)}
