@@ -52,6 +52,7 @@ from fedllm.aggregation.rules import (
 )
 from fedllm.aggregation.server_dp import ServerDpConfig, ServerSideDp
 from fedllm.config.schema import ExperimentConfig
+from fedllm.models.checkpoints import save_adapter_state
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport
 from fedllm.selection.cohort import Cohort, draw_cohort
@@ -468,13 +469,14 @@ class PrivacyAwareStrategy(FedAvg):
         return MetricRecord({"eval-loss": row["eval_loss"]})
 
     def save_round_checkpoint(self, server_round: int, arrays: ArrayRecord) -> Path:
-        """The global adapter after ``server_round``, so a restarted server can resume."""
+        """The global adapter after ``server_round``, so a restarted server can resume.
+
+        Written atomically, and encrypted at rest when the server has a key ring.
+        """
         folder = Path(self.run_context["run-dir"]) / "checkpoints"
         folder.mkdir(exist_ok=True)
         path = folder / f"round-{server_round:04d}.pt"
-        staging = path.with_suffix(".tmp")
-        torch.save(arrays.to_torch_state_dict(), staging)
-        staging.replace(path)
+        save_adapter_state(arrays.to_torch_state_dict(), path)
         return path
 
     def summarise_evaluation(self, replies: Iterable[Message]) -> dict[str, Any]:

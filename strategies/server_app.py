@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedllm.config import ExperimentConfig, dump_config
 from fedllm.federation.experiment import experiment_from_run_config
 from fedllm.models.adapters import adapter_state, load_adapter_state
+from fedllm.models.checkpoints import load_adapter_state_file, save_adapter_directory
 from fedllm.models.loading import load_lora_model
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.plots import plot_run
@@ -89,7 +90,7 @@ def run_federation(
         round_offset=completed,
     )
     if completed:
-        load_adapter_state(model, torch.load(ledger.checkpoint(run_dir.name)))
+        load_adapter_state(model, load_adapter_state_file(Path(ledger.checkpoint(run_dir.name))))
         log.info("run.resumed", run_dir=str(run_dir), after_round=completed)
     arrays = ArrayRecord(adapter_state(model))
     strategy.query_status(grid)
@@ -109,7 +110,7 @@ def run_federation(
             arrays = result.arrays
     load_adapter_state(model, arrays.to_torch_state_dict())
     checkpoint = run_dir / "checkpoint"
-    model.save_pretrained(checkpoint)
+    save_adapter_directory(model, checkpoint)
     rows = report.data["rounds"]
     final = (
         {key: rows[-1][key] for key in ("eval_loss", "perplexity", "perplexity_per_hospital")}

@@ -2,16 +2,19 @@
 optional local adapter of the hospital's own.
 
 Hot reload: the server's final adapter lands in ``runs/<name>/checkpoint/`` (peft
-``save_pretrained``), which is written in place, not atomically. So the weights file is read
-once into memory, hashed and parsed from those bytes (the version always names exactly the
-weights being served), and a half-written or broken adapter is logged and the old one kept; the
-poller retries when the files change again. Every use of the model, and every swap, holds one
-lock: requests see either the old adapter or the new one, never a mix.
+``save_pretrained`` format, each file moved in by one rename, and encrypted at rest when a key
+ring is configured: see fedllm.models.checkpoints). A directory edited by hand can still be
+caught half-written, so the weights file is read once into memory, hashed and parsed from those
+bytes (the version always names exactly the weights being served), and a half-written, broken
+or tampered adapter is logged and the old one kept; the poller retries when the files change.
+Every use of the model, and every swap, holds one lock: requests see either the old adapter or
+the new one, never a mix.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import threading
 from collections.abc import Iterator, Sequence
@@ -27,6 +30,7 @@ from safetensors.torch import load as load_safetensors
 from transformers import PreTrainedModel
 
 from fedllm.config.schema import ModelConfig
+from fedllm.models.checkpoints import read_artifact
 from fedllm.models.loading import load_base_model, load_tokenizer
 from fedllm.serving.backends import Generation
 
@@ -72,12 +76,12 @@ def read_adapter(directory: Path) -> AdapterFiles:
     if weights is None:
         raise AdapterLoadError(f"{directory}: no {' or '.join(ADAPTER_WEIGHTS)}")
     try:
-        raw_config = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        data = weights.read_bytes()
+        raw_config = json.loads(read_artifact(directory / ADAPTER_CONFIG).decode("utf-8"))
+        data = read_artifact(weights)
         if weights.suffix == ".safetensors":
             state = load_safetensors(data)
         else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         config = LoraConfig.from_peft_type(**raw_config)
     except Exception as error:  # any malformed file must keep the old adapter, not crash
         raise AdapterLoadError(f"{directory}: unreadable adapter: {error}") from error
