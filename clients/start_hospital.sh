@@ -14,7 +14,7 @@ venv="${FEDLLM_VENV:-$here/.venv}"
 config="${1:-$here/configs/hospital.yaml}"
 
 if [[ ! -x "$venv/bin/fedllm" ]]; then
-  echo "error: no fedllm in $venv; install it first (python -m venv .venv && .venv/bin/pip install -e .)" >&2
+  echo "error: no fedllm in $venv; run 'make setup' in $here first (or set FEDLLM_VENV)" >&2
   exit 2
 fi
 if [[ ! -f "$config" ]]; then

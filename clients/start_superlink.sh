@@ -16,7 +16,7 @@ credentials="${1:-$here/credentials}"
 shift || true
 
 if [[ ! -x "$venv/bin/fedllm" ]]; then
-  echo "error: no fedllm in $venv; install it first (python -m venv .venv && .venv/bin/pip install -e .)" >&2
+  echo "error: no fedllm in $venv; run 'make setup' in $here first (or set FEDLLM_VENV)" >&2
   exit 2
 fi
 if [[ ! -d "$credentials" ]]; then
