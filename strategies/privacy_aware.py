@@ -357,6 +357,7 @@ class PrivacyAwareStrategy(FedAvg):
         for view in self.views.values():
             if view.name in failed or view.name in lost:
                 events[view.name] = list(view.planned_events)
+                self.report.record_unconfirmed_round(view.name, view.status)
         row["failed"] = sorted(failed)
         row["lost"] = lost
         row["hospital_events"] = events

@@ -206,6 +206,12 @@ def test_lost_hospital_does_not_stall_the_run_and_its_spending_is_mirrored(tmp_p
         assert _dicts(ledger.hospital_events("t", name)) == _dicts(hospital.ledger.events())
     assert len(hospitals["gamma"].ledger.events()) == len(hospitals["gamma"].plan.round_events())
     assert hospitals["gamma"].ledger.rounds_participated() == 1
+    # the report never under-states the lost hospital's ε: it shows its own projection, which
+    # is exactly what its ledger reached by charging the round, and says it is unconfirmed
+    privacy = RunReport.load(tmp_path)["privacy"]["hospitals"]
+    assert privacy["gamma"]["epsilon_confirmed"] is False
+    assert privacy["gamma"]["epsilon"] == pytest.approx(hospitals["gamma"].ledger.spent_epsilon())
+    assert privacy["alpha"]["epsilon_confirmed"] is True
 
 
 def test_round_below_min_cohort_is_skipped_and_keeps_the_model(tmp_path):

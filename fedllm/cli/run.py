@@ -229,17 +229,25 @@ def show_summary(report: dict[str, Any], run_dir: Path) -> None:
         )
         for column in ("hospital", "ε", "cap", "σ", "q", "steps", "rounds"):
             table.add_column(column, justify="right")
+        unconfirmed = False
         for name, state in privacy["hospitals"].items():
+            confirmed = state.get("epsilon_confirmed", True)
+            unconfirmed |= not confirmed
             table.add_row(
                 name,
-                _fmt(state["epsilon"]),
+                _fmt(state["epsilon"]) + ("" if confirmed else " ≤"),
                 _fmt(state["epsilon_cap"]),
                 _fmt(state["noise_multiplier"]),
                 _fmt(state["sample_rate"]),
-                str(state["steps"]),
-                str(state["rounds_participated"]),
+                _count(state["steps"]),
+                _count(state["rounds_participated"]),
             )
         console.print(table)
+        if unconfirmed:
+            console.print(
+                "≤: the hospital's last round was lost or failed; ε is its own projection for "
+                "that round, an upper bound (see docs/report.md)."
+            )
     results = Table(title="Held-out perplexity")
     results.add_column("model")
     results.add_column("perplexity", justify="right")
@@ -290,6 +298,10 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
         return RunReport.load(run_dir)["rounds"]
     except (OSError, ValueError):
         return []
+
+
+def _count(value: int | None) -> str:
+    return "—" if value is None else str(value)
 
 
 def _fmt(value: float | None) -> str:

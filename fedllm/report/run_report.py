@@ -98,7 +98,28 @@ class RunReport:
             "sample_rate": _finite(metrics.get("sample-rate")),
             "steps": int(metrics.get("steps", 0)),
             "rounds_participated": int(metrics.get("rounds-participated", 0)),
+            "epsilon_confirmed": True,
         }
+
+    def record_unconfirmed_round(self, hospital: str, status: dict[str, Any]) -> None:
+        """A hospital sent a round it never confirmed (reply lost or an error).
+
+        It may have charged its ledger and trained, so the ε shown becomes its own projection
+        from the round's status query (ε after one more round): an upper bound until a later
+        reply reports the ledger's actual value.
+        """
+        entry = self.data["privacy"]["hospitals"].setdefault(
+            hospital,
+            {
+                "noise_multiplier": None,
+                "sample_rate": None,
+                "steps": None,
+                "rounds_participated": None,
+            },
+        )
+        entry["epsilon"] = _finite(status.get("epsilon-next"))
+        entry["epsilon_cap"] = _finite(status.get("epsilon-cap"))
+        entry["epsilon_confirmed"] = False
 
     def add_round(self, row: dict[str, Any]) -> None:
         """Append one finished round and persist."""
