@@ -6,6 +6,10 @@ router started with ``fedllm router --config ...`` (users created with ``fedllm 
     FEDLLM_USER=bench FEDLLM_PASSWORD=... locust -f benchmarks/locustfile.py \\
         --host https://127.0.0.1:8443 --users 50 --spawn-rate 10 --run-time 1m --headless
 
+All simulated users share that one account, so the router's per-user rate limit
+(``rate_limit`` in router.yaml, 20 req/s by default) answers the excess with 429: raise it for
+a load test of the router itself.
+
 ``FEDLLM_CA`` names the CA file that verifies the router's certificate (default: system CAs);
 ``FEDLLM_CONSENSUS_SHARE`` (0..1, default 0) sends that share of requests as consensus
 answers, which spend the user's ε quota.
