@@ -22,7 +22,6 @@ import asyncio
 import os
 import platform
 import shutil
-import signal
 import socket
 import ssl
 import statistics
@@ -37,6 +36,7 @@ from typing import Any
 import httpx
 import yaml
 
+from fedllm.federation.launcher import stop_process_tree
 from fedllm.security.certs import init_credentials
 from fedllm.security.users import Role, UserStore
 from fedllm.serving.router.http_client import NodeClient
@@ -80,16 +80,6 @@ def wait_ready(url: str, verify: Any, process: subprocess.Popen, log: Path) -> N
             pass
         time.sleep(0.2)
     raise SystemExit(f"{url} did not come up:\n{log.read_text()}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def setup(work: Path, tls: bool, nodes: int) -> tuple[list[dict], dict, Any]:
@@ -281,7 +271,7 @@ def main() -> None:
         )
     finally:
         for process in reversed(processes):
-            stop(process)
+            stop_process_tree(process)
     report(args, latencies, direct_rps, routed_rps, consensus)
     shutil.rmtree(work, ignore_errors=True)
 

@@ -27,13 +27,12 @@ from fedllm.federation.flower_cli import (
     register_supernode,
     write_flower_connection,
 )
-from fedllm.federation.launcher import stop_process_tree
+from fedllm.federation.launcher import FederationError, stop_process_tree, wait_until_healthy
 from fedllm.federation.processes import (
     log_tail,
     sigterm_as_interrupt,
     start_process,
     wait_for_first_exit,
-    wait_until_healthy,
 )
 from fedllm.security.certs import Credentials, CredentialsError, load_credentials
 
@@ -124,7 +123,8 @@ def start_command(
             log_path,
         )
         try:
-            wait_until_healthy(process, address, creds.ca_cert if creds else None, log_path)
+            scheme, verify = ("http", False) if creds is None else ("https", str(creds.ca_cert))
+            wait_until_healthy(process, f"{scheme}://{address}/health", log_path, verify=verify)
             if creds is not None:
                 names = hospital or sorted(creds.supernode_keys)
                 outcome = _register_all(creds, names, state_dir / "operator-flwr", address)
@@ -144,7 +144,7 @@ def start_command(
                 markup=False,
             )
             _, code = wait_for_first_exit({"superlink": process})
-        except DeploymentError as error:
+        except FederationError as error:
             fail(f"{error}\n{log_tail(log_path)}")
         except KeyboardInterrupt:
             console.print("stopping ...")

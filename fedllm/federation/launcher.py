@@ -98,7 +98,7 @@ def local_superlink(flwr_home: Path, log_path: Path) -> Iterator[str]:
             start_new_session=True,
         )
     try:
-        _wait_until_healthy(process, port, log_path)
+        wait_until_healthy(process, f"http://127.0.0.1:{port}/health", log_path)
         yield address
     finally:
         stop_process_tree(process)
@@ -166,17 +166,29 @@ def stop_process_tree(process: subprocess.Popen[bytes], grace_s: float = 10.0) -
     process.wait()
 
 
-def _wait_until_healthy(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+def wait_until_healthy(
+    process: subprocess.Popen[bytes],
+    url: str,
+    log_path: Path,
+    *,
+    verify: bool | str = True,
+    timeout_s: float = STARTUP_TIMEOUT_S,
+) -> None:
+    """Poll a SuperLink's ``/health`` at ``url`` until it answers.
+
+    ``verify`` is httpx's: the consortium CA file for a TLS SuperLink. Raises FederationError
+    naming the log if the process exits first or the SuperLink never answers.
+    """
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise FederationError(
                 f"flower-superlink exited with code {process.returncode}; see {log_path}"
             )
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).is_success:
+            if httpx.get(url, verify=verify, timeout=1.0).is_success:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise FederationError(f"flower-superlink did not become healthy; see {log_path}")
+    raise FederationError(f"flower-superlink did not become healthy at {url}; see {log_path}")

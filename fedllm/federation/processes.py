@@ -15,36 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
-from fedllm.federation.deployment import DeploymentError
 from fedllm.federation.launcher import flower_environment
-
-STARTUP_TIMEOUT_S = 60.0
-
-
-def wait_until_healthy(
-    process: subprocess.Popen[bytes],
-    address: str,
-    ca_cert: Path | None,
-    log_path: Path,
-    timeout_s: float = STARTUP_TIMEOUT_S,
-) -> None:
-    """Poll the SuperLink's ``/health`` over HTTPS (verified against the CA) until it answers."""
-    scheme, verify = ("http", False) if ca_cert is None else ("https", str(ca_cert))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise DeploymentError(
-                f"flower-superlink exited with code {process.returncode}; see {log_path}"
-            )
-        try:
-            if httpx.get(f"{scheme}://{address}/health", verify=verify, timeout=1.0).is_success:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise DeploymentError(f"flower-superlink did not become healthy on {address}; see {log_path}")
 
 
 def start_process(
