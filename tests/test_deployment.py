@@ -229,10 +229,15 @@ def test_deployed_run_finishes_with_every_hospital_within_its_cap(federation, fi
         assert row["skipped"] is False
         assert row["perplexity"] > 1.0
     reported = report["privacy"]["hospitals"]
-    assert set(reported) == set(HOSPITALS) - set(first["lost"])  # what replies reported
+    assert set(reported) == set(HOSPITALS)
     for name, state in reported.items():
         assert state["epsilon_cap"] == HOSPITALS[name]  # the cap from its hospital.yaml
         assert 0 < state["epsilon"] <= HOSPITALS[name]
+        # a lost hospital's ε is its own projection for the round it charged: unconfirmed,
+        # and equal to what its ledger reached
+        assert state["epsilon_confirmed"] is (name not in first["lost"])
+        if name in first["lost"]:
+            assert federation.ledger(name).spent_epsilon() == pytest.approx(state["epsilon"])
     for name in ("north", "south"):
         state = report["privacy"]["hospitals"][name]
         assert state["rounds_participated"] == 2
