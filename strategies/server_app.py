@@ -111,6 +111,11 @@ def run_federation(
     load_adapter_state(model, arrays.to_torch_state_dict())
     checkpoint = run_dir / "checkpoint"
     save_adapter_directory(model, checkpoint)
+    published = None
+    if config.run.publish_adapter_dir:
+        published = run_dir.parent / config.run.publish_adapter_dir
+        save_adapter_directory(model, published)
+        log.info("adapter.published", path=str(published))
     rows = report.data["rounds"]
     final = (
         {key: rows[-1][key] for key in ("eval_loss", "perplexity", "perplexity_per_hospital")}
@@ -121,6 +126,7 @@ def run_federation(
         "completed",
         final=final,
         checkpoint=str(checkpoint.relative_to(run_dir)),
+        published_adapter=None if published is None else str(published),
         timing={
             "rounds_s": round(sum(row["duration_s"] for row in rows), 3),
             "hospital_train_s": round(sum(sum(row["train_seconds"].values()) for row in rows), 3),

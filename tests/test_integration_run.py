@@ -31,7 +31,8 @@ CONFIG = {
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("integration")
-    run_dir, report = run_experiment(root, CONFIG)
+    config = {**CONFIG, "run": {**CONFIG["run"], "publish_adapter_dir": "published"}}
+    run_dir, report = run_experiment(root, config)
     return run_dir, report, root
 
 
@@ -71,6 +72,12 @@ def test_outputs_baseline_and_checkpoint(finished_run):
     assert (run_dir / "perplexity.png").stat().st_size > 1000
     assert (run_dir / "epsilon.png").stat().st_size > 1000
     assert (run_dir / "checkpoint" / "adapter_config.json").is_file()
+    # the final adapter is also published where inference servers watch, byte for byte
+    published = run_dir.parent / "published"
+    saved = json.loads((run_dir / "report.json").read_text())
+    assert saved["published_adapter"] == str(published)
+    for file in (run_dir / "checkpoint").iterdir():
+        assert (published / file.name).read_bytes() == file.read_bytes()
     assert report["baselines"]["centralized"]["perplexity"] > 1.0
     assert report["comparison"]["perplexity_over_centralized"] > 0
     assert report["initial"]["perplexity"] > report["final"]["perplexity"]

@@ -402,7 +402,7 @@ def test_node_config_errors_name_key_and_value(tmp_path):
             {"node_id": "n", "hospital_id": "h", "tls": {"cert_file": "a", "key_file": "b"}}
         )
     example = load_node_config(Path(__file__).parents[1] / "configs" / "node.yaml")
-    assert example.adapter_dir == Path("runs/quickstart/checkpoint")
+    assert example.adapter_dir == Path("runs/published-adapter")
     assert example.ledger is not None
 
 

@@ -23,12 +23,19 @@ class StrictModel(BaseModel):
 
 
 class RunConfig(StrictModel):
-    """Identity of an experiment and where its outputs go (``<output_dir>/<name>/``)."""
+    """Identity of an experiment and where its outputs go (``<output_dir>/<name>/``).
+
+    ``publish_adapter_dir`` is a stable place (relative to ``output_dir`` unless absolute) where
+    every completed run also writes its final adapter, so hospital inference servers watching
+    it serve each new federated model without a restart, while run directories are never
+    overwritten.
+    """
 
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = 7
     rounds: PositiveInt = 3
     output_dir: str = "runs"
+    publish_adapter_dir: str | None = None
 
 
 class HospitalProfile(StrictModel):

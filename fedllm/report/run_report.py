@@ -64,6 +64,7 @@ class RunReport:
             "final": None,
             "timing": None,
             "checkpoint": None,
+            "published_adapter": None,
             "baselines": {},
         }
 
