@@ -99,7 +99,6 @@ def setup(work: Path, tls: bool, nodes: int) -> tuple[list[dict], dict, Any]:
             }
         )
     creds = init_credentials(work / "credentials", hospitals=["bench"])
-    (work / "audit.key").write_text(os.urandom(32).hex())
     database = f"sqlite:///{work / 'router.db'}"
     store = UserStore(database)
     store.add_user("bench", PASSWORD, Role.CLINICIAN, "cardiology")
@@ -116,7 +115,7 @@ def setup(work: Path, tls: bool, nodes: int) -> tuple[list[dict], dict, Any]:
         "routing": {"policy": "least-busy"},
         "cache": {"max_entries": 0},
         "consensus": {"vote_noise_std": 40.0, "top_k": 4, "min_nodes": min(2, nodes)},
-        "audit": {"path": str(work / "audit.jsonl"), "redaction_key_file": str(work / "audit.key")},
+        "audit": {"path": str(work / "audit.jsonl"), "redaction_key_file": str(creds.audit_key)},
     }
     verify: Any = True
     if tls:

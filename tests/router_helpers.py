@@ -3,7 +3,6 @@ TLS router, each served by uvicorn on loopback; plus keys, certificates and user
 
 from __future__ import annotations
 
-import os
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,35 +55,22 @@ def node_ledger(directory: Path, node_id: str, cap: float = 1000.0) -> NodePriva
 class Credentials:
     directory: Path
     consortium: ConsortiumCredentials
-    signing_key: Path
-    redaction_key: Path
     database: str
     client_ssl: ssl.SSLContext = field(init=False)
 
     def __post_init__(self) -> None:
         self.client_ssl = ssl.create_default_context(cafile=str(self.consortium.ca_cert))
 
-    @property
-    def cert(self) -> Path:
-        return self.consortium.router_cert
-
-    @property
-    def key(self) -> Path:
-        return self.consortium.router_key
-
 
 def make_credentials(directory: Path, users: dict[str, tuple[Role, str]]) -> Credentials:
-    """The consortium's credentials (`fedllm certs init`), a redaction key and `users`."""
+    """The consortium's credentials (`fedllm certs init`) and a user database with `users`."""
     consortium = init_credentials(directory / "credentials", hospitals=["secure"])
-    signing = consortium.jwt_private_key
-    redaction = directory / "audit.key"
-    redaction.write_text(os.urandom(32).hex())
     database = f"sqlite:///{directory / 'router.db'}"
     store = UserStore(database)
     for username, (role, department) in users.items():
         store.add_user(username, PASSWORD, role, department)
     store.close()
-    return Credentials(directory, consortium, signing, redaction, database)
+    return Credentials(directory, consortium, database)
 
 
 def router_config(
@@ -93,9 +79,15 @@ def router_config(
     """A TLS router over `nodes` ((node_id, url)); `sections` override config sections."""
     raw: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0},
-        "tls": {"cert_file": str(creds.cert), "key_file": str(creds.key)},
+        "tls": {
+            "cert_file": str(creds.consortium.router_cert),
+            "key_file": str(creds.consortium.router_key),
+        },
         "database": {"url": creds.database},
-        "auth": {"signing_key_file": str(creds.signing_key), "max_failed_logins": 3},
+        "auth": {
+            "signing_key_file": str(creds.consortium.jwt_private_key),
+            "max_failed_logins": 3,
+        },
         "rate_limit": {
             "requests_per_s": 10_000,
             "burst": 10_000,
@@ -108,7 +100,7 @@ def router_config(
         "consensus": {"vote_noise_std": NOISE_STD, "top_k": 4, "min_nodes": 2},
         "audit": {
             "path": str(creds.directory / "audit.jsonl"),
-            "redaction_key_file": str(creds.redaction_key),
+            "redaction_key_file": str(creds.consortium.audit_key),
         },
     }
     for section, value in sections.items():
@@ -122,7 +114,9 @@ def router_config(
 def start_router(config: RouterConfig, creds: Credentials) -> BackgroundServer:
     """The router app served with TLS on a free port (entered; call .stop())."""
     server = BackgroundServer(
-        create_router_app(config), ssl_certfile=str(creds.cert), ssl_keyfile=str(creds.key)
+        create_router_app(config),
+        ssl_certfile=str(creds.consortium.router_cert),
+        ssl_keyfile=str(creds.consortium.router_key),
     )
     return server.__enter__()
 

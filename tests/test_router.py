@@ -200,17 +200,20 @@ def _unsigned_token() -> str:
 
 def test_bad_tokens_are_refused(cluster):
     client, creds = cluster["client"], cluster["creds"]
-    router_key = serialization.load_pem_private_key(creds.signing_key.read_bytes(), None)
-    real = TokenIssuer(creds.signing_key.read_bytes(), issuer="fedllm-router", audience="fedllm")
+    signing_pem = creds.consortium.jwt_private_key.read_bytes()
+    router_key = serialization.load_pem_private_key(signing_pem, None)
+    real = TokenIssuer(signing_pem, issuer="fedllm-router", audience="fedllm")
     user = User("alice", Role.CLINICIAN, "cardiology")
     expired = TokenIssuer(
-        creds.signing_key.read_bytes(),
+        signing_pem,
         issuer="fedllm-router",
         audience="fedllm",
         clock=lambda: time.time() - 3600,
     ).issue(user)
     wrong_audience = TokenIssuer(
-        creds.signing_key.read_bytes(), issuer="fedllm-router", audience="other-service"
+        signing_pem,
+        issuer="fedllm-router",
+        audience="other-service",
     ).issue(user)
     cases = {
         "forged": (_token({}), "bad signature"),

@@ -47,7 +47,7 @@ def read_artifact(path: Path, keyring: KeyRing | None = None) -> bytes:
             raise EncryptionError(
                 f"{path} is encrypted; set FEDLLM_ENCRYPTION_KEYS or FEDLLM_ENCRYPTION_KEY_FILE"
             )
-        return decrypt_file(path, ring)
+        return decrypt_file(path, ring, contents=data)
     if ring is not None:
         raise IntegrityError(f"{path}: plaintext file where an encrypted one was expected")
     return data

@@ -302,10 +302,15 @@ def write_encrypted(path: Path, data: bytes, keyring: KeyRing, *, name: str | No
     write_atomic(path, blob, mode=0o600)
 
 
-def decrypt_file(path: Path, keyring: KeyRing, *, name: str | None = None) -> bytes:
-    """The plaintext of an encrypted file, authenticated against its logical name."""
+def decrypt_file(
+    path: Path, keyring: KeyRing, *, name: str | None = None, contents: bytes | None = None
+) -> bytes:
+    """The plaintext of an encrypted file, authenticated against its logical name.
+
+    ``contents`` are the file's bytes when the caller has already read them (one read only).
+    """
     path = Path(path)
-    blob = _read(path)
+    blob = _read(path) if contents is None else contents
     if not is_encrypted(blob):
         raise IntegrityError(f"{path} is not a fedllm-encrypted file")
     try:

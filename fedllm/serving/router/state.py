@@ -7,7 +7,6 @@ database URL, audit log already open elsewhere) surfaces before the server start
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,10 @@ from fedllm.config.loading import ConfigError
 from fedllm.privacy.consensus import ConsensusMechanism
 from fedllm.security.audit import AuditLog, AuditLogError
 from fedllm.security.ratelimit import RateLimiter
-from fedllm.security.tokens import KeyLoadError
+from fedllm.security.tokens import KeyLoadError, read_key_source
 from fedllm.security.users import UserStore
 from fedllm.serving.budgets import BudgetLedger, BudgetStatus
-from fedllm.serving.router.auth import RouterTokens
+from fedllm.serving.router.auth import RouterTokens, key_source
 from fedllm.serving.router.cache import ResponseCache
 from fedllm.serving.router.config import AuditConfig, RouterConfig
 from fedllm.serving.router.consensus import ConsensusSettings
@@ -36,21 +35,11 @@ BUDGET_VIEW_SIZE = 10_000
 
 def read_redaction_key(config: AuditConfig) -> bytes:
     """The audit log's HMAC key from its file or environment variable (never from the YAML)."""
-    if config.redaction_key_env is not None:
-        value = os.environ.get(config.redaction_key_env, "")
-        if not value:
-            raise ConfigError(
-                f"audit.redaction_key_env: environment variable {config.redaction_key_env} "
-                "is not set"
-            )
-        return value.strip().encode()
-    assert config.redaction_key_file is not None
+    source = key_source(config.redaction_key_file, config.redaction_key_env)
     try:
-        return Path(config.redaction_key_file).read_bytes().strip()
-    except OSError as error:
-        raise ConfigError(
-            f"audit.redaction_key_file: cannot read {config.redaction_key_file}: {error.strerror}"
-        ) from None
+        return read_key_source(source).strip()
+    except KeyLoadError as error:
+        raise ConfigError(f"audit: {error}") from None
 
 
 @dataclass
