@@ -15,11 +15,18 @@ import structlog
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from peft import PeftModel
 
 from fedllm.config import ExperimentConfig, dump_config
 from fedllm.federation.experiment import experiment_from_run_config
 from fedllm.models.adapters import adapter_state, load_adapter_state
-from fedllm.models.checkpoints import load_adapter_state_file, save_adapter_directory
+from fedllm.models.checkpoints import (
+    PublicationRefusedError,
+    load_adapter_state_file,
+    publish_adapter,
+    save_adapter_directory,
+)
+from fedllm.models.dp_record import DPRecordError
 from fedllm.models.loading import load_lora_model
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.plots import plot_run
@@ -111,11 +118,7 @@ def run_federation(
     load_adapter_state(model, arrays.to_torch_state_dict())
     checkpoint = run_dir / "checkpoint"
     save_adapter_directory(model, checkpoint)
-    published = None
-    if config.run.publish_adapter_dir:
-        published = run_dir.parent / config.run.publish_adapter_dir
-        save_adapter_directory(model, published)
-        log.info("adapter.published", path=str(published))
+    published = publish_final_adapter(model, config, run_dir, report)
     rows = report.data["rounds"]
     final = (
         {key: rows[-1][key] for key in ("eval_loss", "perplexity", "perplexity_per_hospital")}
@@ -129,7 +132,44 @@ def run_federation(
         published_adapter=None if published is None else str(published),
         timing={
             "rounds_s": round(sum(row["duration_s"] for row in rows), 3),
-            "hospital_train_s": round(sum(sum(row["train_seconds"].values()) for row in rows), 3),
         },
     )
     log.info("run.completed", run_dir=str(run_dir), final=final)
+
+
+def publish_final_adapter(
+    model: PeftModel, config: ExperimentConfig, run_dir: Path, report: RunReport
+) -> Path | None:
+    """Publish the final adapter to ``run.publish_adapter_dir`` if this run may; its path or None.
+
+    Servers answer from the published adapter as 0 ε post-processing: only a DP run may
+    publish, and it publishes its guarantee (dp-record.json, from the report's privacy section)
+    alongside the weights. A refusal is a log line, never a failed run: the run's own
+    ``checkpoint/`` is already written.
+    """
+    if not config.run.publish_adapter_dir:
+        return None
+    target = run_dir.parent / config.run.publish_adapter_dir
+    try:
+        record = publish_adapter(
+            model,
+            target,
+            run_id=run_dir.name,
+            privacy=report.data["privacy"],
+            model_config=config.model,
+            seed=config.run.seed,
+        )
+    except PublicationRefusedError as refusal:  # a non-DP run (e.g. federated_no_dp)
+        log.warning("adapter.not_published", path=str(target), reason=str(refusal))
+        return None
+    except DPRecordError as error:  # the report cannot vouch for the adapter: keep it back
+        log.error("adapter.not_published", path=str(target), reason=str(error))
+        return None
+    if record.neighbouring is None:
+        log.warning(
+            "adapter.dp_record_incomplete",
+            path=str(target),
+            detail="the report states no neighbouring relation; recorded as null",
+        )
+    log.info("adapter.published", path=str(target), dp_record=record.summary())
+    return target

@@ -57,3 +57,18 @@ def run_experiment(root: Path, config: dict[str, Any]) -> tuple[Path, dict[str, 
     result = run_cli(root, "run", str(config_file), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "runs" / config["run"]["name"], json.loads(result.stdout)
+
+
+def randomised_lora_model(model_config, seed: int):
+    """A LoRA model whose adapter weights are random (not the all-zero B of a fresh adapter),
+    so that saving, publishing and loading it can be told apart from a fresh one."""
+    import torch
+
+    from fedllm.models.loading import load_lora_model
+
+    model = load_lora_model(model_config, torch.device("cpu"), seed=seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn_like(parameter))
+    return model

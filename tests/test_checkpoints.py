@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from federation_helpers import TINY_TEST_MODEL
+from federation_helpers import TINY_TEST_MODEL, randomised_lora_model
 from peft import get_peft_model_state_dict
 
 from fedllm.config.schema import ModelConfig
@@ -16,7 +16,6 @@ from fedllm.models.checkpoints import (
     save_adapter_directory,
     save_adapter_state,
 )
-from fedllm.models.loading import load_lora_model
 from fedllm.security.encryption import ENV_VAR, EncryptionError, IntegrityError, KeyRing
 from fedllm.serving.generation import AdapterLoadError, read_adapter
 
@@ -25,12 +24,7 @@ MODEL = ModelConfig.model_validate({**TINY_TEST_MODEL, "lora": {"r": 2, "alpha":
 
 @pytest.fixture(scope="module")
 def lora_model():
-    model = load_lora_model(MODEL, torch.device("cpu"), seed=1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn_like(parameter))
-    return model
+    return randomised_lora_model(MODEL, seed=1)
 
 
 @pytest.fixture

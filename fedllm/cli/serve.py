@@ -52,7 +52,11 @@ def _announce(node: NodeServerConfig) -> None:
     elif node.adapter_dir is None:
         adapter = "none (base model only)"
     else:
-        adapter = str(node.adapter_dir)
+        adapter = str(node.adapter_dir) + (
+            " (allow_non_dp_adapters: adapters WITHOUT a DP record are served too)"
+            if node.allow_non_dp_adapters
+            else " (DP-recorded adapters only)"
+        )
     consensus = "on" if node.ledger is not None else "off (no privacy ledger configured)"
     console.print(
         f"[bold]fedllm node[/] {node.node_id} (hospital {node.hospital_id}) listening on "

@@ -6,18 +6,33 @@ serve). With ``FEDLLM_ENCRYPTION_KEYS`` or ``FEDLLM_ENCRYPTION_KEY_FILE`` set, e
 these files is written as ciphertext bound to its file name, and reading refuses a file that
 was altered, swapped with another, or replaced by plaintext. Without a key ring they are plain
 files, as before.
+
+Only DP-trained adapters are published for inference servers (`publish_adapter`): the
+published directory also holds ``dp-record.json`` (see fedllm.models.dp_record), encrypted like
+the rest, which the servers check before serving the adapter.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
 
+from fedllm.config.schema import ModelConfig
+from fedllm.models.dp_record import (
+    DP_RECORD_FILE,
+    DPRecord,
+    DPRecordError,
+    publication_refusal,
+    record_from_report,
+)
 from fedllm.security.encryption import (
     EncryptionError,
     IntegrityError,
@@ -26,10 +41,18 @@ from fedllm.security.encryption import (
     environment_keyring,
     is_encrypted,
     save_torch_encrypted,
+    write_atomic,
     write_encrypted,
 )
 
 STAGING_SUFFIX = ".staging"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+Sidecars = Callable[[str], Mapping[str, bytes]]
+
+
+class PublicationRefusedError(DPRecordError):
+    """The adapter may not be published: it was not trained with DP."""
 
 
 def read_artifact(path: Path, keyring: KeyRing | None = None) -> bytes:
@@ -70,25 +93,90 @@ def load_adapter_state_file(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(io.BytesIO(read_artifact(path)), map_location="cpu", weights_only=True)
 
 
-def save_adapter_directory(model: PeftModel, directory: Path) -> None:
-    """Write the peft adapter directory that inference servers hot-reload.
+def write_artifact(path: Path, data: bytes) -> None:
+    """Write one file atomically, encrypted when a key ring is configured (as `read_artifact`
+    expects: with a key ring, plaintext is refused)."""
+    path = Path(path)
+    ring = environment_keyring()
+    if ring is not None:
+        write_encrypted(path, data, ring)
+    else:
+        write_atomic(path, data, mode=0o644)
 
-    peft writes into a staging directory next to the target; with a key ring every file is
+
+def save_adapter_directory(
+    model: PeftModel, directory: Path, sidecars: Sidecars | None = None
+) -> str:
+    """Write the peft adapter directory that inference servers hot-reload; returns the SHA-256
+    of the weights file's plaintext (what servers hash into ``model_version``).
+
+    peft writes into a staging directory next to the target; ``sidecars`` (given that hash)
+    adds files that describe those exact weights (the DP record); with a key ring every file is
     then encrypted in place there; finally the files are moved into ``directory`` one rename
-    each, so a server polling it never reads a half-written weights file.
+    each, sidecars first, so a server polling it never reads a half-written file and never sees
+    new weights before their description.
     """
     directory = Path(directory)
     staging = directory.with_name(directory.name + STAGING_SUFFIX)
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    ring = environment_keyring()
-    files = sorted(p for p in staging.rglob("*") if p.is_file())
-    if ring is not None:
+    try:
+        model.save_pretrained(staging)
+        weights = next((staging / n for n in ADAPTER_WEIGHTS if (staging / n).is_file()), None)
+        if weights is None:
+            raise FileNotFoundError(f"peft wrote no {' or '.join(ADAPTER_WEIGHTS)} in {staging}")
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        extra = dict(sidecars(digest)) if sidecars is not None else {}
+        for name, data in extra.items():
+            (staging / name).write_bytes(data)
+        ring = environment_keyring()
+        files = sorted(
+            (p for p in staging.rglob("*") if p.is_file()),
+            key=lambda p: (p.name not in extra, p),
+        )
+        if ring is not None:
+            for file in files:
+                write_encrypted(file, file.read_bytes(), ring)
+        directory.mkdir(parents=True, exist_ok=True)
         for file in files:
-            write_encrypted(file, file.read_bytes(), ring)
-    directory.mkdir(parents=True, exist_ok=True)
-    for file in files:
-        target = directory / file.relative_to(staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(file, target)
-    shutil.rmtree(staging, ignore_errors=True)
+            target = directory / file.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return digest
+
+
+def publish_adapter(
+    model: PeftModel,
+    directory: Path,
+    *,
+    run_id: str,
+    privacy: Mapping[str, Any],
+    model_config: ModelConfig,
+    seed: int,
+) -> DPRecord:
+    """Publish a DP-trained adapter where inference servers watch, with its ``dp-record.json``.
+
+    ``privacy`` is the run report's privacy section; ``model_config`` and ``seed`` are what the
+    run built its base model from. This is the only way fedllm publishes an
+    adapter, and it refuses (`PublicationRefusedError`, nothing written) a run without DP: a
+    non-DP adapter in the published directory would be served as a 0 ε answer.
+    """
+    refusal = publication_refusal(privacy)
+    if refusal is not None:
+        raise PublicationRefusedError(refusal)
+    written: list[DPRecord] = []
+
+    def describe(digest: str) -> dict[str, bytes]:
+        record = record_from_report(
+            run_id=run_id,
+            privacy=privacy,
+            model=model_config,
+            seed=seed,
+            adapter_sha256=digest,
+        )
+        written.append(record)
+        return {DP_RECORD_FILE: record.to_bytes()}
+
+    save_adapter_directory(model, directory, sidecars=describe)
+    return written[0]

@@ -7,6 +7,10 @@ ring is configured: see fedllm.models.checkpoints). A directory edited by hand c
 caught half-written, so the weights file is read once into memory, hashed and parsed from those
 bytes (the version always names exactly the weights being served), and a half-written, broken
 or tampered adapter is logged and the old one kept; the poller retries when the files change.
+The same path refuses an adapter without a valid DP record (``dp-record.json``, bound to the
+weights by their hash; see fedllm.models.dp_record): answers are presented as 0 ε
+post-processing of a DP release, which only a DP-trained adapter is. ``allow_non_dp_adapters``
+lifts that rule for an operator who knowingly serves a non-DP adapter.
 Every use of the model, and every swap, holds one lock: requests see either the old adapter or
 the new one, never a mix.
 """
@@ -30,14 +34,20 @@ from safetensors.torch import load as load_safetensors
 from transformers import PreTrainedModel
 
 from fedllm.config.schema import ModelConfig
-from fedllm.models.checkpoints import read_artifact
+from fedllm.models.checkpoints import ADAPTER_WEIGHTS, read_artifact
+from fedllm.models.dp_record import (
+    DP_RECORD_FILE,
+    DPRecord,
+    DPRecordError,
+    base_model_identity,
+    parse_dp_record,
+)
 from fedllm.models.loading import load_base_model, load_tokenizer
 from fedllm.serving.backends import Generation
 
 log = structlog.get_logger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 LOCAL_ADAPTER = "local"
 BASE_VERSION = "base"
 VERSION_CHARS = 12
@@ -56,12 +66,28 @@ class AdapterFiles:
     config: LoraConfig
     state: dict[str, torch.Tensor]
     version: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """The global adapter being served and the DP record it was accepted with.
+
+    One object, replaced whole, so a health probe never pairs one version with another's record.
+    ``dp_record`` is None only when ``allow_non_dp_adapters`` let an unrecorded adapter in.
+    """
+
+    version: str
+    dp_record: DPRecord | None
 
 
 def adapter_signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
-    """Cheap change detector: (name, size, mtime_ns) of the adapter's files that exist."""
+    """Cheap change detector: (name, size, mtime_ns) of the adapter's files that exist.
+
+    The DP record counts: a record arriving after its weights must trigger a retry.
+    """
     signature = []
-    for name in (ADAPTER_CONFIG, *ADAPTER_WEIGHTS):
+    for name in (ADAPTER_CONFIG, *ADAPTER_WEIGHTS, DP_RECORD_FILE):
         try:
             stat = (directory / name).stat()
         except OSError:
@@ -88,8 +114,29 @@ def read_adapter(directory: Path) -> AdapterFiles:
     if not isinstance(config, LoraConfig):
         raise AdapterLoadError(f"{directory}: not a LoRA adapter ({raw_config.get('peft_type')})")
     config.inference_mode = True
-    version = hashlib.sha256(data).hexdigest()[:VERSION_CHARS]
-    return AdapterFiles(config=config, state=state, version=version)
+    digest = hashlib.sha256(data).hexdigest()
+    return AdapterFiles(config=config, state=state, version=digest[:VERSION_CHARS], sha256=digest)
+
+
+def read_dp_record(directory: Path, files: AdapterFiles) -> DPRecord:
+    """The DP record that makes ``files`` (read from ``directory``) servable.
+
+    Raises `DPRecordError` with the reason when there is none, it cannot be read (including a
+    plaintext record where a key ring expects ciphertext), it is invalid, it says privacy was
+    disabled, or it describes other weights.
+    """
+    path = directory / DP_RECORD_FILE
+    if not path.is_file():
+        raise DPRecordError(f"{directory}: no {DP_RECORD_FILE} (not a published DP adapter)")
+    try:
+        data = read_artifact(path)
+    except Exception as error:  # encrypted without keys, tampered, unreadable: all refusals
+        raise DPRecordError(f"{path}: unreadable DP record: {error}") from error
+    record = parse_dp_record(data)
+    reason = record.refusal(files.sha256)
+    if reason is not None:
+        raise DPRecordError(reason)
+    return record
 
 
 def pick_device(name: str) -> torch.device:
@@ -118,6 +165,7 @@ class ModelBackend:
         reload_interval_s: float = 5.0,
         device: str = "auto",
         seed: int = 0,
+        allow_non_dp_adapters: bool = False,
     ) -> None:
         self._lock = threading.RLock()
         self._reload_lock = threading.Lock()
@@ -127,7 +175,11 @@ class ModelBackend:
         self._model.eval()
         self._max_positions = _max_positions(self._model)
         self._model_name = model_config.name
+        self._base_identity = base_model_identity(model_config, seed)
+        self._allow_non_dp = allow_non_dp_adapters
         self._global: str | None = None
+        self.served: ServedAdapter | None = None
+        self.adapter_issue: str | None = None
         self._has_local = False
         self.model_version = BASE_VERSION
         self.eos_token_id = int(self._tokenizer.eos_token_id)
@@ -140,9 +192,16 @@ class ModelBackend:
             self._install(LOCAL_ADAPTER, read_adapter(local_adapter))
             self._has_local = True
             log.info("node.local_adapter_loaded", path=str(local_adapter))
+        if allow_non_dp_adapters:
+            log.warning(
+                "node.non_dp_adapters_allowed",
+                detail="allow_non_dp_adapters is set: an adapter without a valid DP record "
+                "will be served, and its answers carry no DP guarantee",
+            )
         if adapter_dir is None:
             log.warning("node.no_global_adapter", detail="serving the base model only")
             return
+        self.adapter_issue = f"no adapter in {adapter_dir} yet"
         self.check_for_update()
         if self._global is None:
             log.warning("node.global_adapter_missing", path=str(adapter_dir))
@@ -193,8 +252,15 @@ class ModelBackend:
             files = read_adapter(adapter_dir)
         except AdapterLoadError as error:
             log.error("node.adapter_reload_failed", error=str(error), kept=self.model_version)
+            self.adapter_issue = f"adapter not loaded: {error}"
             return False
-        if files.version == self.model_version:
+        record = self._check_dp_record(adapter_dir, files)
+        if record is None and not self._allow_non_dp:
+            return False
+        if files.version == self.model_version:  # same weights (e.g. only the record changed)
+            self.served = ServedAdapter(files.version, record)
+            if record is not None:
+                self.adapter_issue = None
             return False
         trained_on = files.config.base_model_name_or_path
         if trained_on and trained_on != self._model_name:
@@ -210,11 +276,52 @@ class ModelBackend:
                     self._peft().set_adapter(name)
                     self._peft().delete_adapter(previous)
                 self.model_version = files.version
+                self.served = ServedAdapter(files.version, record)
         except AdapterLoadError as error:
             log.error("node.adapter_reload_failed", error=str(error), kept=self.model_version)
+            self.adapter_issue = f"adapter not loaded: {error}"
             return False
-        log.info("node.adapter_loaded", version=files.version, path=str(adapter_dir))
+        if record is not None:
+            self.adapter_issue = None
+        log.info(
+            "node.adapter_loaded",
+            version=files.version,
+            path=str(adapter_dir),
+            dp_record=None if record is None else record.summary(),
+        )
         return True
+
+    def _check_dp_record(self, adapter_dir: Path, files: AdapterFiles) -> DPRecord | None:
+        """The adapter's valid DP record, or None after logging why there is none.
+
+        Without ``allow_non_dp_adapters`` None means refused (``adapter.refused``), and the
+        adapter being served, or the base model, stays.
+        """
+        try:
+            record = read_dp_record(adapter_dir, files)
+        except DPRecordError as error:
+            if self._allow_non_dp:
+                log.warning("adapter.served_without_dp_record", reason=str(error))
+                self.adapter_issue = (
+                    f"serving {files.version} without a valid DP record "
+                    f"(allow_non_dp_adapters): {error}"
+                )
+            else:
+                log.error(
+                    "adapter.refused",
+                    reason=str(error),
+                    version=files.version,
+                    kept=self.model_version,
+                )
+                self.adapter_issue = f"adapter {files.version} refused: {error}"
+            return None
+        if record.base_model != self._base_identity:
+            log.warning(
+                "node.adapter_base_mismatch",
+                adapter_base=record.base_model,
+                base=self._base_identity,
+            )
+        return record
 
     def _peft(self) -> PeftModel:
         if not isinstance(self._model, PeftModel):

@@ -64,6 +64,9 @@ class NodeServerConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
     adapter_dir: Path | None = None
+    # Serve a global adapter without a valid DP record: its answers then carry no DP guarantee,
+    # so this is off unless an operator explicitly turns it on (warned at start-up).
+    allow_non_dp_adapters: bool = False
     local_adapter: Path | None = None
     reload_interval_s: PositiveFloat = 5.0
     specialisations: list[str] = Field(default_factory=list)

@@ -14,7 +14,7 @@ their defaults keep working. fedllm's own models forbid unknown keys.
 from __future__ import annotations
 
 import unicodedata
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -306,8 +306,24 @@ class DecodeResponse(_ApiModel):
     eos_token_id: int
 
 
+class AdapterHealth(_ApiModel):
+    """The global adapter a node serves and the DP guarantee it was accepted with.
+
+    ``dp_record`` is the summary of its ``dp-record.json`` (run_id, epsilon per hospital,
+    max_epsilon, epsilon_confirmed, delta, accountant, unit, neighbouring); ``null`` only when
+    the node's ``allow_non_dp_adapters`` let an adapter without a valid record in.
+    """
+
+    version: str
+    dp_record: dict[str, Any] | None
+
+
 class NodeHealth(_ApiModel):
-    """GET /v1/health: what the router needs to route to this node."""
+    """GET /v1/health: what the router needs to route to this node.
+
+    ``adapter`` is null when the node serves the base model; ``adapter_issue`` says why no
+    adapter (or not the newest one) is served, e.g. a refused adapter without a DP record.
+    """
 
     status: Literal["ok", "degraded"]
     node_id: str
@@ -315,3 +331,5 @@ class NodeHealth(_ApiModel):
     specialisations: list[str]
     in_flight: int
     remaining_epsilon: float | None
+    adapter: AdapterHealth | None = None
+    adapter_issue: str | None = None

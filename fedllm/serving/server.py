@@ -147,6 +147,7 @@ def build_backend(config: NodeServerConfig) -> GenerationBackend:
         local_adapter=config.local_adapter,
         reload_interval_s=config.reload_interval_s,
         device=config.device,
+        allow_non_dp_adapters=config.allow_non_dp_adapters,
     )
 
 
