@@ -1,9 +1,9 @@
 """DP-SGD step time over non-private step time: same model, LoRA, batches and sequence length.
 
 Both paths run fedllm's own training loop (`train_locally`) with identical Poisson samples
-(same generator seed); the only difference is Opacus' per-sample gradients, clipping and
-noise. Trials alternate DP and non-DP so drift in machine load hits both alike, and the
-ratio of medians is reported. Run:
+(the same public benchmark seed; a real hospital's stream is seeded by the OS); the only
+difference is Opacus' per-sample gradients, clipping and noise. Trials alternate DP and
+non-DP so drift in machine load hits both alike, and the ratio of medians is reported. Run:
 
     .venv/bin/python benchmarks/dp_overhead.py [--steps 30] [--trials 5] [--markdown]
 """
@@ -21,6 +21,7 @@ import torch
 from fedllm.config.schema import LoraConfig, ModelConfig, TinyModelConfig
 from fedllm.data import generate_clinical_records
 from fedllm.models.loading import load_lora_model, load_tokenizer
+from fedllm.privacy.randomness import RandomStream, SeededStream
 from fedllm.telemetry.logging import quiet_third_party_output
 from fedllm.training.local import DpSgdSettings, train_locally
 from fedllm.training.sequences import encode_texts
@@ -50,15 +51,27 @@ CASES = (
 )
 
 
-def time_steps(case: Case, steps: int, dp: DpSgdSettings | None, seed: int) -> float:
-    """Seconds per step of `train_locally` on fixed data with a fixed sampling seed."""
+def time_steps(
+    case: Case,
+    steps: int,
+    dp: DpSgdSettings | None,
+    seed: int,
+    stream: RandomStream | None = None,
+) -> float:
+    """Seconds per step of `train_locally` on fixed data (``stream`` defaults to ``seed``)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(case.model)
     model = load_lora_model(case.model, device)
     texts = [r.text for r in generate_clinical_records(600, None, seed=1)]
     data = encode_texts(tokenizer, texts, case.model.max_seq_length)
     train_locally(
-        model, data, steps=2, expected_batch_size=case.batch_size, learning_rate=1e-3, dp=dp
+        model,
+        data,
+        steps=2,
+        expected_batch_size=case.batch_size,
+        learning_rate=1e-3,
+        dp=dp,
+        stream=SeededStream(seed),
     )
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -69,7 +82,7 @@ def time_steps(case: Case, steps: int, dp: DpSgdSettings | None, seed: int) -> f
         expected_batch_size=case.batch_size,
         learning_rate=1e-3,
         dp=dp,
-        generator=torch.Generator().manual_seed(seed),
+        stream=stream or SeededStream(seed),
     )
     if device.type == "cuda":
         torch.cuda.synchronize()

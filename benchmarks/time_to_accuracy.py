@@ -99,7 +99,8 @@ def experiment(rounds: int, strategy: dict[str, Any], output_dir: Path) -> dict[
         "model": {"name": "tiny", "max_seq_length": 64, "lora": {"r": 4, "alpha": 8.0}},
         "training": {"local_steps": 8, "batch_size": 32, "learning_rate": 0.01},
         "privacy": {"target_epsilon": 6.0, "planned_rounds": rounds, "delta": 1e-5},
-        "evaluation": {"baselines": [], "max_eval_sequences": 128},
+        # exact held-out perplexity: this simulation generated the data (labelled as such)
+        "evaluation": {"baselines": [], "max_eval_sequences": 128, "release": "exact"},
         "strategy": strategy,
     }
 

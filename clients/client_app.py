@@ -5,12 +5,16 @@ model, ledger) is built once per process and reused across rounds. Which hospita
 is comes from the node config (:mod:`fedllm.federation.node_settings`): ``hospital-name`` or
 ``hospital-index`` when the operator set one, else Flower's simulation ``partition-id``;
 ``data-path`` names a deployed hospital's own records file; ``ledger-url`` and
-``epsilon-cap`` let a hospital keep its accountant where it chooses and impose its own cap.
+``epsilon-cap`` let a hospital keep its accountant where it chooses and impose its own cap;
+``split-key-file`` holds its secret train/eval split key; ``evaluation: off`` refuses
+evaluation. Every reply is checked against the release inventory
+(:mod:`fedllm.privacy.inventory`) before it leaves: an undeclared key is never sent.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -19,6 +23,7 @@ from fedllm.federation.experiment import experiment_from_run_config
 from fedllm.federation.hospital import HospitalSite
 from fedllm.federation.node_settings import node_settings
 from fedllm.privacy.events import event_to_dict
+from fedllm.privacy.inventory import check_reply
 from fedllm.telemetry.logging import configure_logging
 
 app = ClientApp()
@@ -39,8 +44,16 @@ def hospital_site(context: Context, run_dir: str) -> HospitalSite:
             settings.ledger_url,
             epsilon_cap=settings.epsilon_cap,
             local_data=settings.local_data,
+            split_key=settings.split_key,
+            evaluation_allowed=settings.evaluation_allowed,
         )
     return _SITES[key]
+
+
+def _reply(message: Message, kind: str, records: dict[str, Any]) -> Message:
+    """The reply, once every key it carries is in the release inventory."""
+    check_reply(kind, {name: list(record.keys()) for name, record in records.items()})
+    return Message(RecordDict(records), reply_to=message)
 
 
 def _run_dir(message: Message) -> str:
@@ -64,7 +77,7 @@ def status(message: Message, context: Context) -> Message:
         status["profile-events"] = json.dumps(
             [event_to_dict(event) for event in site.plan.one_off_events()] if site.plan else []
         )
-    return Message(RecordDict({"status": ConfigRecord(status)}), reply_to=message)
+    return _reply(message, "query", {"status": ConfigRecord(status)})
 
 
 @app.train()
@@ -77,27 +90,42 @@ def train(message: Message, context: Context) -> Message:
         int(config["server-round"]),
         str(config["run-id"]),
     )
-    content = RecordDict(
+    return _reply(
+        message,
+        "train",
         {
             "arrays": ArrayRecord(outcome.adapter),
             "metrics": MetricRecord(outcome.metrics),
             "privacy": ConfigRecord({"events": json.dumps(outcome.events)}),
-        }
+        },
     )
-    return Message(content, reply_to=message)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Held-out loss of the global adapter on this hospital's evaluation split."""
+    """Held-out loss of the global adapter, released as the experiment and hospital allow."""
     site = hospital_site(context, _run_dir(message))
-    result = site.evaluate(message.content["arrays"].to_torch_state_dict())
-    metrics = MetricRecord(
-        {
-            "num-examples": result.tokens,
-            "hospital-index": site.index,
-            "eval-loss-sum": result.loss_sum,
-            "eval-tokens": result.tokens,
-        }
+    config = message.content["config"]
+    released = site.evaluate(
+        message.content["arrays"].to_torch_state_dict(),
+        int(config["server-round"]),
+        str(config["run-id"]),
     )
-    return Message(RecordDict({"metrics": metrics}), reply_to=message)
+    metrics: dict[str, float | int] = {
+        "hospital-index": site.index,
+        "evaluated": int(released is not None),
+    }
+    events: list[dict[str, Any]] = []
+    if released is not None:
+        result, events = released
+        metrics |= {"eval-loss-sum": result.loss_sum, "eval-count": result.count}
+    if site.ledger is not None:
+        metrics["epsilon"] = site.ledger.spent_epsilon()
+    return _reply(
+        message,
+        "evaluate",
+        {
+            "metrics": MetricRecord(metrics),
+            "privacy": ConfigRecord({"events": json.dumps(events)}),
+        },
+    )

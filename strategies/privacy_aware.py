@@ -82,7 +82,6 @@ class HospitalView:
     square_loss_sum: float | None = None
     sample_size: float | None = None
     times_selected: int = 0
-    last_duration_s: float | None = None
     unmirrored_events: list[dict[str, Any]] = field(default_factory=list)
     planned_events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -172,13 +171,24 @@ class PrivacyAwareStrategy(FedAvg):
                 view.num_units, view.square_loss_sum, view.sample_size
             )
         scale = sum(v.num_units for v in self.views.values()) or 1
-        durations = [v.last_duration_s for v in self.views.values() if v.last_duration_s]
+        durations = [self.planned_duration(v) for v in self.views.values()]
         preferred = float(np.median(durations)) if durations else 0.0
-        factor = straggler_factor(view.last_duration_s, preferred, self.settings.straggler_penalty)
+        factor = straggler_factor(
+            self.planned_duration(view), preferred, self.settings.straggler_penalty
+        )
         bonus = exploration_bonus(
             server_round, view.times_selected, self.settings.exploration_weight
         )
         return statistical / scale * factor + bonus
+
+    def planned_duration(self, view: HospitalView) -> float:
+        """A round's expected work over the hospital's declared speed (public values only).
+
+        Measured durations depend on the Poisson batch sizes, a function of the private data,
+        so stragglers are judged by the planned steps × expected batch and the declared speed.
+        """
+        training = self.config.training
+        return training.local_steps * training.batch_size / max(view.speed, 1e-9)
 
     def redundancy(self, views: Sequence[HospitalView]) -> np.ndarray:
         """s_ij: cosine similarity of the hospitals' noised specialty profiles."""
@@ -215,6 +225,7 @@ class PrivacyAwareStrategy(FedAvg):
         for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
             if reply.has_error():
                 continue
+            self.report.observe_release("query", reply.content)
             status = dict(reply.content["status"])
             node_id = reply.metadata.src_node_id
             view = self.views.setdefault(node_id, HospitalView(node_id, str(status["hospital"])))
@@ -341,6 +352,7 @@ class PrivacyAwareStrategy(FedAvg):
             if reply.has_error():
                 failed.append(name)
                 continue
+            self.report.observe_release("train", reply.content)
             metrics = dict(reply.content["metrics"])
             self._observe(view, metrics)
             events[name] = json.loads(str(reply.content["privacy"]["events"]))
@@ -361,17 +373,6 @@ class PrivacyAwareStrategy(FedAvg):
         row["failed"] = sorted(failed)
         row["lost"] = lost
         row["hospital_events"] = events
-        row["train_seconds"] = {c.hospital: c.metrics["train-seconds"] for c in contributions}
-        row["train_loss"] = (
-            float(
-                np.average(
-                    [c.metrics["train-loss"] for c in contributions],
-                    weights=[c.num_examples for c in contributions],
-                )
-            )
-            if contributions
-            else None
-        )
         row["skipped"] = len(contributions) < self.settings.min_cohort
         if row["skipped"]:
             log.warning(
@@ -384,7 +385,7 @@ class PrivacyAwareStrategy(FedAvg):
             )
             return None, None
         aggregated = self.aggregate(contributions, self._round["global"])
-        return ArrayRecord(aggregated), MetricRecord({"train-loss": row["train_loss"]})
+        return ArrayRecord(aggregated), MetricRecord({"contributions": len(contributions)})
 
     def aggregate(
         self, contributions: Sequence[Contribution], current: dict[str, torch.Tensor]
@@ -396,7 +397,8 @@ class PrivacyAwareStrategy(FedAvg):
             noised, record = self.server_dp.aggregate(
                 deltas, None, cohort_size=self.config.federation.cohort_size
             )
-            self._round["row"]["server_dp"] = record
+            accounting = self._account_server_dp(self.server_dp.config)
+            self._round["row"]["server_dp"] = record | accounting
             return apply_delta(current, noised)
         rule = self.settings.aggregation
         if rule == "trimmed-mean":
@@ -405,12 +407,43 @@ class PrivacyAwareStrategy(FedAvg):
             return coordinate_median(adapters)
         return weighted_mean(adapters, self.aggregation_weights(contributions))
 
+    def _account_server_dp(self, server_dp: ServerDpConfig) -> dict[str, Any]:
+        """This round's hospital-level DP cost; also updates the report's composed ε.
+
+        The cost depends on how the cohort was chosen (`selection_sensitivity`). Only the
+        built-in uniform draw (selection ``random``, with neither ``select`` nor
+        ``is_eligible`` overridden) counts as data-independent: any other choice, including a
+        subclass's, may look at every hospital's statistics, so it gets the conservative bound.
+        """
+        from fedllm.aggregation.server_dp import (
+            compose_server_side_guarantee,
+            server_dp_accounting,
+            server_side_delta,
+        )
+
+        cls = type(self)
+        uniform = (
+            self.settings.selection == "random"
+            and cls.select is PrivacyAwareStrategy.select
+            and cls.is_eligible is PrivacyAwareStrategy.is_eligible
+        )
+        accounting = server_dp_accounting(
+            server_dp,
+            self.config.federation.cohort_size,
+            self.config.federation.num_hospitals,
+            data_dependent_selection=not uniform,
+        )
+        delta, source = server_side_delta(self.config.privacy.enabled, self.config.privacy.delta)
+        previous = self.report.data["privacy"].get("server_side")
+        guarantee = compose_server_side_guarantee(previous, accounting, delta, source)
+        self.report.update_server_side_privacy(guarantee)
+        return accounting
+
     def _observe(self, view: HospitalView, metrics: dict[str, Any]) -> None:
-        """Keep the released utility statistic and the (speed-scaled) duration."""
+        """Keep the released (noised) utility statistic and the hospital's privacy state."""
         if "utility-square-loss-sum" in metrics:
             view.square_loss_sum = float(metrics["utility-square-loss-sum"])
             view.sample_size = float(metrics["utility-sample-size"])
-        view.last_duration_s = float(metrics["train-seconds"]) / max(view.speed, 1e-9)
         if "epsilon" in metrics:
             self.report.update_hospital_privacy(view.name, metrics)
 
@@ -493,14 +526,22 @@ class PrivacyAwareStrategy(FedAvg):
         }
 
     def evaluation_by_hospital(self, replies: Iterable[Message]) -> dict[str, EvaluationResult]:
-        """Each answering hospital's held-out loss sum and token count."""
+        """Each evaluating hospital's released loss sum and count (tokens, or units under DP)."""
         results = {}
         for reply in replies:
             view = self.views.get(reply.metadata.src_node_id)
             if reply.has_error() or view is None:
                 continue
+            self.report.observe_release("evaluate", reply.content)
             metrics = reply.content["metrics"]
+            if "privacy" in reply.content:
+                # a DP evaluation charged the hospital's ledger: mirror it with the next round
+                view.unmirrored_events += json.loads(str(reply.content["privacy"]["events"]))
+            if "epsilon" in metrics:
+                self.report.update_hospital_epsilon(view.name, float(metrics["epsilon"]))
+            if not int(metrics.get("evaluated", 0)):
+                continue
             results[view.name] = EvaluationResult(
-                float(metrics["eval-loss-sum"]), int(metrics["eval-tokens"])
+                float(metrics["eval-loss-sum"]), float(metrics["eval-count"])
             )
         return dict(sorted(results.items()))

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from fedllm.data import generate_clinical_records, vocabulary_corpus
 from fedllm.models.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_ledger_root(tmp_path_factory):
+    """File-backed simulated hospitals keep ledgers per dataset for its lifetime: tests keep
+    theirs in a temporary root (inherited by the processes they start), never the user's."""
+    previous = os.environ.get("FEDLLM_LEDGER_DIR")
+    os.environ["FEDLLM_LEDGER_DIR"] = str(tmp_path_factory.mktemp("ledgers"))
+    yield
+    if previous is None:
+        os.environ.pop("FEDLLM_LEDGER_DIR", None)
+    else:
+        os.environ["FEDLLM_LEDGER_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -340,22 +340,30 @@ def test_amplification_only_for_uniform_poisson_selection() -> None:
     config = ServerDpConfig("fixed", noise_multiplier=1.2, clip_norm=1.0)
     rounds, delta = 50, 1e-5
     amplified = server_dp_event(config, 10, 100, uniform_poisson_selection=True)
-    plain = server_dp_event(config, 10, 100, uniform_poisson_selection=False)
+    # A fixed-size uniform cohort of 10 out of 100: no amplification, and a removed hospital's
+    # place goes to another one, sensitivity 2C, i.e. a sensitivity-1 Gaussian with σ/2.
+    plain = server_dp_event(
+        config, 10, 100, uniform_poisson_selection=False, data_dependent_selection=False
+    )
     assert amplified == dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.2))
-    assert plain == dp_accounting.GaussianDpEvent(1.2)
+    assert plain == dp_accounting.GaussianDpEvent(0.6)
 
     independent_amplified = _pld_epsilon(
         dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.2)),
         rounds,
         delta,
     )
-    independent_plain = _pld_epsilon(dp_accounting.GaussianDpEvent(1.2), rounds, delta)
+    independent_plain = _pld_epsilon(dp_accounting.GaussianDpEvent(0.6), rounds, delta)
     assert _pld_epsilon(amplified, rounds, delta) == pytest.approx(independent_amplified)
     assert _pld_epsilon(plain, rounds, delta) == pytest.approx(independent_plain)
     assert independent_plain > 2 * independent_amplified
 
     adaptive = ServerDpConfig("adaptive", noise_multiplier=1.2, clip_norm=1.0)
-    assert server_dp_event(adaptive, 10, 100, False) == plain  # count noise is inside σ
+    # count noise is inside σ, and the count's sensitivity doubles with the update's
+    assert server_dp_event(adaptive, 10, 100, False, data_dependent_selection=False) == plain
+    # chosen from the data (the default), removing one hospital can reshuffle the cohort
+    data_driven = server_dp_event(config, 10, 100, False)
+    assert data_driven == dp_accounting.GaussianDpEvent(1.2 / 20)
     off = server_dp_event(ServerDpConfig(), 10, 100, True)
     assert isinstance(off, dp_accounting.NonPrivateDpEvent)
     with pytest.raises(ValueError, match="num_hospitals"):

@@ -33,6 +33,8 @@ def test_plan_reports_sigma_and_projected_epsilon_per_hospital(tmp_path):
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert plan["delta"] == 1e-5
+    assert plan["neighbouring"] == "replace-one"
+    assert plan["unit"] == "patient"
     assert len(plan["hospitals"]) == 2
     for row in plan["hospitals"]:
         assert row["planned_rounds"] == 2
@@ -40,8 +42,9 @@ def test_plan_reports_sigma_and_projected_epsilon_per_hospital(tmp_path):
         assert row["epsilon_cap"] == 5
         steps = SampledGaussianSteps(row["noise_multiplier"], row["sample_rate"], 10)
         # cohort 1 of 2 with the default (quantum) selection: every round also releases a
-        # noised loss statistic, and the run starts with one noised profile release
-        releases = [GaussianRelease(20.0, 2), GaussianRelease(20.0)]
+        # noised loss statistic, the run starts with one noised profile release, and the
+        # hospital releases a noised evaluation before round 1 and after each of the 4 rounds
+        releases = [GaussianRelease(20.0, 2), GaussianRelease(20.0), GaussianRelease(10.0, 5)]
         reference = compute_epsilon([steps, *releases], 1e-5)
         assert row["projected_epsilon"] == pytest.approx(reference, rel=1e-6)
         assert compute_epsilon([steps], 1e-5) < reference

@@ -14,6 +14,7 @@ from fedllm.privacy.consensus import (
     VOTE_SENSITIVITY,
     ConsensusMechanism,
     TokenDecision,
+    ledger_event,
     noise_for_epsilon,
     summarise,
 )
@@ -46,8 +47,12 @@ def test_events_are_what_the_node_ledger_records() -> None:
     assert math.sqrt(2) == VOTE_SENSITIVITY
     assert mechanism.token_event() == GaussianRelease(30.0 / math.sqrt(2))
     assert mechanism.answer_events(32) == [GaussianRelease(30.0 / math.sqrt(2), count=32)]
-    per_token = compute_epsilon([mechanism.token_event()] * 32, 1e-6)
+    per_token = compute_epsilon([mechanism.token_event()] * 32, 1e-6, neighbouring="add-remove")
     assert per_token == pytest.approx(mechanism.epsilon_cost(32, 1e-6), rel=1e-12)
+    # a hospital's ledger (replace-one) records the same mechanism in its own units
+    recorded = ledger_event(mechanism.noise_multiplier, 32)
+    assert recorded.purpose == "consensus"
+    assert compute_epsilon([recorded], 1e-6) == pytest.approx(per_token, rel=1e-3)
     # Longer answers and less noise cost more.
     assert mechanism.epsilon_cost(64, 1e-6) > mechanism.epsilon_cost(32, 1e-6)
     assert ConsensusMechanism(15.0).epsilon_cost(32, 1e-6) > mechanism.epsilon_cost(32, 1e-6)

@@ -25,6 +25,7 @@ from fedllm.data import (
     split_train_eval,
     vocabulary_corpus,
 )
+from fedllm.data.partition import patient_side_value
 
 _WORD = re.compile(r"[A-Za-z]+|\d+(?:\.\d+)?")
 
@@ -368,34 +369,67 @@ def test_iid_partition_is_balanced_and_deterministic(records: list[ClinicalRecor
 # --- train/eval split -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("eval_fraction", [0.01, 0.2, 0.5, 0.99])
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+
+
+@pytest.mark.parametrize("eval_fraction", [0.05, 0.2, 0.5, 0.95])
 def test_split_train_eval_never_shares_a_patient(
     records: list[ClinicalRecord], eval_fraction: float
 ) -> None:
-    train, evaluation = split_train_eval(records, eval_fraction, seed=0)
+    train, evaluation = split_train_eval(records, eval_fraction, KEY)
     assert train
     assert evaluation
     assert not {r.patient_id for r in train} & {r.patient_id for r in evaluation}
     assert Counter(train + evaluation) == Counter(records)
-    assert (train, evaluation) == split_train_eval(records, eval_fraction, seed=0)
+    assert (train, evaluation) == split_train_eval(records, eval_fraction, KEY)
 
 
-def test_split_train_eval_fraction_and_seed(records: list[ClinicalRecord]) -> None:
-    _, evaluation = split_train_eval(records, 0.2, seed=0)
-    assert 0.15 < len(evaluation) / len(records) < 0.25
-    assert evaluation != split_train_eval(records, 0.2, seed=1)[1]
+def test_split_train_eval_fraction_and_key(records: list[ClinicalRecord]) -> None:
+    _, evaluation = split_train_eval(records, 0.2, KEY)
+    patients = {r.patient_id for r in records}
+    held_out = {r.patient_id for r in evaluation}
+    assert 0.12 < len(held_out) / len(patients) < 0.28
+    assert evaluation != split_train_eval(records, 0.2, OTHER_KEY)[1]
 
 
-def test_split_train_eval_with_two_patients() -> None:
-    pair = [ClinicalRecord("a", "x", "p1"), ClinicalRecord("b", "x", "p1")]
-    pair.append(ClinicalRecord("c", "y", "p2"))
-    train, evaluation = split_train_eval(pair, 0.9, seed=0)
-    assert {len({r.patient_id for r in train}), len({r.patient_id for r in evaluation})} == {1}
+def test_adding_or_removing_a_patient_moves_no_other_patient(
+    records: list[ClinicalRecord],
+) -> None:
+    """Neighbouring datasets must give neighbouring training sets: one patient, one side."""
+    train, evaluation = split_train_eval(records, 0.2, KEY)
+    newcomer = [ClinicalRecord(f"note {i}", "oncology", "p-new") for i in range(3)]
+    train_plus, eval_plus = split_train_eval([*records, *newcomer], 0.2, KEY)
+    if train_plus == train:
+        assert eval_plus == [*evaluation, *newcomer]
+    else:
+        assert (train_plus, eval_plus) == ([*train, *newcomer], evaluation)
+    leaving = records[0].patient_id
+    train_minus, eval_minus = split_train_eval(
+        [r for r in records if r.patient_id != leaving], 0.2, KEY
+    )
+    assert train_minus == [r for r in train if r.patient_id != leaving]
+    assert eval_minus == [r for r in evaluation if r.patient_id != leaving]
+
+
+def test_a_patients_side_depends_only_on_its_id_and_the_key() -> None:
+    alone = [ClinicalRecord("a", "x", "p1"), ClinicalRecord("b", "x", "p2")]
+    many = [*alone, *(ClinicalRecord(str(i), "x", f"q{i}") for i in range(200))]
+    side = {value: patient_side_value(value, KEY) < 0.3 for value in ("p1", "p2")}
+    for collection in (alone, many):
+        try:
+            _, evaluation = split_train_eval(collection, 0.3, KEY)
+        except DataError:
+            continue
+        held = {r.patient_id for r in evaluation}
+        assert {p: p in held for p in side} == side
 
 
 def test_split_train_eval_rejects_bad_input(records: list[ClinicalRecord]) -> None:
     single = [ClinicalRecord("a", "x", "p1"), ClinicalRecord("b", "x", "p1")]
-    with pytest.raises(DataError, match="patient_id"):
-        split_train_eval(single, 0.5, seed=0)
+    with pytest.raises(DataError, match="empty"):
+        split_train_eval(single, 0.5, KEY)
     with pytest.raises(DataError, match="eval_fraction"):
-        split_train_eval(records, 1.0, seed=0)
+        split_train_eval(records, 1.0, KEY)
+    with pytest.raises(DataError, match="128 bits"):
+        split_train_eval(records, 0.2, b"short")

@@ -166,7 +166,13 @@ def test_hospital_command_and_node_config_round_trip_to_the_client(tmp_path):
     assert settings.index == 1
     assert settings.ledger_url == hospital.privacy.ledger_url
     assert settings.epsilon_cap == 3.5
-    data = hospital_data(experiment, settings.index, settings.local_data)
+    data = hospital_data(experiment, settings.index, settings.local_data, settings.split_key)
+    key_file = Path(hospital.privacy.ledger_url.removeprefix("sqlite:///")).parent / "split.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600  # the hospital's secret, made on first use
+    assert node_settings(experiment, node, run_dir=str(tmp_path / "run")).split_key == (
+        settings.split_key
+    )
+    assert settings.evaluation_allowed
     texts = {r.text for r in data.train + data.eval}
     assert texts == {f"note {i} about the heart" for i in range(40)}
     assert {r.specialty for r in data.train} == {"cardiology"}

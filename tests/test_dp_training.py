@@ -9,6 +9,7 @@ from opacus.optimizers import DPOptimizer
 
 from fedllm.config.schema import ModelConfig
 from fedllm.models.loading import with_lora
+from fedllm.privacy.randomness import SeededStream
 from fedllm.training.local import DpSgdSettings, train_locally
 from fedllm.training.loss import per_sequence_loss
 from fedllm.training.sequences import encode_texts, position_ids_for
@@ -82,7 +83,7 @@ def test_lora_weights_change_under_dp(tokenizer, clinical_texts, tiny_gpt2):
         expected_batch_size=8,
         learning_rate=1e-2,
         dp=DpSgdSettings(noise_multiplier=1.0, max_grad_norm=1.0),
-        generator=torch.Generator().manual_seed(0),
+        stream=SeededStream(0),
     )
     after = dict(model.named_parameters())
     assert before
@@ -102,7 +103,7 @@ def test_empty_poisson_sample_still_takes_a_noisy_step(tokenizer, clinical_texts
     seed = next(
         s
         for s in range(1000)
-        if (torch.rand(4, generator=torch.Generator().manual_seed(s)) >= 0.25).all()
+        if (SeededStream(s).uniform(4) >= 0.25).all()
     )
     result = train_locally(
         model,
@@ -112,7 +113,7 @@ def test_empty_poisson_sample_still_takes_a_noisy_step(tokenizer, clinical_texts
         learning_rate=1e-2,
         optimizer_name="sgd",
         dp=DpSgdSettings(noise_multiplier=1.0, max_grad_norm=1.0),
-        generator=torch.Generator().manual_seed(seed),
+        stream=SeededStream(seed),
     )
     assert result.sequences_seen == 0
     changed = [

@@ -8,6 +8,7 @@ import json
 import dp_accounting
 import pytest
 from federation_helpers import TINY_TEST_MODEL, flower_processes, run_experiment
+from test_release_inventory import documented_inventory
 
 pytestmark = pytest.mark.integration
 
@@ -46,22 +47,32 @@ def test_report_records_rounds_and_privacy(finished_run):
         assert set(row["epsilon"]) == {"north", "south"}
         assert row["perplexity"] > 1.0
         assert row["duration_s"] > 0
-        assert row["train_loss"] > 0
+        assert "train_loss" not in row  # the exact training loss never leaves a hospital
     privacy = report["privacy"]
     assert privacy["delta"] == 1e-5
     assert privacy["accountant"] == "pld"
+    assert privacy["neighbouring"] == "replace-one"
+    assert privacy["unit"] == "patient"
+    assert privacy["ledger_scope"] == "run"
+    assert report["evaluation"]["release"] == "dp"
+    assert report["evaluation"]["simulation_only"] is False
     for state in privacy["hospitals"].values():
         assert state["steps"] == 6
         assert state["rounds_participated"] == 2
         assert state["epsilon"] <= state["epsilon_cap"] == 4.0
-        # ε re-derived by dp_accounting directly from what the report says happened
-        event = dp_accounting.SelfComposedDpEvent(
+        # ε re-derived by dp_accounting directly from what the report says happened: the
+        # DP-SGD steps and a noised evaluation before round 1 and after each round
+        steps = dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(
                 state["sample_rate"], dp_accounting.GaussianDpEvent(state["noise_multiplier"])
             ),
             state["steps"],
         )
-        reference = dp_accounting.pld.PLDAccountant().compose(event).get_epsilon(1e-5)
+        evaluations = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(10.0), 3)
+        accountant = dp_accounting.pld.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE)
+        reference = accountant.compose(
+            dp_accounting.ComposedDpEvent([steps, evaluations])
+        ).get_epsilon(1e-5)
         assert state["epsilon"] == pytest.approx(reference, rel=1e-2)
     eps_by_round = [row["epsilon"]["north"] for row in report["rounds"]]
     assert eps_by_round[0] < eps_by_round[1]
@@ -78,6 +89,13 @@ def test_outputs_baseline_and_checkpoint(finished_run):
     assert saved["published_adapter"] == str(published)
     for file in (run_dir / "checkpoint").iterdir():
         assert (published / file.name).read_bytes() == file.read_bytes()
+    # with the DP record inference servers require, stating the report's guarantee
+    record = json.loads((published / "dp-record.json").read_text())
+    assert record["run_id"] == run_dir.name
+    assert record["privacy_enabled"] is True
+    assert {n: h["epsilon"] for n, h in record["hospitals"].items()} == {
+        n: h["epsilon"] for n, h in saved["privacy"]["hospitals"].items()
+    }
     assert report["baselines"]["centralized"]["perplexity"] > 1.0
     assert report["comparison"]["perplexity_over_centralized"] > 0
     assert report["initial"]["perplexity"] > report["final"]["perplexity"]
@@ -96,6 +114,16 @@ def test_hospital_ledgers_persist_on_disk(finished_run):
         )
         assert ledger.spent_epsilon() == pytest.approx(state["epsilon"], rel=1e-9)
         assert ledger.total_steps() == 6
+
+
+def test_every_reply_key_the_server_received_is_in_the_release_inventory(finished_run):
+    run_dir, _, _ = finished_run
+    observed = json.loads((run_dir / "report.json").read_text())["releases"]
+    documented = {(m, f"{r}.{k}") for m, r, k, _ in documented_inventory()}
+    received = {(message, key) for message, keys in observed.items() for key in keys}
+    assert received - documented == set()
+    # the DP releases really went through the federation
+    assert {("train", "arrays.*"), ("evaluate", "metrics.eval-loss-sum")} <= received
 
 
 def test_nothing_left_running(finished_run):

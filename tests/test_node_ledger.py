@@ -163,11 +163,16 @@ def test_delta_is_fixed_for_the_life_of_a_dataset(tmp_path: Path) -> None:
 def test_hospitals_sharing_a_database_are_accounted_separately(tmp_path: Path) -> None:
     url = _url(tmp_path)
     a = NodePrivacyLedger(url, "a", epsilon_cap=5.0, delta=DELTA)
-    b = NodePrivacyLedger(url, "b", epsilon_cap=5.0, delta=DELTA, accountant="rdp")
+    b = NodePrivacyLedger(url, "b", epsilon_cap=5.0, delta=DELTA)
     a.charge([ROUND], round_id=1, run_id="r")
     assert b.events() == []
     assert b.spent_epsilon() == 0.0
-    assert (a.hospital_id, b.hospital_id, b.accountant) == ("a", "b", "rdp")
+    assert (a.hospital_id, b.hospital_id, b.accountant) == ("a", "b", "pld")
+
+
+def test_a_ledger_refuses_an_accountant_that_cannot_bound_replace_one(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="replace-one"):
+        NodePrivacyLedger(_url(tmp_path), "c", epsilon_cap=5.0, delta=DELTA, accountant="rdp")
 
 
 def test_history_rows(tmp_path: Path) -> None:

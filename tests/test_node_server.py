@@ -25,8 +25,11 @@ from typer.testing import CliRunner
 from fedllm.cli.app import app as cli_app
 from fedllm.config.loading import ConfigError
 from fedllm.config.schema import ModelConfig
+from fedllm.models.checkpoints import read_artifact, write_artifact
+from fedllm.models.dp_record import DP_RECORD_FILE, record_from_report
 from fedllm.models.loading import load_base_model, with_lora
 from fedllm.privacy.accountant import compute_epsilon
+from fedllm.privacy.consensus import ledger_event
 from fedllm.privacy.events import GaussianRelease
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.security.certs import init_credentials
@@ -39,6 +42,19 @@ from fedllm.serving.server import BackgroundServer, tls_options
 TINY = ModelConfig.model_validate({**TINY_TEST_MODEL, "lora": {"r": 2, "alpha": 4.0}})
 PROMPT = "Question: a patient reports chest pain. Answer:"
 DELTA = 1e-5
+# A report's privacy section (report.data["privacy"]) of a DP run: what a published adapter's
+# dp-record.json is built from.
+DP_PRIVACY = {
+    "enabled": True,
+    "delta": DELTA,
+    "accountant": "pld",
+    "unit": "record",
+    "neighbouring": "replace-one",
+    "hospitals": {
+        "north": {"epsilon": 2.5, "epsilon_cap": 4.0, "epsilon_confirmed": True},
+        "south": {"epsilon": 3.1, "epsilon_cap": 4.0, "epsilon_confirmed": False},
+    },
+}
 
 
 def node_config(**overrides) -> NodeServerConfig:
@@ -54,8 +70,11 @@ def node_config(**overrides) -> NodeServerConfig:
     )
 
 
-def write_adapter(directory: Path, seed: int) -> str:
-    """A peft save_pretrained adapter with random (non-zero) LoRA weights; returns its hash."""
+def write_adapter(directory: Path, seed: int, *, dp: bool = True) -> str:
+    """A peft save_pretrained adapter with random (non-zero) LoRA weights; returns its hash.
+
+    ``dp`` also writes the DP record a published adapter carries (nodes refuse one without).
+    """
     torch.manual_seed(seed)
     model = with_lora(load_base_model(TINY, torch.device("cpu")), TINY)
     with torch.no_grad():
@@ -63,8 +82,23 @@ def write_adapter(directory: Path, seed: int) -> str:
             if "lora_" in name:
                 parameter.copy_(torch.randn_like(parameter))
     model.save_pretrained(directory)
+    if dp:
+        record_adapter(directory)
     weights = (directory / "adapter_model.safetensors").read_bytes()
     return hashlib.sha256(weights).hexdigest()[:12]
+
+
+def record_adapter(directory: Path, privacy: dict = DP_PRIVACY, run_id: str = "test-run") -> None:
+    """Write the dp-record.json of a DP run for the weights now in ``directory``."""
+    weights = read_artifact(directory / "adapter_model.safetensors")
+    record = record_from_report(
+        run_id=run_id,
+        privacy=privacy,
+        model=TINY,
+        seed=0,
+        adapter_sha256=hashlib.sha256(weights).hexdigest(),
+    )
+    write_artifact(directory / DP_RECORD_FILE, record.to_bytes())
 
 
 def wait_for(predicate, timeout_s: float = 15.0) -> None:
@@ -103,6 +137,8 @@ def test_health_reports_node_and_model(constant_server):
         "specialisations": ["cardiology"],
         "in_flight": 0,
         "remaining_epsilon": None,
+        "adapter": None,
+        "adapter_issue": None,
     }
 
 
@@ -224,6 +260,8 @@ def test_hot_reload_follows_the_adapter_without_restart(tmp_path):
         with BackgroundServer(app) as server:
             health = httpx.get(f"{server.url}/v1/health").json()
             assert (health["status"], health["model_version"]) == ("ok", version_a)
+            assert health["adapter"]["version"] == version_a
+            assert health["adapter"]["dp_record"]["run_id"] == "test-run"
             text_a = httpx.post(f"{server.url}/v1/inference", json=body, timeout=30).json()
 
             version_b = write_adapter(adapter_dir, seed=2)
@@ -248,12 +286,15 @@ def test_hot_reload_follows_the_adapter_without_restart(tmp_path):
 
 
 def make_misfit(adapter_dir: Path) -> None:
-    """Rewrite a valid adapter with one tensor of the wrong shape (e.g. another base model's)."""
+    """Rewrite a valid adapter with one tensor of the wrong shape (e.g. another base model's);
+    its DP record is rewritten for the new weights so that the misfit, not the record, is what
+    the node refuses."""
     weights = adapter_dir / "adapter_model.safetensors"
     state = load_file(weights)
     name = next(iter(state))
     state[name] = torch.zeros(state[name].shape[0] + 1, state[name].shape[1])
     save_file(state, weights)
+    record_adapter(adapter_dir)
 
 
 def test_missing_or_misfit_adapter_serves_base_model_degraded_until_a_good_one(tmp_path):
@@ -307,7 +348,9 @@ def test_candidates_come_from_global_model_and_votes_from_local_adapter(tmp_path
 
 def test_consensus_session_charges_the_ledger_once_and_limits_votes(tmp_path):
     sigma, tokens = 2.0, 4
-    one_session = compute_epsilon([GaussianRelease(sigma, count=tokens)], DELTA, "pld")
+    one_session = compute_epsilon(
+        [GaussianRelease(sigma, count=tokens)], DELTA, "pld", neighbouring="add-remove"
+    )
     ledger = NodePrivacyLedger(
         f"sqlite:///{tmp_path / 'ledger.db'}",
         "hospital-a",
@@ -324,12 +367,12 @@ def test_consensus_session_charges_the_ledger_once_and_limits_votes(tmp_path):
         assert opened.status_code == 200, opened.text
         assert opened.json()["charged"] is True
         assert opened.json()["remaining_epsilon"] == pytest.approx(0.5 * one_session)
-        assert ledger.events() == [GaussianRelease(sigma, count=tokens)]
+        assert ledger.events() == [ledger_event(sigma, tokens)]
         assert ledger.history()[0]["run_id"] == "consensus:s1"
 
         again = client.post("/v1/consensus/open", json=open_body)
         assert again.json()["charged"] is False
-        assert ledger.events() == [GaussianRelease(sigma, count=tokens)]
+        assert ledger.events() == [ledger_event(sigma, tokens)]
         changed = client.post("/v1/consensus/open", json={**open_body, "max_tokens": 9})
         assert changed.status_code == 409
 
@@ -343,7 +386,7 @@ def test_consensus_session_charges_the_ledger_once_and_limits_votes(tmp_path):
         refused = client.post("/v1/consensus/open", json={**open_body, "session_id": "s2"})
         assert refused.status_code == 409
         assert "privacy budget exceeded" in refused.json()["detail"]
-        assert ledger.events() == [GaussianRelease(sigma, count=tokens)]
+        assert ledger.events() == [ledger_event(sigma, tokens)]
         assert client.get("/v1/health").json()["remaining_epsilon"] == pytest.approx(
             0.5 * one_session
         )

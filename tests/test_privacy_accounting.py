@@ -35,12 +35,22 @@ GRID = [
     if not (q == 1.0 and (steps == 1000 or (steps == 100 and sigma < 1)))
 ]
 DELTAS = (1e-5, 1e-6)
+ADD_REMOVE = {"neighbouring": "add-remove"}
+RELATIONS = {
+    "replace-one": dp_accounting.NeighboringRelation.REPLACE_ONE,
+    "add-remove": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+}
 
 
-def _reference_pld(q: float, sigma: float, steps: int, deltas: tuple[float, ...]) -> list[float]:
+def _reference_pld(
+    q: float, sigma: float, steps: int, deltas: tuple[float, ...], relation: str
+) -> list[float]:
     """ε straight from dp_accounting's PLD primitives, bypassing our events and accountant."""
     pld = privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=sigma, sampling_prob=q, value_discretization_interval=1e-3
+        standard_deviation=sigma,
+        sampling_prob=q,
+        value_discretization_interval=1e-3,
+        neighboring_relation=RELATIONS[relation],
     ).self_compose(steps)
     return [pld.get_epsilon_for_delta(d) for d in deltas]
 
@@ -50,13 +60,37 @@ def _opacus(accountant: PRVAccountant | RDPAccountant, q: float, sigma: float, s
     return float(accountant.get_epsilon(delta=1e-5))
 
 
+@pytest.mark.parametrize("relation", sorted(RELATIONS))
 @pytest.mark.parametrize(("q", "sigma", "steps"), GRID)
-def test_pld_matches_dp_accounting_pld(q: float, sigma: float, steps: int) -> None:
+def test_pld_matches_dp_accounting_pld(q: float, sigma: float, steps: int, relation: str) -> None:
     event = SampledGaussianSteps(sigma, q, steps)
-    ours = [compute_epsilon([event], d) for d in DELTAS]
-    for mine, reference in zip(ours, _reference_pld(q, sigma, steps, DELTAS), strict=True):
-        assert mine == pytest.approx(reference, rel=1e-2)
+    ours = [compute_epsilon([event], d, neighbouring=relation) for d in DELTAS]
+    reference = _reference_pld(q, sigma, steps, DELTAS, relation)
+    for mine, expected in zip(ours, reference, strict=True):
+        assert mine == pytest.approx(expected, rel=1e-2)
     assert ours[1] > ours[0]  # smaller δ costs more ε
+
+
+def test_hospital_epsilon_is_replace_one_and_costs_more_than_add_remove() -> None:
+    """Sizes are public, so the default (every hospital's ledger) is replace-one."""
+    event = SampledGaussianSteps(1.0, 0.04, 60)
+    replace = compute_epsilon([event], 1e-5)
+    independent = dp_accounting.pld.PLDAccountant(RELATIONS["replace-one"])
+    independent.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(0.04, dp_accounting.GaussianDpEvent(1.0)), 60
+        )
+    )
+    assert replace == pytest.approx(independent.get_epsilon(1e-5), rel=1e-3)
+    assert replace > compute_epsilon([event], 1e-5, **ADD_REMOVE) * 1.1
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_replace_one_needs_pld(accountant: str) -> None:
+    with pytest.raises(ValueError, match="replace-one"):
+        compute_epsilon([SampledGaussianSteps(1.0, 0.1, 1)], 1e-5, accountant)
+    with pytest.raises(ValueError, match="replace-one"):
+        calibrate_noise_multiplier(1.0, 1e-5, 0.01, 100, accountant)
 
 
 @pytest.mark.parametrize(
@@ -64,12 +98,12 @@ def test_pld_matches_dp_accounting_pld(q: float, sigma: float, steps: int) -> No
 )
 def test_tight_accountants_agree_with_opacus(q: float, sigma: float, steps: int) -> None:
     events = [SampledGaussianSteps(sigma, q, steps)]
-    pld = compute_epsilon(events, 1e-5, "pld")
+    pld = compute_epsilon(events, 1e-5, "pld", **ADD_REMOVE)
     opacus_prv = _opacus(PRVAccountant(), q, sigma, steps)
     opacus_rdp = _opacus(RDPAccountant(), q, sigma, steps)
     assert pld == pytest.approx(opacus_prv, rel=0.03)
-    assert compute_epsilon(events, 1e-5, "prv") == pytest.approx(opacus_prv, rel=1e-6)
-    rdp = compute_epsilon(events, 1e-5, "rdp")
+    assert compute_epsilon(events, 1e-5, "prv", **ADD_REMOVE) == pytest.approx(opacus_prv, rel=1e-6)
+    rdp = compute_epsilon(events, 1e-5, "rdp", **ADD_REMOVE)
     assert rdp == pytest.approx(opacus_rdp, rel=0.05)
     assert rdp >= pld
 
@@ -78,11 +112,16 @@ def test_gaussian_release_matches_analytic_gaussian() -> None:
     for sigma, count in [(1.0, 1), (5.0, 4), (20.0, 50)]:
         expected = dp_accounting.get_epsilon_gaussian(sigma / math.sqrt(count), 1e-6)
         release = [GaussianRelease(sigma, count)]
-        assert compute_epsilon(release, 1e-6) == pytest.approx(expected, rel=1e-2)
-        assert compute_epsilon(release, 1e-6, "prv") == pytest.approx(expected, rel=0.05)
-        assert compute_epsilon(release, 1e-6, "rdp") > expected
+        assert compute_epsilon(release, 1e-6, **ADD_REMOVE) == pytest.approx(expected, rel=1e-2)
+        assert compute_epsilon(release, 1e-6, "prv", **ADD_REMOVE) == pytest.approx(
+            expected, rel=0.05
+        )
+        assert compute_epsilon(release, 1e-6, "rdp", **ADD_REMOVE) > expected
         unsampled = [SampledGaussianSteps(sigma, 1.0, count)]
-        assert compute_epsilon(unsampled, 1e-6) == pytest.approx(expected, rel=1e-2)
+        assert compute_epsilon(unsampled, 1e-6, **ADD_REMOVE) == pytest.approx(expected, rel=1e-2)
+        # replace-one: one unit leaves and another enters, sensitivity 2 (σ halved)
+        replaced = dp_accounting.get_epsilon_gaussian(sigma / 2 / math.sqrt(count), 1e-6)
+        assert compute_epsilon(release, 1e-6) == pytest.approx(replaced, rel=1e-2)
 
 
 def test_composition_matches_composed_dp_event() -> None:
@@ -90,7 +129,7 @@ def test_composition_matches_composed_dp_event() -> None:
     b = SampledGaussianSteps(1.5, 0.05, 20)
     c = GaussianRelease(10.0, 3)
     combined = compute_epsilon([a, b, c], 1e-5)
-    direct = dp_accounting.pld.PLDAccountant()
+    direct = dp_accounting.pld.PLDAccountant(RELATIONS["replace-one"])
     direct.compose(
         dp_accounting.ComposedDpEvent(
             [
@@ -115,15 +154,15 @@ def test_splitting_a_schedule_into_rounds_does_not_change_epsilon() -> None:
     rounds = [SampledGaussianSteps(1.0, 0.01, 25)] * 4
     whole = [SampledGaussianSteps(1.0, 0.01, 100)]
     for accountant in ACCOUNTANTS:
-        assert compute_epsilon(rounds, 1e-5, accountant) == pytest.approx(
-            compute_epsilon(whole, 1e-5, accountant), rel=1e-9
+        assert compute_epsilon(rounds, 1e-5, accountant, **ADD_REMOVE) == pytest.approx(
+            compute_epsilon(whole, 1e-5, accountant, **ADD_REMOVE), rel=1e-9
         )
 
 
 @pytest.mark.parametrize("accountant", ACCOUNTANTS)
 def test_epsilon_is_monotone_in_steps(accountant: str) -> None:
     epsilons = [
-        compute_epsilon([SampledGaussianSteps(1.0, 0.01, t)], 1e-5, accountant)
+        compute_epsilon([SampledGaussianSteps(1.0, 0.01, t)], 1e-5, accountant, **ADD_REMOVE)
         for t in (1, 10, 100, 1000)
     ]
     assert epsilons == sorted(epsilons)
@@ -165,10 +204,12 @@ def test_compute_epsilon_edge_cases() -> None:
 def test_calibration_is_tight_and_never_exceeds_target(
     accountant: str, target: float, q: float, steps: int
 ) -> None:
-    sigma = calibrate_noise_multiplier(target, 1e-5, q, steps, accountant)
-    assert compute_epsilon([SampledGaussianSteps(sigma, q, steps)], 1e-5, accountant) <= target
+    relation = {"neighbouring": "replace-one" if accountant == "pld" else "add-remove"}
+    sigma = calibrate_noise_multiplier(target, 1e-5, q, steps, accountant, **relation)
+    event = SampledGaussianSteps(sigma, q, steps)
+    assert compute_epsilon([event], 1e-5, accountant, **relation) <= target
     less_noise = SampledGaussianSteps(sigma * 0.98, q, steps)
-    assert compute_epsilon([less_noise], 1e-5, accountant) > target
+    assert compute_epsilon([less_noise], 1e-5, accountant, **relation) > target
 
 
 @pytest.mark.parametrize(
@@ -251,17 +292,30 @@ EPSILON_ARGS = ["--noise-multiplier", "1.1", "--sample-rate", "0.01", "--steps",
 
 def test_cli_epsilon_json_matches_library() -> None:
     result = CliRunner().invoke(
-        privacy_app, ["epsilon", *EPSILON_ARGS, "--delta", "1e-5", "--accountant", "rdp", "--json"]
+        privacy_app,
+        [
+            "epsilon",
+            *EPSILON_ARGS,
+            "--delta",
+            "1e-5",
+            "--accountant",
+            "rdp",
+            "--neighbouring",
+            "add-remove",
+            "--json",
+        ],
     )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
+    event = SampledGaussianSteps(1.1, 0.01, 1000)
     assert payload == {
-        "epsilon": compute_epsilon([SampledGaussianSteps(1.1, 0.01, 1000)], 1e-5, "rdp"),
+        "epsilon": compute_epsilon([event], 1e-5, "rdp", **ADD_REMOVE),
         "delta": 1e-5,
         "noise_multiplier": 1.1,
         "sample_rate": 0.01,
         "steps": 1000,
         "accountant": "rdp",
+        "neighbouring": "add-remove",
     }
 
 
@@ -270,21 +324,23 @@ def test_cli_epsilon_human_output() -> None:
     assert result.exit_code == 0, result.output
     epsilon = compute_epsilon([SampledGaussianSteps(1.1, 0.01, 1000)], 1e-5)
     assert f"ε = {epsilon:.6g} " in result.stdout
-    assert "pld" in result.stdout
+    assert "pld, replace-one" in result.stdout
 
 
 def test_cli_calibrate_json() -> None:
     args = ["calibrate", "--target-epsilon", "2", "--sample-rate", "0.1", "--steps", "100"]
     result = CliRunner().invoke(
-        privacy_app, [*args, "--delta", "1e-5", "--accountant", "rdp", "--json"]
+        privacy_app,
+        [*args, "--delta", "1e-5", "--accountant", "rdp", "--neighbouring", "add-remove", "--json"],
     )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     sigma = payload["noise_multiplier"]
-    expected = calibrate_noise_multiplier(2.0, 1e-5, 0.1, 100, "rdp")
+    expected = calibrate_noise_multiplier(2.0, 1e-5, 0.1, 100, "rdp", **ADD_REMOVE)
     assert sigma == pytest.approx(expected, rel=1e-9)
     assert payload["epsilon"] <= 2.0
-    achieved = compute_epsilon([SampledGaussianSteps(sigma, 0.1, 100)], 1e-5, "rdp")
+    event = SampledGaussianSteps(sigma, 0.1, 100)
+    achieved = compute_epsilon([event], 1e-5, "rdp", **ADD_REMOVE)
     assert payload["epsilon"] == achieved
     assert payload["accountant"] == "rdp"
 
@@ -302,6 +358,8 @@ GOOD = {"--noise-multiplier": "1", "--sample-rate": "0.1", "--steps": "5", "--de
         ("epsilon", {"--delta": "0"}, "delta"),
         ("epsilon", {"--delta": "1"}, "delta"),
         ("epsilon", {"--accountant": "gdp"}, "pld, rdp, prv"),
+        ("epsilon", {"--accountant": "rdp"}, "replace-one"),
+        ("epsilon", {"--neighbouring": "swap"}, "replace-one, add-remove"),
         ("calibrate", {"--target-epsilon": "-1"}, "target_epsilon"),
         ("calibrate", {"--delta": "2"}, "delta"),
         ("calibrate", {"--accountant": "gdp"}, "pld, rdp, prv"),

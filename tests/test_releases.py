@@ -28,14 +28,27 @@ def test_histogram_noise_is_sigma_per_bin():
 
 def test_release_cost_matches_an_independent_gaussian_accountant():
     # one release of a sensitivity-Δ statistic with noise σΔ is a Gaussian mechanism with
-    # noise multiplier σ, whatever Δ is: that is what the hospital's ledger is charged
+    # noise multiplier σ, whatever Δ is; hospital ledgers account it for replace-one
+    # neighbours, where one unit leaving and another entering moves it by up to 2Δ
     ours = compute_epsilon([GaussianRelease(20.0, 3)], 1e-5)
     reference = (
-        dp_accounting.pld.PLDAccountant()
+        dp_accounting.pld.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE)
         .compose(dp_accounting.GaussianDpEvent(20.0), 3)
         .get_epsilon(1e-5)
     )
     assert ours == pytest.approx(reference, rel=1e-2)
+    assert ours == pytest.approx(dp_accounting.get_epsilon_gaussian(10.0 / 3**0.5, 1e-5), rel=1e-2)
+
+
+def test_replacing_one_patient_moves_the_histogram_by_at_most_the_charged_sensitivity():
+    records = [
+        ClinicalRecord(f"t{i}", "cardiology" if i % 2 else "oncology", f"p{i}") for i in range(9)
+    ]
+    replaced = [*records[:-1], ClinicalRecord("new", "neurology", "p-new")]
+    before = np.array(list(specialty_counts(records, "patient").values()), dtype=float)
+    after = np.array(list(specialty_counts(replaced, "patient").values()), dtype=float)
+    # √2 in add/remove units, within the 2 that a replace-one Gaussian of multiplier σ charges
+    assert np.linalg.norm(after - before) == pytest.approx(2**0.5)
 
 
 def test_profile_counts_each_patient_once_under_patient_level_dp():

@@ -26,10 +26,9 @@ from typer.testing import CliRunner
 from fedllm.cli.app import app as cli_app
 from fedllm.config.schema import ModelConfig
 from fedllm.federation.launcher import stop_process_tree
-from fedllm.models.checkpoints import save_adapter_directory
+from fedllm.models.checkpoints import publish_adapter
 from fedllm.models.loading import load_lora_model
-from fedllm.privacy.consensus import ConsensusMechanism
-from fedllm.privacy.events import GaussianRelease
+from fedllm.privacy.consensus import ConsensusMechanism, ledger_event
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.security.certs import load_credentials
 from fedllm.security.encryption import ENV_VAR, KeyRing
@@ -113,10 +112,28 @@ def stack(tmp_path_factory, keyring) -> Iterator[dict[str, Any]]:
     assert result.exit_code == 0, result.output
 
     env = {**os.environ, ENV_VAR: keyring.to_json(), "FEDLLM_LOG_LEVEL": "WARNING"}
-    with pytest.MonkeyPatch.context() as patch:  # the server writes the adapter encrypted
+    with pytest.MonkeyPatch.context() as patch:  # the server publishes the adapter encrypted
         patch.setenv(ENV_VAR, keyring.to_json())
-        model = load_lora_model(ModelConfig.model_validate(MODEL), torch.device("cpu"), seed=3)
-        save_adapter_directory(model, work / "checkpoint")
+        model_config = ModelConfig.model_validate(MODEL)
+        model = load_lora_model(model_config, torch.device("cpu"), seed=3)
+        publish_adapter(  # with its DP record: nodes serve no adapter without one
+            model,
+            work / "checkpoint",
+            run_id="stack",
+            privacy={
+                "enabled": True,
+                "delta": DELTA,
+                "accountant": "pld",
+                "unit": "patient",
+                "neighbouring": "replace-one",
+                "hospitals": {
+                    name: {"epsilon": 1.0, "epsilon_cap": CAP, "epsilon_confirmed": True}
+                    for name in HOSPITALS
+                },
+            },
+            model_config=model_config,
+            seed=3,
+        )
 
     nodes = []
     for name in HOSPITALS:
@@ -203,6 +220,7 @@ def _token(stack: dict[str, Any]) -> str:
 def test_nodes_serve_the_encrypted_adapter_and_refuse_clients_without_a_certificate(stack):
     for health in stack["node_health"]:
         assert health["model_version"] != "base"  # the encrypted adapter was decrypted and loaded
+        assert health["adapter"]["dp_record"]["run_id"] == "stack"  # and its DP record checked
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{stack['node_urls'][0]}/v1/health", verify=stack["verify"], timeout=5)
 
@@ -253,7 +271,7 @@ def test_consensus_answer_charges_the_user_and_every_hospital_the_same_mechanism
     for name in HOSPITALS:
         url = f"sqlite:///{stack['work'] / f'{name}.db'}"
         ledger = NodePrivacyLedger(url, name, epsilon_cap=CAP, delta=DELTA)
-        assert ledger.events() == [GaussianRelease(mechanism.noise_multiplier, count=MAX_TOKENS)]
+        assert ledger.events() == [ledger_event(mechanism.noise_multiplier, MAX_TOKENS)]
         assert ledger.spent_epsilon() == pytest.approx(cost, rel=1e-6)
 
     verified = CliRunner().invoke(cli_app, ["audit", "verify", str(stack["work"] / "audit.jsonl")])

@@ -3,15 +3,57 @@
 Each hospital's delta (its new adapter minus the global one) is clipped to L2 norm C, the
 clipped deltas are averaged with equal weights over the cohort size m, and Gaussian noise of
 standard deviation σC/m is added (McMahan et al. 2018, "Learning differentially private
-recurrent language models"). Adding or removing one hospital changes the sum of clipped deltas
-by at most C, so each round is a Gaussian mechanism with noise multiplier σ on HOSPITALS:
-user-level DP where the user is a whole hospital.
+recurrent language models"): user-level DP where the user is a whole hospital, for the
+add-or-remove-one-hospital relation.
+
+What one round costs depends on how the cohort is chosen, not only on C
+(`selection_sensitivity`). The released sum is Σ_{i∈S(D)} clip(Δ_i), and removing hospital h
+changes both h's term and, possibly, the cohort S itself:
+
+- **every hospital that can take part is in the cohort** (cohort size K = N hospitals): the
+  cohort is all eligible hospitals, eligibility depends only on each hospital's own ledger, so
+  removing h removes exactly its term: sensitivity C.
+- **a fixed-size cohort of K < N chosen uniformly at random**: removing a selected h frees its
+  place and another hospital h' takes it, so the sum moves by clip(Δ_h') − clip(Δ_h), up to 2C
+  (opposite deltas). Couple the two draws (if h was drawn, replace it by a uniform draw from
+  the hospitals not drawn; the result is uniform over K-subsets without h): every coupled pair
+  of cohorts differs by at most that one swap, and joint convexity of the hockey-stick
+  divergence carries the 2C bound over to the mixture. Sensitivity 2C.
+- **a fixed-size cohort of K < N chosen from the data** (Oort utilities, the redundancy
+  QUBO, a subclass's hooks): utilities and profiles are released with record-level noise only,
+  so at hospital level they are not private, and every hospital's utility depends on the others
+  (normalised by Σ n_j, straggler factors relative to the median duration, pairwise
+  redundancy). Removing h, even an h that was not selected, can reshuffle the whole cohort.
+  With S ⊆ E, S' ⊆ E∖{h} (E the eligible hospitals, |E| ≤ N) and |S| = |S'| = K, the sum moves
+  by at most |S Δ S'|·C = (2K − 2|S ∩ S'|)·C ≤ min(2K, 2(N − K))·C, since |S ∩ S'| ≥ 2K − |E|;
+  with |E| ≤ K the cohort is all eligible hospitals and it moves by C. This is the bound used;
+  it equals 2C for K = 1 and K = N − 1 and grows to N·C for K = N/2. It is reachable: with
+  Oort's utilities, removing a hospital that was not even selected rescales every utility
+  and can swap the whole cohort (tests/test_server_dp_accounting.py), and the QUBO can make a
+  different set of K mutually diverse hospitals optimal.
+
+The round is therefore accounted as a Gaussian with sensitivity Δ = k·C, k the
+`sensitivity_clip_multiple`, expressed as the sensitivity-1 Gaussian the accountant expects
+with the effective noise multiplier σ_eff = σ·C/Δ = σ/k. No amplification by sampling is
+claimed for fixed-size cohorts: a fixed-size choice is not Poisson sampling, and a data-driven
+choice can single a hospital out.
+
+Adaptive mode also releases the centred count Σ_{i∈S}(b_i − ½) of unclipped deltas
+(b_i = 1{‖Δ_i‖ ≤ C}). Removing h without a replacement moves it by ½; a swap h → h' moves it by
+(b_h' − ½) − (b_h − ½) = b_h' − b_h ∈ {−1, 0, 1}, i.e. by at most 1 = 2·½, in either direction;
+in general it moves by at most |S Δ S'|/2. So the count's sensitivity is k/2 whenever the
+update's is k·C, the same multiple k. The pair (update/C with noise σ_Δ, count with noise σ_b)
+is one Gaussian on a vector whose whitened sensitivity is
+k·(σ_Δ⁻² + (2σ_b)⁻²)^(1/2) = k/σ (Andrew et al. 2021, Thm. 1, with both sensitivities scaled by
+k), so adaptive rounds are accounted with the same σ_eff = σ/k, conservatively: it charges the
+worst case of update and count moving together.
 
 This guarantee is separate from, and in addition to, the record-level DP-SGD guarantee each
 hospital enforces on its own records (DESIGN.md §3). It protects which hospitals took part and
 what their whole datasets looked like, against anyone who sees the global adapter; it is not
 charged to the hospitals' record-level ledgers. The server sees the raw deltas, so it is trusted
-here (central DP), unlike under the record-level guarantee.
+here (central DP), unlike under the record-level guarantee. Its composed ε over the rounds that
+applied it is `compose_server_side_guarantee`, reported as ``privacy.server_side``.
 
 Flower's helpers are used where their signatures fit (`compute_stdv`,
 `compute_adaptive_noise_params`). Clipping, noise and the clip-norm update are written here:
@@ -25,7 +67,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,9 +76,16 @@ import torch
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params, compute_stdv
 
 from fedllm.aggregation.rules import AdapterState, check_compatible, weighted_mean
+from fedllm.privacy.accountant import PLD_VALUE_DISCRETIZATION_INTERVAL, compute_epsilon
+from fedllm.privacy.events import GaussianRelease, event_to_dict
 
 ServerDpMode = Literal["off", "fixed", "adaptive"]
 SERVER_DP_MODES: tuple[str, ...] = ("off", "fixed", "adaptive")
+
+# The hospital-level ε is always reported from PLD, the project's default tight accountant.
+SERVER_SIDE_ACCOUNTANT = "pld"
+# δ of the hospital-level guarantee when privacy.delta is not in force (DP-SGD off).
+DEFAULT_SERVER_SIDE_DELTA = 1e-5
 
 # Weights closer than this (relatively) count as equal; they come from float arithmetic.
 _EQUAL_WEIGHTS_RTOL = 1e-9
@@ -50,7 +99,8 @@ class ServerDpConfig:
         `clip_norm`) or "adaptive" (start at `clip_norm`, move it toward a quantile).
     noise_multiplier: σ of the whole per-round mechanism, in units of the clip norm. In
         adaptive mode it covers the update AND the clipped count together (see
-        `ServerSideDp`), so accounting uses σ for both modes.
+        `ServerSideDp`), so both modes are accounted with the same σ/k, k the selection's
+        sensitivity multiple (`selection_sensitivity`).
     clip_norm: C, the bound on one hospital's delta (the initial C in adaptive mode).
     target_quantile: γ, the fraction of hospitals whose delta should fit under C (adaptive).
     clip_learning_rate: η of the geometric update C ← C·exp(−η(b̃ − γ)) (adaptive).
@@ -143,9 +193,10 @@ class ServerSideDp:
     centred as Σ_i (b_i − ½) + N(0, σ_b²) so that one hospital changes it by at most ½. That
     count is a second Gaussian mechanism on the same hospitals; the update noise is raised to
     σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2) so that the two together cost exactly one Gaussian mechanism
-    with multiplier σ (Andrew et al. Thm. 1, Flower's `compute_adaptive_noise_params`). The
-    clip norm then moves geometrically toward the γ-quantile of delta norms:
-    C ← C·exp(−η(b̃ − γ)), b̃ the noised fraction of unclipped deltas.
+    with multiplier σ per hospital entering or leaving the sum (Andrew et al. Thm. 1, Flower's
+    `compute_adaptive_noise_params`); a swap of one hospital for another is accounted with
+    σ/2 (module docstring). The clip norm then moves geometrically toward the γ-quantile of
+    delta norms: C ← C·exp(−η(b̃ − γ)), b̃ the noised fraction of unclipped deltas.
 
     The current clip norm is state; pass the last recorded `next_clip_norm` as `clip_norm`
     to resume a run.
@@ -236,38 +287,191 @@ class ServerSideDp:
         return mean, record
 
 
-def server_dp_event(
-    config: ServerDpConfig,
-    cohort_size: int,
-    num_hospitals: int,
-    uniform_poisson_selection: bool,
-) -> dp_accounting.DpEvent:
-    """The per-round HOSPITAL-level DP event of server-side DP (compose it over rounds).
-
-    - mode "off": `NonPrivateDpEvent`: the aggregate carries no hospital-level guarantee
-      (each hospital's records are still protected by its own DP-SGD).
-    - uniform Poisson selection (each of the N hospitals joins independently with the same
-      q = K/N, regardless of data): amplification by sampling may be claimed,
-      `PoissonSampledDpEvent(q, GaussianDpEvent(σ))`.
-    - any other selection, in particular fedllm's utility-driven cohorts (which depend on
-      hospitals' private loss statistics) or non-uniform inclusion probabilities: NO
-      amplification, `GaussianDpEvent(σ)` each round, as if every hospital took part (q = 1).
-      Selection that looks at the data can single a hospital out, so the randomness of
-      "who was picked" cannot be counted as hiding anyone.
-
-    The event is over hospitals (add or remove one hospital's whole dataset), in addition to
-    and separate from the record-level events in each hospital's ledger.
-    """
-    if config.mode == "off":
-        return dp_accounting.NonPrivateDpEvent()
+def _check_sizes(cohort_size: int, num_hospitals: int) -> None:
+    """Both sizes are public integers with 1 <= K <= N; anything else is a caller's bug."""
     if isinstance(cohort_size, bool) or not isinstance(cohort_size, int) or cohort_size < 1:
         raise ValueError(f"cohort_size must be an integer >= 1, got {cohort_size!r}")
     if isinstance(num_hospitals, bool) or not isinstance(num_hospitals, int):
         raise ValueError(f"num_hospitals must be an integer, got {num_hospitals!r}")
     if num_hospitals < cohort_size:
         raise ValueError(f"num_hospitals={num_hospitals} is smaller than cohort_size")
-    gaussian = dp_accounting.GaussianDpEvent(config.noise_multiplier)
+
+
+def selection_sensitivity(
+    cohort_size: int, num_hospitals: int, *, data_dependent_selection: bool = True
+) -> int:
+    """k = Δ/C: how far adding or removing one hospital can move the sum of clipped deltas.
+
+    - K = N (every hospital that can take part is in the cohort): 1, only its own term.
+    - K < N, cohort drawn uniformly at random: 2, its place goes to another hospital.
+    - K < N, cohort chosen from the hospitals' statistics (`data_dependent_selection`, the
+      conservative default): min(2K, 2(N − K)), since removing one hospital can reshuffle
+      the cohort; the derivation is in the module docstring.
+
+    The answer depends only on the configuration, never on a round's eligible set: choosing
+    the accounting from data (e.g. "only K were eligible this round") would itself leak.
+    """
+    _check_sizes(cohort_size, num_hospitals)
+    if cohort_size == num_hospitals:
+        return 1
+    if not data_dependent_selection:
+        return 2
+    return min(2 * cohort_size, 2 * (num_hospitals - cohort_size))
+
+
+def server_dp_event(
+    config: ServerDpConfig,
+    cohort_size: int,
+    num_hospitals: int,
+    uniform_poisson_selection: bool,
+    *,
+    data_dependent_selection: bool = True,
+) -> dp_accounting.DpEvent:
+    """The per-round HOSPITAL-level DP event of server-side DP (compose it over rounds).
+
+    - mode "off": `NonPrivateDpEvent`: the aggregate carries no hospital-level guarantee
+      (each hospital's records are still protected by its own DP-SGD).
+    - uniform Poisson selection (each of the N hospitals joins independently with the same
+      q = K/N, regardless of data): no place is freed for anyone else, so the sensitivity is
+      C, and amplification by sampling may be claimed,
+      `PoissonSampledDpEvent(q, GaussianDpEvent(σ))`.
+    - a fixed-size cohort (what fedllm does, in every selection mode): NO amplification, and
+      the sensitivity k·C of `selection_sensitivity`, expressed as `GaussianDpEvent(σ/k)`:
+      the accountant's Gaussian has sensitivity 1, and noise σC over sensitivity kC is
+      exactly a sensitivity-1 Gaussian with multiplier σ/k.
+
+    The event is for adding or removing one hospital's whole dataset (account it with the
+    add-or-remove relation), in addition to and separate from the record-level events in
+    each hospital's ledger.
+    """
+    if config.mode == "off":
+        return dp_accounting.NonPrivateDpEvent()
+    _check_sizes(cohort_size, num_hospitals)
     q = cohort_size / num_hospitals
-    if not uniform_poisson_selection or q >= 1:
-        return gaussian
-    return dp_accounting.PoissonSampledDpEvent(q, gaussian)
+    if uniform_poisson_selection and q < 1:
+        return dp_accounting.PoissonSampledDpEvent(
+            q, dp_accounting.GaussianDpEvent(config.noise_multiplier)
+        )
+    multiple = selection_sensitivity(
+        cohort_size, num_hospitals, data_dependent_selection=data_dependent_selection
+    )
+    return dp_accounting.GaussianDpEvent(config.noise_multiplier / multiple)
+
+
+def server_dp_accounting(
+    config: ServerDpConfig,
+    cohort_size: int,
+    num_hospitals: int,
+    *,
+    data_dependent_selection: bool = True,
+) -> dict[str, Any]:
+    """What one fixed-size-cohort round of server-side DP costs, as fields of its round record.
+
+    σ and k are kept next to σ_eff = σ/k so a reader of the report sees why the effective
+    noise is lower than the configured one; `event` is the project's serialised event, the
+    sensitivity-1 Gaussian that `compose_server_side_guarantee` composes.
+    """
+    if config.mode == "off":
+        raise ValueError("server-side DP is off: there is no hospital-level event to record")
+    multiple = selection_sensitivity(
+        cohort_size, num_hospitals, data_dependent_selection=data_dependent_selection
+    )
+    effective = config.noise_multiplier / multiple
+    if cohort_size == num_hospitals:
+        selection = "all hospitals"
+    elif data_dependent_selection:
+        selection = "data-dependent, fixed size"
+    else:
+        selection = "uniform, fixed size"
+    record: dict[str, Any] = {
+        "unit": "hospital",
+        "neighbouring": "add-remove",
+        "selection": selection,
+        "num_hospitals": num_hospitals,
+        "sensitivity_clip_multiple": multiple,
+        "noise_multiplier": config.noise_multiplier,
+        "effective_noise_multiplier": effective,
+        "amplification": False,
+        "event": event_to_dict(GaussianRelease(effective)),
+    }
+    if config.mode == "adaptive":
+        # The centred count moves by 1/2 per hospital entering or leaving the sum.
+        record["clipped_count_sensitivity"] = multiple / 2
+    return record
+
+
+def server_side_delta(privacy_enabled: bool, privacy_delta: float) -> tuple[float, str]:
+    """δ of the hospital-level guarantee and where it came from.
+
+    The run's `privacy.delta` when DP-SGD is on (one δ for every guarantee in the report);
+    otherwise that setting is not in force, so the conventional 1e-5 is used and named.
+    """
+    if privacy_enabled:
+        return float(privacy_delta), "privacy.delta"
+    return DEFAULT_SERVER_SIDE_DELTA, "default (privacy.enabled is false)"
+
+
+def _composed_gaussian_epsilon(composition: Sequence[Mapping[str, Any]], delta: float) -> float:
+    """ε at `delta` of the rounds in `composition`, from the project's PLD accountant.
+
+    Composing Gaussians with multipliers σ_i (sensitivity 1) is exactly one Gaussian with
+    σ = (Σ_i σ_i⁻²)^(−1/2): the privacy loss of each is N(μ_i²/2, μ_i²), μ_i = 1/σ_i, and
+    composition adds means and variances. So one release is accounted instead of many
+    convolutions. PLD's grid covers privacy losses up to about μ²/2 + 10μ, so at the default
+    interval a weakly noised run (μ of tens, ε in the thousands) needs tens of millions of
+    points and gigabytes. The interval is widened to 1e-5 of that span when this exceeds the
+    default (μ > ~1): still every loss is rounded up, so ε stays an upper bound, now off by at
+    most 1e-5·(μ²/2 + 10μ), a relative error of order 1e-5 on ε ≈ μ²/2.
+    """
+    precision = math.fsum(
+        int(part["rounds"]) * float(part["effective_noise_multiplier"]) ** -2
+        for part in composition
+    )
+    if precision == 0:
+        return 0.0
+    mu = math.sqrt(precision)
+    return compute_epsilon(
+        [GaussianRelease(1 / mu)],
+        delta,
+        SERVER_SIDE_ACCOUNTANT,
+        pld_interval=max(PLD_VALUE_DISCRETIZATION_INTERVAL, 1e-5 * (mu**2 / 2 + 10 * mu)),
+        neighbouring="add-remove",
+    )
+
+
+def compose_server_side_guarantee(
+    previous: Mapping[str, Any] | None,
+    round_accounting: Mapping[str, Any],
+    delta: float,
+    delta_source: str,
+) -> dict[str, Any]:
+    """The hospital-level guarantee after one more round of server-side DP.
+
+    `previous` is the last guarantee (None before the first round; a resumed run passes the
+    one in its report), `round_accounting` the round's `server_dp_accounting` fields. Rounds
+    are kept as runs of equal σ_eff (`composition`), so a run resumed with other settings
+    still composes every round it released, and ε is re-derived from all of them with the
+    project's PLD accountant under add-or-remove-one-hospital.
+    """
+    effective = float(round_accounting["effective_noise_multiplier"])
+    composition = [dict(part) for part in (previous or {}).get("composition", [])]
+    if composition and composition[-1]["effective_noise_multiplier"] == effective:
+        composition[-1]["rounds"] += 1
+    else:
+        composition.append({"effective_noise_multiplier": effective, "rounds": 1})
+    epsilon = _composed_gaussian_epsilon(composition, delta)
+    return {
+        "epsilon": epsilon,
+        "delta": delta,
+        "delta_source": delta_source,
+        "sensitivity_clip_multiple": round_accounting["sensitivity_clip_multiple"],
+        "noise_multiplier": round_accounting["noise_multiplier"],
+        "effective_noise_multiplier": effective,
+        "rounds": sum(int(part["rounds"]) for part in composition),
+        "unit": "hospital",
+        "neighbouring": "add-remove",
+        "selection": round_accounting["selection"],
+        "amplification": False,
+        "accountant": SERVER_SIDE_ACCOUNTANT,
+        "composition": composition,
+    }

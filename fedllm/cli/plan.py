@@ -12,6 +12,7 @@ from fedllm.cli.common import console, fail, print_json
 from fedllm.config import ConfigError, load_config
 from fedllm.data import DataError
 from fedllm.federation.hospital_data import hospital_data, training_texts
+from fedllm.privacy.accountant import HOSPITAL_NEIGHBOURING, compute_epsilon
 from fedllm.privacy.plan import plan_hospital
 
 
@@ -45,7 +46,9 @@ def plan_command(
                     "steps_per_round": plan.steps_per_round,
                     "planned_rounds": plan.planned_rounds,
                     "noise_multiplier": plan.noise_multiplier,
-                    "epsilon_per_round": plan.epsilon_after(1),
+                    "epsilon_per_round": compute_epsilon(
+                        plan.round_events(), plan.delta, plan.accountant
+                    ),
                     "projected_epsilon": projected,
                     "epsilon_cap": plan.epsilon_cap,
                 }
@@ -57,14 +60,17 @@ def plan_command(
             {
                 "delta": config.privacy.delta,
                 "accountant": config.privacy.accountant,
+                "neighbouring": HOSPITAL_NEIGHBOURING,
                 "unit": config.privacy.unit,
+                "evaluation": config.evaluation.release,
                 "hospitals": rows,
             }
         )
         return
     table = Table(
         title=f"Privacy plan: δ={config.privacy.delta}, accountant={config.privacy.accountant},"
-        f" unit={config.privacy.unit}"
+        f" {HOSPITAL_NEIGHBOURING} neighbours, unit={config.privacy.unit},"
+        f" evaluation={config.evaluation.release}"
     )
     headers = ("hospital", "units", "q", "steps/round", "rounds", "σ", "ε/round", "ε total", "cap")
     for header in headers:

@@ -12,7 +12,12 @@ from typing import Annotated
 import typer
 
 from fedllm.cli.common import console, fail, print_json
-from fedllm.privacy.accountant import ACCOUNTANTS, compute_epsilon
+from fedllm.privacy.accountant import (
+    ACCOUNTANTS,
+    HOSPITAL_NEIGHBOURING,
+    NEIGHBOURING_RELATIONS,
+    compute_epsilon,
+)
 from fedllm.privacy.calibration import calibrate_noise_multiplier
 from fedllm.privacy.events import SampledGaussianSteps
 
@@ -31,6 +36,16 @@ Accountant = Annotated[
     str, typer.Option("--accountant", help=f"Accountant: {', '.join(ACCOUNTANTS)}")
 ]
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print one JSON object")]
+Neighbouring = Annotated[
+    str,
+    typer.Option(
+        "--neighbouring",
+        help=(
+            f"Neighbouring relation: {', '.join(NEIGHBOURING_RELATIONS)} (replace-one, the "
+            "relation of fedllm's hospitals, whose dataset sizes are public, needs pld)"
+        ),
+    ),
+]
 
 
 def _finite(epsilon: float, accountant: str) -> float:
@@ -49,12 +64,15 @@ def epsilon_command(
     steps: Steps,
     delta: Delta,
     accountant: Accountant = "pld",
+    neighbouring: Neighbouring = HOSPITAL_NEIGHBOURING,
     json_output: JsonOutput = False,
 ) -> None:
     """Print ε after a number of Poisson-sampled Gaussian DP-SGD steps, at δ."""
     try:
         event = SampledGaussianSteps(noise_multiplier, sample_rate, steps)
-        epsilon = _finite(compute_epsilon([event], delta, accountant), accountant)
+        epsilon = _finite(
+            compute_epsilon([event], delta, accountant, neighbouring=neighbouring), accountant
+        )
     except (ValueError, ArithmeticError) as error:
         fail(str(error))
     if json_output:
@@ -66,11 +84,12 @@ def epsilon_command(
                 "sample_rate": sample_rate,
                 "steps": steps,
                 "accountant": accountant,
+                "neighbouring": neighbouring,
             }
         )
         return
     console.print(
-        f"ε = [bold]{epsilon:.6g}[/] at δ = {delta:g} ({accountant}; "
+        f"ε = [bold]{epsilon:.6g}[/] at δ = {delta:g} ({accountant}, {neighbouring}; "
         f"σ = {noise_multiplier:g}, q = {sample_rate:g}, {steps} steps)",
         highlight=False,
     )
@@ -85,13 +104,18 @@ def calibrate_command(
     steps: Steps,
     delta: Delta,
     accountant: Accountant = "pld",
+    neighbouring: Neighbouring = HOSPITAL_NEIGHBOURING,
     json_output: JsonOutput = False,
 ) -> None:
     """Print the smallest noise multiplier σ whose ε stays within the target."""
     try:
-        sigma = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant)
+        sigma = calibrate_noise_multiplier(
+            target_epsilon, delta, sample_rate, steps, accountant, neighbouring=neighbouring
+        )
         event = SampledGaussianSteps(sigma, sample_rate, steps)
-        epsilon = _finite(compute_epsilon([event], delta, accountant), accountant)
+        epsilon = _finite(
+            compute_epsilon([event], delta, accountant, neighbouring=neighbouring), accountant
+        )
     except (ValueError, ArithmeticError) as error:
         fail(str(error))
     if json_output:
@@ -104,11 +128,12 @@ def calibrate_command(
                 "sample_rate": sample_rate,
                 "steps": steps,
                 "accountant": accountant,
+                "neighbouring": neighbouring,
             }
         )
         return
     console.print(
         f"σ = [bold]{sigma:.6g}[/] gives ε = {epsilon:.6g} <= {target_epsilon:g} at "
-        f"δ = {delta:g} ({accountant}; q = {sample_rate:g}, {steps} steps)",
+        f"δ = {delta:g} ({accountant}, {neighbouring}; q = {sample_rate:g}, {steps} steps)",
         highlight=False,
     )

@@ -19,6 +19,7 @@ from fedllm.data import DataError
 from fedllm.federation.baselines import run_centralized_baseline
 from fedllm.federation.experiment import APP_ROOT
 from fedllm.federation.flower_cli import DeployedFederation, deployed_federation
+from fedllm.federation.hospital_data import check_simulation_ledgers
 from fedllm.federation.launcher import (
     FederationError,
     SimulationResources,
@@ -64,6 +65,16 @@ def run_command(
         )
     except (ConfigError, FederationError) as error:
         fail(str(error))
+    if target is None:
+        try:
+            check_simulation_ledgers(config)
+        except ValueError as error:
+            fail(str(error))
+    if target is not None and config.evaluation.release == "exact":
+        fail(
+            "evaluation.release: got 'exact'; a deployed federation evaluates on hospitals' own "
+            "patients, which leaves them only as a DP release: expected 'dp' or 'off'"
+        )
     if target is not None and baselines and config.evaluation.baselines and not json_output:
         # federated_no_dp would train on the hospitals' records without DP
         console.print("Baselines are not run against a deployed federation.")
@@ -225,7 +236,7 @@ def show_summary(report: dict[str, Any], run_dir: Path) -> None:
     if privacy["enabled"]:
         table = Table(
             title=f"Privacy per hospital (δ={privacy['delta']}, accountant={privacy['accountant']},"
-            f" unit={privacy['unit']})"
+            f" unit={privacy['unit']}, {privacy.get('neighbouring')} neighbours)"
         )
         for column in ("hospital", "ε", "cap", "σ", "q", "steps", "rounds"):
             table.add_column(column, justify="right")
@@ -284,8 +295,7 @@ def _follow_progress(finished: threading.Event, run_dir: Path, rounds: int, quie
                     task,
                     completed=len(rows),
                     description=(
-                        f"cohort {len(last['selected'])} | loss {_fmt(last['train_loss'])}"
-                        f" | ppl {_fmt(last['perplexity'])}"
+                        f"cohort {len(last['selected'])} | ppl {_fmt(last['perplexity'])}"
                         f" | max ε {_fmt(max(epsilons) if epsilons else None)}"
                     ),
                 )

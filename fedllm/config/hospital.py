@@ -28,6 +28,7 @@ PATH_KEYS = (
     "auth.private_key",
     "auth.public_key",
     "data.path",
+    "privacy.split_key_file",
     "runtime.state_dir",
     "inference.adapter_dir",
     "inference.local_adapter",
@@ -85,10 +86,19 @@ class DataSection(StrictModel):
 
 
 class PrivacySection(StrictModel):
-    """Where the hospital's privacy ledger lives and the ε it will never exceed."""
+    """Where the hospital's privacy ledger lives, the ε it will never exceed, and its secrets.
+
+    ``split_key_file`` holds the secret that decides, per patient id, which patients are held
+    out for evaluation (created on first start; by default ``split.key`` beside a SQLite
+    ledger; keep it with the ledger: a new key would move patients between the sides).
+    ``evaluation: off`` refuses every evaluation request, so the hospital releases nothing
+    about its held-out patients; ``dp`` releases a noised, charged loss.
+    """
 
     ledger_url: str
     epsilon_cap: PositiveFloat | None = None
+    split_key_file: Path | None = None
+    evaluation: Literal["dp", "off"] = "dp"
 
 
 class RuntimeSection(StrictModel):

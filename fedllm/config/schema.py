@@ -160,12 +160,21 @@ class TrainingConfig(StrictModel):
 
 
 class PrivacyConfig(StrictModel):
-    """Record-level (or patient-level) DP-SGD at each hospital and how ε is accounted.
+    """Patient-level (or record-level) DP-SGD at each hospital and how ε is accounted.
 
     Either ``target_epsilon`` (σ is calibrated so that a hospital taking part in
     ``planned_rounds`` rounds, by default every round of the run, ends at that ε) or an explicit
     ``noise_multiplier``. ``epsilon_cap`` is the hard limit a hospital never crosses over the
     life of its dataset; it defaults to the target.
+
+    ``unit: patient`` makes one patient (all of their records) one unit of sampling and
+    clipping; records without a patient id are each their own patient. ε is accounted for
+    replace-one neighbours, because hospitals' dataset sizes are public; only the ``pld``
+    accountant bounds that relation. ``random_source`` picks the generator of DP noise and
+    sampling (always seeded by the OS, never by ``run.seed``): ``fast`` or ``secure`` (a
+    CSPRNG). ``ledger_dir`` is where simulated hospitals whose records come from files or a
+    hub dataset keep their ledgers and split keys, per dataset, so that repeated experiments on
+    the same data compose (default ``$FEDLLM_LEDGER_DIR``, else ``~/.local/share/fedllm/ledgers``).
     """
 
     enabled: bool = True
@@ -175,8 +184,20 @@ class PrivacyConfig(StrictModel):
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     accountant: Literal["pld", "rdp", "prv"] = "pld"
     epsilon_cap: PositiveFloat | None = None
-    unit: Literal["record", "patient"] = "record"
+    unit: Literal["record", "patient"] = "patient"
     planned_rounds: PositiveInt | None = None
+    random_source: Literal["fast", "secure"] = "fast"
+    ledger_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _replace_one_needs_pld(self) -> PrivacyConfig:
+        if self.enabled and self.accountant != "pld":
+            raise ValueError(
+                f"privacy.accountant: got {self.accountant!r}; expected 'pld' (hospitals' "
+                "dataset sizes are public, so ε is accounted for replace-one neighbours, which "
+                "only the pld accountant bounds)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> PrivacyConfig:
@@ -196,10 +217,21 @@ class PrivacyConfig(StrictModel):
 
 
 class EvaluationConfig(StrictModel):
-    """Held-out perplexity each round, and baselines that show the cost of DP and federation."""
+    """Held-out perplexity each round, and baselines that show the cost of DP and federation.
+
+    Evaluating on a hospital's own held-out patients is a release about them. ``release``:
+    ``dp`` (default) clips each evaluation unit's mean token loss to ``loss_clip`` and releases
+    the sum with Gaussian noise of ``noise_multiplier × loss_clip``, charged to the hospital's
+    ledger and included in σ's calibration; ``off`` releases nothing; ``exact`` returns exact
+    token-weighted losses and is for simulations only, where the run generated or loaded the
+    data itself (the report labels those figures simulation-only; a deployed hospital refuses).
+    """
 
     baselines: list[Literal["centralized", "federated_no_dp"]] = ["centralized"]
     max_eval_sequences: PositiveInt = 256
+    release: Literal["dp", "exact", "off"] = "dp"
+    noise_multiplier: PositiveFloat = 10.0
+    loss_clip: PositiveFloat = 8.0
 
 
 class ServerDpSettings(StrictModel):
@@ -283,6 +315,11 @@ class ExperimentConfig(StrictModel):
     def needs_utility_statistics(self) -> bool:
         """Whether hospitals report a loss statistic each round (noised under DP)."""
         return self.selects and self.strategy.selection != "random"
+
+    @property
+    def evaluations_per_run(self) -> int:
+        """Evaluation releases a hospital makes in a run: one before round 1, one per round."""
+        return 0 if self.evaluation.release == "off" else self.run.rounds + 1
 
     @property
     def needs_profiles(self) -> bool:

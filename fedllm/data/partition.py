@@ -2,12 +2,14 @@
 
 Simulations need controllable heterogeneity: Dirichlet partitioning by specialty is the
 standard way to dial clients from IID (large alpha) to highly skewed (small alpha). The
-train/eval split works per patient so held-out metrics never reward memorising a patient
-the model was trained on.
+train/eval split works per patient, keyed by a hospital secret, so held-out metrics never
+reward memorising a patient the model was trained on and one patient never moves another.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -84,33 +86,40 @@ def iid_partition(
     return _collect(records, [chunk.tolist() for chunk in np.array_split(order, num_partitions)])
 
 
-def split_train_eval(
-    records: Sequence[ClinicalRecord], eval_fraction: float, seed: int
-) -> tuple[list[ClinicalRecord], list[ClinicalRecord]]:
-    """Hold out whole patients until about ``eval_fraction`` of the records are held out.
+def patient_side_value(patient_id: str, key: bytes) -> float:
+    """A uniform number in [0, 1) that only the patient's id and the hospital's key decide."""
+    digest = hmac.new(key, patient_id.encode("utf-8"), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
-    Splitting by patient stops evaluation from rewarding memorisation of a training patient.
-    At least one patient goes to each side, so both are non-empty.
+
+def split_train_eval(
+    records: Sequence[ClinicalRecord], eval_fraction: float, key: bytes
+) -> tuple[list[ClinicalRecord], list[ClinicalRecord]]:
+    """Hold out each patient with probability ``eval_fraction``, decided by HMAC(key, id).
+
+    A patient's side depends on nothing but its own id and the hospital's secret key, so
+    adding or removing one patient changes exactly one side by exactly that patient, and the
+    split is the same for the dataset's whole life: neighbouring datasets give neighbouring
+    training sets, which the DP guarantee needs. (Shuffling all patients with a seed would move
+    hundreds of records when one patient is added.) The key is secret so that nobody outside
+    the hospital can tell which side a patient is on. Both sides must be non-empty.
     """
     if not 0 < eval_fraction < 1:
         raise DataError(f"eval_fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
-    patients = sorted({record.patient_id for record in records})
-    if len(patients) < 2:
-        raise DataError(
-            f"cannot split by patient: found {len(patients)} distinct patient_id value(s), "
-            "expected at least 2"
-        )
-    counts: dict[str, int] = defaultdict(int)
-    for record in records:
-        counts[record.patient_id] += 1
-    target = eval_fraction * len(records)
-    held_out: set[str] = set()
-    held_out_records = 0
-    for patient in np.random.default_rng(seed).permutation(patients).tolist():
-        if held_out and (held_out_records >= target or len(held_out) == len(patients) - 1):
-            break
-        held_out.add(patient)
-        held_out_records += counts[patient]
+    if len(key) < 16:
+        raise DataError("the split key must hold at least 128 bits")
+    held_out = {
+        patient
+        for patient in {record.patient_id for record in records}
+        if patient_side_value(patient, key) < eval_fraction
+    }
     train = [record for record in records if record.patient_id not in held_out]
     evaluation = [record for record in records if record.patient_id in held_out]
+    if not train or not evaluation:
+        patients = len({record.patient_id for record in records})
+        raise DataError(
+            f"splitting {patients} patient(s) with eval_fraction {eval_fraction} left the "
+            f"{'training' if not train else 'evaluation'} side empty; a hospital needs more "
+            "patients (or a different data.eval_fraction)"
+        )
     return train, evaluation

@@ -11,13 +11,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-
 from fedllm.config.schema import ExperimentConfig
-from fedllm.federation.hospital import pick_device, stable_seed
+from fedllm.federation.hospital import evaluation_texts, pick_device, score_evaluation
 from fedllm.federation.hospital_data import hospital_data
 from fedllm.models.loading import load_lora_model, load_tokenizer
-from fedllm.training.evaluation import combine, evaluate
+from fedllm.privacy.randomness import SeededStream
+from fedllm.training.evaluation import combine
 from fedllm.training.local import train_locally
 from fedllm.training.sequences import encode_texts
 
@@ -40,11 +39,13 @@ def run_centralized_baseline(config: ExperimentConfig) -> dict[str, Any]:
         learning_rate=training.learning_rate,
         optimizer_name=training.optimizer,
         dp=None,
-        generator=torch.Generator().manual_seed(stable_seed(config.run.seed, "centralized")),
+        # a non-private baseline: its sampling is public, so the run's seed may drive it
+        stream=SeededStream(config.run.seed),
     )
-    limit = config.evaluation.max_eval_sequences
     per_hospital = {
-        h.name: evaluate(model, encode_texts(tokenizer, [r.text for r in h.eval][:limit], length))
+        h.name: score_evaluation(
+            model, encode_texts(tokenizer, evaluation_texts(h.eval, config), length), config
+        )
         for h in hospitals
     }
     overall = combine(list(per_hospital.values()))

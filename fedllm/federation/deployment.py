@@ -182,7 +182,10 @@ def hospital_node_config(config: HospitalConfig) -> dict[str, NodeValue]:
         keys.DATA_FORMAT: config.data.resolved_format(),
         keys.DATA_TEXT_FIELD: config.data.text_field,
         keys.LEDGER_URL: config.privacy.ledger_url,
+        keys.EVALUATION: config.privacy.evaluation,
     }
+    if config.privacy.split_key_file is not None:
+        values[keys.SPLIT_KEY_FILE] = str(config.privacy.split_key_file)
     if config.data.specialty_field:
         values[keys.DATA_SPECIALTY_FIELD] = config.data.specialty_field
     if config.data.patient_field:

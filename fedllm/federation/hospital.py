@@ -8,7 +8,6 @@ process dies before the update leaves the hospital.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -22,12 +21,13 @@ from fedllm.federation.hospital_data import LocalDataSource, hospital_data, trai
 from fedllm.models.adapters import AdapterState, adapter_state, load_adapter_state
 from fedllm.models.loading import load_lora_model, load_tokenizer
 from fedllm.privacy.events import event_to_dict
-from fedllm.privacy.node_ledger import NodePrivacyLedger
+from fedllm.privacy.node_ledger import BudgetExceededError, NodePrivacyLedger
 from fedllm.privacy.plan import HospitalPrivacyPlan, plan_hospital
+from fedllm.privacy.randomness import fresh_stream
 from fedllm.privacy.releases import release_counts, release_scalar
-from fedllm.training.evaluation import EvaluationResult, evaluate
+from fedllm.training.evaluation import EvaluationResult, evaluate, evaluate_clipped_units
 from fedllm.training.local import DpSgdSettings, train_locally
-from fedllm.training.sequences import encode_texts
+from fedllm.training.sequences import EncodedSequences, encode_texts
 from fedllm.training.statistics import clipped_square_loss_sum
 
 PROFILE_BINS = (*SPECIALTIES, "unknown")
@@ -60,10 +60,31 @@ def specialty_counts(records: list[ClinicalRecord], unit: str) -> dict[str, int]
     return counts
 
 
-def stable_seed(*parts: object) -> int:
-    """A seed that is the same in every process (unlike ``hash``, which is salted per process)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "big")
+def evaluation_texts(records: list[ClinicalRecord], config: ExperimentConfig) -> list[str]:
+    """What evaluation scores: records when exact, privacy units under a DP evaluation.
+
+    A DP evaluation clips each unit's loss, so a unit must be the privacy unit (a patient's
+    records together) for one patient to move the sum by at most the clip.
+    """
+    texts = (
+        [record.text for record in records]
+        if config.evaluation.release == "exact"
+        else training_texts(records, config.privacy.unit)
+    )
+    return texts[: config.evaluation.max_eval_sequences]
+
+
+def score_evaluation(
+    model: torch.nn.Module, data: EncodedSequences, config: ExperimentConfig
+) -> EvaluationResult:
+    """The configured evaluation figure, before any noise: exact, or Σ clipped unit losses."""
+    if config.evaluation.release == "exact":
+        return evaluate(model, data)
+    return evaluate_clipped_units(model, data, config.evaluation.loss_clip)
+
+
+class EvaluationRefusedError(RuntimeError):
+    """The experiment asks a hospital for an evaluation it must not release."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +99,11 @@ class RoundOutcome:
 class HospitalSite:
     """One hospital: its data, its copy of the model and its persistent privacy ledger.
 
-    ``local_data`` is a deployed hospital's own records file; without it the records come
-    from the experiment config (simulation).
+    ``local_data`` is a deployed hospital's own records file, split with its own secret
+    ``split_key``; without it the records come from the experiment config (simulation).
+    ``evaluation_allowed`` is the hospital's own policy: False refuses every evaluation.
+    Every random draw a DP guarantee rests on comes from a stream seeded by the OS afresh for
+    each release (:mod:`fedllm.privacy.randomness`), never from ``run.seed``.
     """
 
     def __init__(
@@ -89,19 +113,21 @@ class HospitalSite:
         ledger_url: str,
         epsilon_cap: float | None = None,
         local_data: LocalDataSource | None = None,
+        split_key: bytes | None = None,
+        evaluation_allowed: bool = True,
     ) -> None:
         self.config = config
         self.index = index
         self.profile = config.federation.profiles()[index]
         self.device = pick_device(config.training.device)
-        data = hospital_data(config, index, local_data)
+        self.owns_records = local_data is not None
+        self.evaluation_allowed = evaluation_allowed
+        data = hospital_data(config, index, local_data, split_key)
         tokenizer = load_tokenizer(config.model, config.run.seed)
         length = config.model.max_seq_length
-        self.train_data = encode_texts(
-            tokenizer, training_texts(data.train, config.privacy.unit), length
-        )
-        eval_texts = [r.text for r in data.eval][: config.evaluation.max_eval_sequences]
-        self.eval_data = encode_texts(tokenizer, eval_texts, length)
+        unit = config.privacy.unit
+        self.train_data = encode_texts(tokenizer, training_texts(data.train, unit), length)
+        self.eval_data = encode_texts(tokenizer, evaluation_texts(data.eval, config), length)
         self.specialty_counts = specialty_counts(data.train, config.privacy.unit)
         self.model = load_lora_model(config.model, self.device, config.run.seed)
         self.plan: HospitalPrivacyPlan | None = None
@@ -153,13 +179,21 @@ class HospitalSite:
             return [float(self.specialty_counts[b]) for b in PROFILE_BINS]
         release = self.plan.profile_release
         already = any(
-            row["run_id"] == run_id and row["round_id"] == 0 for row in self.ledger.history()
+            row["run_id"] == run_id and row["event"].get("purpose") == "profile"
+            for row in self.ledger.history()
         )
         if release is None or already or not self.ledger.can_afford(self.plan.one_off_events()):
             return None
         self.ledger.charge(self.plan.one_off_events(), round_id=0, run_id=run_id)
-        noised = release_counts(self.specialty_counts, release.noise_multiplier)
+        noised = release_counts(
+            self.specialty_counts, release.noise_multiplier, fresh_stream(self.random_source)
+        )
         return [noised[b] for b in PROFILE_BINS]
+
+    @property
+    def random_source(self) -> str:
+        """``fast`` or ``secure`` (``privacy.random_source``); both seeded by the OS."""
+        return self.config.privacy.random_source
 
     def train_round(
         self, global_adapter: AdapterState, server_round: int, run_id: str
@@ -172,9 +206,8 @@ class HospitalSite:
             self.ledger.charge(self.plan.round_events(), round_id=server_round, run_id=run_id)
             charged = [event_to_dict(event) for event in self.plan.round_events()]
             dp = DpSgdSettings(self.plan.noise_multiplier, self.config.privacy.max_grad_norm)
-        generator = torch.Generator().manual_seed(
-            stable_seed(self.config.run.seed, self.index, server_round, run_id)
-        )
+        # fresh OS entropy for this round's sampling and noise: nothing the server knows
+        stream = fresh_stream(self.random_source)
         training = self.config.training
         result = train_locally(
             self.model,
@@ -184,13 +217,14 @@ class HospitalSite:
             learning_rate=training.learning_rate,
             optimizer_name=training.optimizer,
             dp=dp,
-            generator=generator,
+            stream=stream,
         )
+        # Only what the release inventory (docs/privacy.md) lists leaves the hospital: the
+        # exact training loss and the measured duration (a function of the Poisson batch
+        # sizes) stay here, in the hospital's own log.
         metrics: dict[str, float | int] = {
             "num-examples": len(self.train_data),
             "hospital-index": self.index,
-            "train-loss": result.mean_loss,
-            "train-seconds": result.seconds,
             "sample-rate": result.sample_rate,
             "round-steps": result.steps,
         }
@@ -200,11 +234,11 @@ class HospitalSite:
                 1.0, self.config.strategy.utility_sample_size / len(self.train_data)
             )
             square_sum = clipped_square_loss_sum(
-                self.model, self.train_data, statistic_rate, clip, generator
+                self.model, self.train_data, statistic_rate, clip, stream
             )
             if self.plan is not None and self.plan.utility_release is not None:
                 square_sum = release_scalar(
-                    square_sum, clip**2, self.plan.utility_release.noise_multiplier
+                    square_sum, clip**2, self.plan.utility_release.noise_multiplier, stream
                 )
             metrics["utility-square-loss-sum"] = square_sum
             metrics["utility-sample-size"] = statistic_rate * len(self.train_data)
@@ -216,10 +250,51 @@ class HospitalSite:
                 "steps": self.ledger.total_steps(),
                 "rounds-participated": self.ledger.rounds_participated(),
             }
-        log.info("hospital.trained", hospital=self.name, round=server_round, **metrics)
+        log.info(
+            "hospital.trained",
+            hospital=self.name,
+            round=server_round,
+            local_mean_loss=result.mean_loss,
+            local_seconds=round(result.seconds, 3),
+            **metrics,
+        )
         return RoundOutcome(adapter_state(self.model), charged, metrics)
 
-    def evaluate(self, global_adapter: AdapterState) -> EvaluationResult:
-        """Held-out loss of the global adapter on this hospital's evaluation split."""
+    def evaluate(
+        self, global_adapter: AdapterState, server_round: int, run_id: str
+    ) -> tuple[EvaluationResult, list[dict[str, Any]]] | None:
+        """Held-out loss of the global adapter, as the experiment's ``evaluation.release`` says.
+
+        ``exact``: token-weighted, exact (simulation only: refused for a hospital's own
+        records). ``dp``: Σ clipped per-unit loss plus Gaussian noise, charged to the ledger
+        first (exact sum of clipped losses when the run has no DP at all). None when nothing
+        may be released: evaluation off (by the experiment or this hospital), or the ledger
+        cannot afford it. With the result come the events it charged (for the server's mirror).
+        """
+        release = self.config.evaluation.release
+        if release == "off" or not self.evaluation_allowed:
+            return None
+        if release == "exact" and self.owns_records:
+            raise EvaluationRefusedError(
+                "evaluation.release 'exact' is for simulations on data the run generated or "
+                "loaded itself; a hospital with its own records releases only DP evaluations "
+                "(set evaluation.release to 'dp' or 'off')"
+            )
         load_adapter_state(self.model, global_adapter)
-        return evaluate(self.model, self.eval_data)
+        result = score_evaluation(self.model, self.eval_data, self.config)
+        if release == "exact" or self.plan is None or self.ledger is None:
+            return result, []
+        events = self.plan.evaluation_events()
+        try:
+            self.ledger.charge(events, round_id=server_round, run_id=run_id)
+        except BudgetExceededError as refused:
+            log.warning("hospital.evaluation_unaffordable", hospital=self.name, reason=str(refused))
+            return None
+        evaluation = self.config.evaluation
+        noised = release_scalar(
+            result.loss_sum,
+            evaluation.loss_clip,
+            evaluation.noise_multiplier,
+            fresh_stream(self.random_source),
+        )
+        return EvaluationResult(noised, result.count), [event_to_dict(e) for e in events]

@@ -2,12 +2,19 @@
 
 Simulated hospitals must see the same data in every process that asks (the hospital's own
 ClientApp, the privacy planner, the centralised baseline), so everything here is a pure
-function of the config and the hospital's index. A deployed hospital instead reads its own
-records file (``LocalDataSource``, named by its node config), which never leaves the site.
+function of the config, the hospital's index and its split key. A deployed hospital instead
+reads its own records file (``LocalDataSource``, named by its node config), which never leaves
+the site, and splits it with its own secret key.
+
+A simulated hospital's split key: for synthetic data, derived from the seed that generated the
+data (both are public to whoever has the config); for file or hub data, a secret kept in the
+hospital's state directory next to its ledger (:mod:`fedllm.federation.hospital_state`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +29,11 @@ from fedllm.data import (
     iid_partition,
     load_records,
     split_train_eval,
+)
+from fedllm.federation.hospital_state import (
+    load_or_create_key,
+    simulation_state,
+    synthetic_split_key,
 )
 
 
@@ -45,19 +57,52 @@ class HospitalData:
     eval: list[ClinicalRecord]
 
 
+def shared_dataset_identity(config: ExperimentConfig) -> str | None:
+    """Content identity of the records simulated hospitals share (None for synthetic data)."""
+    if config.data.source == "synthetic":
+        return None
+    return _shared_records(config.data.model_dump_json())[1]
+
+
+def check_simulation_ledgers(config: ExperimentConfig) -> None:
+    """Before anything runs: the data loads, and its ledgers accept this run's partitioning.
+
+    Raises DataError or LedgerLocationError (both ValueErrors) with the cause.
+    """
+    dataset_id = shared_dataset_identity(config)
+    if dataset_id is not None:
+        simulation_state(config, 0, "", dataset_id)
+
+
+def simulation_split_key(config: ExperimentConfig, index: int, run_dir: str = "") -> bytes:
+    """The split key of simulated hospital ``index`` (see the module docstring)."""
+    dataset_id = shared_dataset_identity(config)
+    if dataset_id is None:
+        return synthetic_split_key(config, index)
+    state = simulation_state(config, index, run_dir, dataset_id)
+    return load_or_create_key(state.directory / "split.key")
+
+
 def hospital_data(
-    config: ExperimentConfig, index: int, local: LocalDataSource | None = None
+    config: ExperimentConfig,
+    index: int,
+    local: LocalDataSource | None = None,
+    split_key: bytes | None = None,
 ) -> HospitalData:
     """Records of hospital ``index`` (0-based, in the order of ``federation.profiles()``).
 
     With ``local``, the records are the hospital's own file rather than the experiment's data
-    section; the patient-disjoint train/eval split is the same either way.
+    section, and ``split_key`` (the hospital's secret) is required; without it a simulated
+    hospital's key is found by :func:`simulation_split_key`.
     """
     profiles = config.federation.profiles()
     if not 0 <= index < len(profiles):
         raise ValueError(f"hospital index {index} outside 0..{len(profiles) - 1}")
     profile = profiles[index]
     seed = config.run.seed * 1000 + index
+    if local is not None and split_key is None:
+        raise ValueError("a hospital's own records need its own split key")
+    key = split_key if split_key is not None else simulation_split_key(config, index)
     if local is not None:
         records = load_records(
             local.format,
@@ -74,7 +119,7 @@ def hospital_data(
         records = _file_partitions(config.data.model_dump_json(), len(profiles), config.run.seed)[
             index
         ]
-    train, held_out = split_train_eval(records, config.data.eval_fraction, seed)
+    train, held_out = split_train_eval(records, config.data.eval_fraction, key)
     return HospitalData(profile.name, train, held_out)
 
 
@@ -93,10 +138,12 @@ def training_texts(records: Sequence[ClinicalRecord], unit: str) -> list[str]:
 
 
 @lru_cache(maxsize=4)
-def _file_partitions(
-    data_json: str, num_hospitals: int, seed: int
-) -> tuple[list[ClinicalRecord], ...]:
-    """Load the shared file once per process and split it between hospitals."""
+def _shared_records(data_json: str) -> tuple[list[ClinicalRecord], str]:
+    """Load the shared file once per process, with the content identity of what was loaded.
+
+    The identity hashes the records as fedllm sees them (text, specialty, patient), so it is
+    the same whatever path or copy the file is read from, and changes when any record does.
+    """
     data = DataConfig.model_validate_json(data_json)
     records = load_records(
         data.source,
@@ -106,6 +153,20 @@ def _file_partitions(
         patient_field=data.patient_field,
         split=data.split,
     )
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps([record.text, record.specialty, record.patient_id]).encode())
+        digest.update(b"\n")
+    return records, digest.hexdigest()[:32]
+
+
+@lru_cache(maxsize=4)
+def _file_partitions(
+    data_json: str, num_hospitals: int, seed: int
+) -> tuple[list[ClinicalRecord], ...]:
+    """Split the shared records between hospitals (the same way in every process)."""
+    data = DataConfig.model_validate_json(data_json)
+    records = _shared_records(data_json)[0]
     if data.partition == "iid":
         return tuple(iid_partition(records, num_hospitals, seed))
     return tuple(dirichlet_partition(records, num_hospitals, data.dirichlet_alpha, seed))

@@ -3,8 +3,10 @@
 A simulated hospital is identified by Flower's ``partition-id`` and its records and ledger
 follow from the experiment config and the run directory. A deployed hospital's operator sets
 the node config instead (``fedllm hospital start`` writes it from ``hospital.yaml``): which
-hospital of the experiment this node is, its own records file, where its privacy ledger lives
-and its own ε cap. The keys are defined here once, for both the writer and the reader.
+hospital of the experiment this node is, its own records file, where its privacy ledger lives,
+its own ε cap, the file holding its secret train/eval split key, and whether it lets the
+server evaluate on its held-out patients at all. The keys are defined here once, for both the
+writer and the reader.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedllm.config.schema import ExperimentConfig
-from fedllm.federation.hospital_data import LocalDataSource
+from fedllm.federation.hospital_data import (
+    LocalDataSource,
+    shared_dataset_identity,
+    simulation_split_key,
+)
+from fedllm.federation.hospital_state import load_or_create_key, simulation_state
 
 HOSPITAL_INDEX = "hospital-index"
 HOSPITAL_NAME = "hospital-name"
@@ -25,6 +32,9 @@ DATA_FORMAT = "data-format"
 DATA_TEXT_FIELD = "data-text-field"
 DATA_SPECIALTY_FIELD = "data-specialty-field"
 DATA_PATIENT_FIELD = "data-patient-field"
+SPLIT_KEY_FILE = "split-key-file"
+EVALUATION = "evaluation"
+EVALUATION_VALUES = ("dp", "off")
 
 
 class NodeConfigError(ValueError):
@@ -39,6 +49,9 @@ class NodeSettings:
     ledger_url: str
     epsilon_cap: float | None
     local_data: LocalDataSource | None
+    split_key: bytes
+    ledger_scope: str
+    evaluation_allowed: bool = True
 
 
 def hospital_index(config: ExperimentConfig, node: Mapping[str, object]) -> int:
@@ -78,22 +91,50 @@ def local_data_source(node: Mapping[str, object]) -> LocalDataSource | None:
     )
 
 
+def _deployed_split_key(node: Mapping[str, object], ledger_url: str | None) -> bytes:
+    """A deployed hospital's split key: its ``split-key-file``, else beside a SQLite ledger."""
+    if SPLIT_KEY_FILE in node:
+        return load_or_create_key(Path(str(node[SPLIT_KEY_FILE])).expanduser())
+    if ledger_url and ledger_url.startswith("sqlite:///"):
+        return load_or_create_key(Path(ledger_url.removeprefix("sqlite:///")).parent / "split.key")
+    raise NodeConfigError(
+        f"{SPLIT_KEY_FILE}: a hospital with its own records needs a secret split-key file "
+        "(fedllm hospital start writes one beside the ledger)"
+    )
+
+
 def node_settings(
     config: ExperimentConfig, node: Mapping[str, object], run_dir: str
 ) -> NodeSettings:
-    """Resolve a node config; simulation defaults keep the ledger under the run directory."""
+    """Resolve a node config.
+
+    A simulated hospital's ledger and split key live in its state directory: under the run
+    directory for synthetic data, under ``privacy.ledger_dir`` per dataset otherwise.
+    """
     index = hospital_index(config, node)
-    name = config.federation.profiles()[index].name
-    if LEDGER_URL in node:
-        ledger_url = str(node[LEDGER_URL])
+    local = local_data_source(node)
+    given_ledger = str(node[LEDGER_URL]) if LEDGER_URL in node else None
+    if local is None:
+        state = simulation_state(config, index, run_dir, shared_dataset_identity(config))
+        state.directory.mkdir(parents=True, exist_ok=True)
+        ledger_url = given_ledger or state.ledger_url
+        split_key = simulation_split_key(config, index, run_dir)
+        scope = state.scope
     else:
-        default_ledger = Path(run_dir) / "hospitals" / name / "ledger.db"
-        default_ledger.parent.mkdir(parents=True, exist_ok=True)
-        ledger_url = f"sqlite:///{default_ledger}"
+        if given_ledger is None:
+            raise NodeConfigError(f"{LEDGER_URL}: a hospital with its own records needs a ledger")
+        ledger_url, scope = given_ledger, "dataset"
+        split_key = _deployed_split_key(node, given_ledger)
+    evaluation = str(node.get(EVALUATION, "dp"))
+    if evaluation not in EVALUATION_VALUES:
+        raise NodeConfigError(f"{EVALUATION}: got {evaluation!r}; expected 'dp' or 'off'")
     cap = node.get(EPSILON_CAP)
     return NodeSettings(
         index=index,
         ledger_url=ledger_url,
         epsilon_cap=float(str(cap)) if cap is not None else None,
-        local_data=local_data_source(node),
+        local_data=local,
+        split_key=split_key,
+        ledger_scope=scope,
+        evaluation_allowed=evaluation == "dp",
     )

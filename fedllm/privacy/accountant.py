@@ -2,8 +2,18 @@
 
 Every reported ε comes from here. "pld" (dp_accounting's privacy loss distributions) is the
 default; "prv" (opacus' privacy loss random variables) is an independent tight accountant;
-"rdp" (Rényi DP) is looser but cheap. All three bound the add-or-remove-one-record relation,
-which is the record-level unit of the privacy model. None uses a Gaussian/CLT approximation.
+"rdp" (Rényi DP) is looser but cheap. None uses a Gaussian/CLT approximation.
+
+The neighbouring relation must match what is released. fedllm's hospitals publish their
+dataset sizes (the sampling rate q = B/n, the aggregation weight n), and a known size tells
+add/remove neighbours apart, so every hospital's ε is accounted for **replace-one**
+(substitution of one unit by any other), which only the PLD accountant supports for
+Poisson-sampled Gaussians. Under replace-one, dp_accounting treats a Gaussian with noise
+multiplier σ as having sensitivity 2 in units of the add/remove sensitivity (one unit's
+contribution leaves, another's enters), which is exact for DP-SGD's clipped gradient sums
+and an upper bound for bounded scalars and histograms. ``add-remove`` stays available for
+mechanisms whose events already encode their own replacement sensitivity (consensus votes) and
+for comparisons.
 """
 
 from __future__ import annotations
@@ -22,6 +32,14 @@ from dp_accounting.rdp import RdpAccountant
 from fedllm.privacy.events import PrivacyEvent, canonical_events, to_dp_event
 
 ACCOUNTANTS = ("pld", "rdp", "prv")
+NEIGHBOURING_RELATIONS = ("replace-one", "add-remove")
+# The relation of every hospital's ledger, plan and report (see the module docstring).
+HOSPITAL_NEIGHBOURING = "replace-one"
+
+_RELATIONS = {
+    "replace-one": dp_accounting.NeighboringRelation.REPLACE_ONE,
+    "add-remove": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+}
 
 # PLD discretisation of the privacy loss. The loss is rounded up (pessimistic), so ε is always
 # an upper bound and the interval only trades tightness for time. dp_accounting's own default,
@@ -100,18 +118,36 @@ def check_delta(delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
 
 
+def check_neighbouring(accountant: str, neighbouring: str) -> None:
+    """Raise ValueError for an unknown relation, or one the accountant cannot bound."""
+    if neighbouring not in NEIGHBOURING_RELATIONS:
+        raise ValueError(
+            f"unknown neighbouring relation {neighbouring!r}; expected one of "
+            f"{', '.join(NEIGHBOURING_RELATIONS)}"
+        )
+    if neighbouring == "replace-one" and accountant != "pld":
+        raise ValueError(
+            f"the {accountant} accountant bounds add/remove-one only; replace-one (the relation "
+            "that holds when dataset sizes are public, as they are in fedllm) needs 'pld'"
+        )
+
+
 def make_accountant(
-    name: str, *, pld_interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL
+    name: str,
+    *,
+    pld_interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL,
+    neighbouring: str = HOSPITAL_NEIGHBOURING,
 ) -> dp_accounting.PrivacyAccountant:
     """Return a fresh, empty accountant of the named kind, configured as compute_epsilon uses it.
 
     `pld_interval` only affects "pld"; see compute_epsilon.
     """
     check_accountant(name)
+    check_neighbouring(name, neighbouring)
     if not pld_interval > 0:
         raise ValueError(f"pld_interval must be > 0, got {pld_interval!r}")
     if name == "pld":
-        return PLDAccountant(value_discretization_interval=pld_interval)
+        return PLDAccountant(_RELATIONS[neighbouring], value_discretization_interval=pld_interval)
     if name == "rdp":
         return RdpAccountant()
     return PrvAccountant()
@@ -119,10 +155,11 @@ def make_accountant(
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _composed(
-    events: tuple[PrivacyEvent, ...], name: str, pld_interval: float
+    events: tuple[PrivacyEvent, ...], name: str, pld_interval: float, neighbouring: str
 ) -> dp_accounting.PrivacyAccountant:
     """Compose canonical events once; callers only query ε, never compose into the result."""
-    return make_accountant(name, pld_interval=pld_interval).compose(to_dp_event(events))
+    accountant = make_accountant(name, pld_interval=pld_interval, neighbouring=neighbouring)
+    return accountant.compose(to_dp_event(events))
 
 
 def compute_epsilon(
@@ -131,19 +168,24 @@ def compute_epsilon(
     accountant: str = "pld",
     *,
     pld_interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL,
+    neighbouring: str = HOSPITAL_NEIGHBOURING,
 ) -> float:
     """Return the ε at `delta` of composing all `events` (0.0 for no events).
+
+    `neighbouring` defaults to the relation of hospital ledgers (replace-one).
 
     A coarser `pld_interval` still gives a valid, slightly looser upper bound at proportionally
     lower cost; calibration uses one to get close before confirming at the default. Reported ε
     must use the default.
     """
     check_accountant(accountant)
+    check_neighbouring(accountant, neighbouring)
     check_delta(delta)
     canonical = canonical_events(events)
     if not canonical:
         return 0.0
-    epsilon = float(_composed(canonical, accountant, pld_interval).get_epsilon(delta))
+    composed = _composed(canonical, accountant, pld_interval, neighbouring)
+    epsilon = float(composed.get_epsilon(delta))
     if math.isnan(epsilon):
         raise ArithmeticError(f"{accountant} accountant returned NaN for {canonical}")
     return epsilon

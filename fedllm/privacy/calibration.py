@@ -14,9 +14,11 @@ from numbers import Real
 import dp_accounting
 
 from fedllm.privacy.accountant import (
+    HOSPITAL_NEIGHBOURING,
     PLD_VALUE_DISCRETIZATION_INTERVAL,
     check_accountant,
     check_delta,
+    check_neighbouring,
     compute_epsilon,
     make_accountant,
 )
@@ -77,6 +79,7 @@ def calibrate_noise_multiplier(
     steps: int,
     accountant: str = "pld",
     fixed_events: Sequence[PrivacyEvent] = (),
+    neighbouring: str = HOSPITAL_NEIGHBOURING,
 ) -> float:
     """Return the smallest σ (to 0.1 %) with ε([SampledGaussianSteps(σ, q, steps)], δ) <= target.
 
@@ -93,13 +96,18 @@ def calibrate_noise_multiplier(
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
     check_delta(delta)
     check_accountant(accountant)
+    check_neighbouring(accountant, neighbouring)
     SampledGaussianSteps(1.0, sample_rate, steps)  # validates q and steps before any search
 
     def solve(pld_interval: float, start: float, step: float) -> float:
         def gap(sigma: float) -> float:
             event = SampledGaussianSteps(sigma, sample_rate, steps)
             epsilon = compute_epsilon(
-                [event, *fixed_events], delta, accountant, pld_interval=pld_interval
+                [event, *fixed_events],
+                delta,
+                accountant,
+                pld_interval=pld_interval,
+                neighbouring=neighbouring,
             )
             return epsilon - target_epsilon
 
@@ -107,7 +115,9 @@ def calibrate_noise_multiplier(
         if high - low <= RELATIVE_TOLERANCE * high:
             return high
         return dp_accounting.calibrate_dp_mechanism(
-            make_fresh_accountant=lambda: make_accountant(accountant, pld_interval=pld_interval),
+            make_fresh_accountant=lambda: make_accountant(
+                accountant, pld_interval=pld_interval, neighbouring=neighbouring
+            ),
             make_event_from_param=lambda sigma: to_dp_event(
                 canonical_events([SampledGaussianSteps(sigma, sample_rate, steps), *fixed_events])
             ),

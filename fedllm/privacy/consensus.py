@@ -156,11 +156,24 @@ class ConsensusMechanism:
         )
 
 
+def ledger_event(noise_multiplier: float, max_tokens: int) -> GaussianRelease:
+    """The consensus votes of one answer as a hospital's (replace-one) ledger records them.
+
+    ``noise_multiplier`` is σ/√2, the vote noise over the histogram's sensitivity √2 (one
+    hospital moving its vote), i.e. a sensitivity-1 Gaussian in add/remove units. A
+    replace-one accountant reads a Gaussian of multiplier m as having sensitivity 2, so the
+    same mechanism is m = 2·σ/√2: the ε is identical, only the units differ.
+    """
+    return GaussianRelease(2.0 * noise_multiplier, count=max_tokens, purpose="consensus")
+
+
 @functools.lru_cache(maxsize=_COST_CACHE_SIZE)
 def _epsilon_cost(noise_multiplier: float, max_tokens: int, delta: float, accountant: str) -> float:
     """Cached ε of `max_tokens` Gaussian mechanisms with `noise_multiplier`."""
     event = GaussianRelease(noise_multiplier=noise_multiplier, count=max_tokens)
-    return compute_epsilon([event], delta, accountant)
+    # the multiplier already encodes the vote histogram's sensitivity √2 (one hospital moving
+    # its vote), so the event is a plain sensitivity-1 Gaussian: add/remove units
+    return compute_epsilon([event], delta, accountant, neighbouring="add-remove")
 
 
 def summarise(decisions: Sequence[TokenDecision]) -> tuple[bool, float]:

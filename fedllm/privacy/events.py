@@ -60,23 +60,30 @@ class SampledGaussianSteps:
         _check_count("steps", self.steps)
 
 
+RELEASE_PURPOSES = ("", "profile", "utility", "evaluation", "consensus")
+
+
 @dataclass(frozen=True)
 class GaussianRelease:
     """`count` releases of a sensitivity-1 statistic with Gaussian noise multiplier σ.
 
     Used for statistics computed over all of a hospital's records (no sampling), e.g. a noisy
-    record count reported to the server.
+    record count reported to the server. ``purpose`` names the release in the ledger (which
+    statistic of the release inventory it paid for); accountants ignore it.
     """
 
     kind: ClassVar[str] = "gaussian_release"
 
     noise_multiplier: float
     count: int = 1
+    purpose: str = ""
 
     def __post_init__(self) -> None:
         """Validate eagerly so an invalid mechanism can never reach a ledger."""
         _check_positive_real("noise_multiplier", self.noise_multiplier)
         _check_count("count", self.count)
+        if self.purpose not in RELEASE_PURPOSES:
+            raise ValueError(f"purpose must be one of {RELEASE_PURPOSES}, got {self.purpose!r}")
 
 
 PrivacyEvent = SampledGaussianSteps | GaussianRelease

@@ -26,7 +26,13 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fedllm.privacy.accountant import check_accountant, check_delta, compute_epsilon
+from fedllm.privacy.accountant import (
+    HOSPITAL_NEIGHBOURING,
+    check_accountant,
+    check_delta,
+    check_neighbouring,
+    compute_epsilon,
+)
 from fedllm.privacy.database import ledger_engines
 from fedllm.privacy.events import (
     PrivacyEvent,
@@ -95,7 +101,8 @@ class NodePrivacyLedger:
     Any SQLAlchemy URL works; SQLite files are the default deployment. One database may hold
     several hospitals, keyed by `hospital_id`. The cap is policy and may change between
     sessions, but δ may not: ε values at different δ are not comparable, so a dataset's δ is
-    fixed when its ledger is first opened.
+    fixed when its ledger is first opened. ε is accounted for replace-one neighbours (the
+    hospital's dataset size is public), so the accountant must be "pld".
     """
 
     def __init__(
@@ -115,6 +122,8 @@ class NodePrivacyLedger:
             raise ValueError(f"epsilon_cap must be > 0, got {epsilon_cap!r}")
         check_delta(delta)
         check_accountant(accountant)
+        # fails now, not at the first charge, if the accountant cannot bound the relation
+        check_neighbouring(accountant, HOSPITAL_NEIGHBOURING)
         self._hospital_id = hospital_id
         self._cap = float(epsilon_cap)
         self._delta = float(delta)

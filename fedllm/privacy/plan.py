@@ -9,7 +9,7 @@ researcher can read every hospital's projected ε before anything trains.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedllm.config.schema import ExperimentConfig
 from fedllm.privacy.accountant import compute_epsilon
@@ -24,7 +24,9 @@ class HospitalPrivacyPlan:
 
     ``utility_release`` is the Gaussian release of the noised loss statistic that a hospital
     sends with each round's update when the server selects by utility; ``profile_release`` is
-    the one-off release of its noised data profile (specialty counts) used for redundancy.
+    the one-off release of its noised data profile (specialty counts) used for redundancy;
+    ``evaluation_release`` is the noised held-out loss it returns each time it evaluates
+    (``evaluations`` times a run: before round 1 and after each round).
     """
 
     hospital: str
@@ -38,6 +40,8 @@ class HospitalPrivacyPlan:
     accountant: str
     utility_release: GaussianRelease | None = None
     profile_release: GaussianRelease | None = None
+    evaluation_release: GaussianRelease | None = None
+    evaluations: int = 0
 
     def round_events(self) -> list[PrivacyEvent]:
         """The privacy events one round adds to the hospital's ledger."""
@@ -50,10 +54,17 @@ class HospitalPrivacyPlan:
         """Events released once per run, before the first round."""
         return [self.profile_release] if self.profile_release else []
 
+    def evaluation_events(self) -> list[PrivacyEvent]:
+        """The event one evaluation adds to the ledger (none when evaluation is not DP)."""
+        return [self.evaluation_release] if self.evaluation_release else []
+
     def epsilon_after(self, rounds: int) -> float:
-        """ε after taking part in ``rounds`` rounds of this run (from a fresh ledger)."""
+        """ε after ``rounds`` rounds of this run and all its evaluations (from a fresh ledger)."""
+        evaluations = self.evaluations * self.evaluation_events()
         return compute_epsilon(
-            self.one_off_events() + rounds * self.round_events(), self.delta, self.accountant
+            self.one_off_events() + rounds * self.round_events() + evaluations,
+            self.delta,
+            self.accountant,
         )
 
 
@@ -68,15 +79,27 @@ def plan_hospital(
     planned_rounds = privacy.planned_rounds or config.run.rounds
     steps = config.training.local_steps
     utility = (
-        GaussianRelease(strategy.utility_noise_multiplier)
+        GaussianRelease(strategy.utility_noise_multiplier, purpose="utility")
         if config.needs_utility_statistics
         else None
     )
-    profile = GaussianRelease(strategy.profile_noise_multiplier) if config.needs_profiles else None
+    profile = (
+        GaussianRelease(strategy.profile_noise_multiplier, purpose="profile")
+        if config.needs_profiles
+        else None
+    )
+    evaluations = config.evaluations_per_run if config.evaluation.release == "dp" else 0
+    evaluation = (
+        GaussianRelease(config.evaluation.noise_multiplier, purpose="evaluation")
+        if evaluations
+        else None
+    )
     if privacy.noise_multiplier is not None:
         sigma = privacy.noise_multiplier
     else:
-        releases = [GaussianRelease(utility.noise_multiplier, planned_rounds)] if utility else []
+        releases = [replace(utility, count=planned_rounds)] if utility else []
+        if evaluation is not None:
+            releases.append(replace(evaluation, count=evaluations))
         sigma = calibrate_noise_multiplier(
             privacy.target_epsilon,
             privacy.delta,
@@ -98,4 +121,6 @@ def plan_hospital(
         accountant=privacy.accountant,
         utility_release=utility,
         profile_release=profile,
+        evaluation_release=evaluation,
+        evaluations=evaluations,
     )

@@ -11,11 +11,14 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fedllm.config.schema import ExperimentConfig
+from fedllm.privacy.accountant import HOSPITAL_NEIGHBOURING
+from fedllm.privacy.inventory import reply_keys
 
 SCHEMA_VERSION = 1
 REPORT_FILE = "report.json"
@@ -30,6 +33,25 @@ def _finite(value: float | None) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return float(value)
+
+
+def evaluation_description(config: ExperimentConfig) -> dict[str, Any]:
+    """What the report's perplexities are, so nobody mistakes a simulation figure for a DP one."""
+    release = config.evaluation.release
+    if release == "exact":
+        metric = (
+            "token-weighted loss, exact: simulation only (the run generated or loaded the data)"
+        )
+    elif release == "dp":
+        clip = config.evaluation.loss_clip
+        metric = f"unit-weighted loss, each unit's loss clipped at {clip:g}" + (
+            f", Gaussian noise σ={config.evaluation.noise_multiplier:g}×clip, charged"
+            if config.privacy.enabled
+            else ", exact (privacy disabled)"
+        )
+    else:
+        metric = "none (evaluation off)"
+    return {"release": release, "metric": metric, "simulation_only": release == "exact"}
 
 
 def save_report(run_dir: Path, data: dict[str, Any]) -> None:
@@ -56,9 +78,14 @@ class RunReport:
                 "enabled": config.privacy.enabled,
                 "delta": config.privacy.delta if config.privacy.enabled else None,
                 "accountant": config.privacy.accountant if config.privacy.enabled else None,
+                "neighbouring": HOSPITAL_NEIGHBOURING if config.privacy.enabled else None,
                 "unit": config.privacy.unit,
+                "random_source": config.privacy.random_source,
+                "ledger_scope": "run" if config.data.source == "synthetic" else "dataset",
                 "hospitals": {},
             },
+            "evaluation": evaluation_description(config),
+            "releases": {},
             "initial": None,
             "rounds": [],
             "final": None,
@@ -75,6 +102,7 @@ class RunReport:
         if (run_dir / REPORT_FILE).is_file():
             previous = cls.load(run_dir)
             report.data.update({key: previous[key] for key in ("started_at", "initial", "privacy")})
+            report.data["releases"] = previous.get("releases", {})
             report.data["rounds"] = [
                 row for row in previous["rounds"] if row["round"] <= completed_rounds
             ]
@@ -102,6 +130,21 @@ class RunReport:
             "epsilon_confirmed": True,
         }
 
+    def update_hospital_epsilon(self, hospital: str, epsilon: float) -> None:
+        """A hospital's ledger ε after a release outside training (a DP evaluation)."""
+        entry = self.data["privacy"]["hospitals"].setdefault(
+            hospital,
+            {
+                "epsilon_cap": None,
+                "noise_multiplier": None,
+                "sample_rate": None,
+                "steps": 0,
+                "rounds_participated": 0,
+                "epsilon_confirmed": True,
+            },
+        )
+        entry["epsilon"] = _finite(epsilon)
+
     def record_unconfirmed_round(self, hospital: str, status: dict[str, Any]) -> None:
         """A hospital sent a round it never confirmed (reply lost or an error).
 
@@ -121,6 +164,29 @@ class RunReport:
         entry["epsilon"] = _finite(status.get("epsilon-next"))
         entry["epsilon_cap"] = _finite(status.get("epsilon-cap"))
         entry["epsilon_confirmed"] = False
+
+    def observe_release(self, message: str, records: Mapping[str, Iterable[str]]) -> None:
+        """Note the keys of a hospital's reply (``record.key``), for the release inventory.
+
+        Kept in memory; the next write persists it. The list is what the server actually
+        received, so it can be checked against docs/privacy.md.
+        """
+        seen = set(self.data["releases"].get(message, []))
+        seen |= {f"{record}.{key}" for record, key in reply_keys(records)}
+        self.data["releases"][message] = sorted(seen)
+
+    def update_server_side_privacy(self, guarantee: dict[str, Any]) -> None:
+        """Replace the hospital-level (server-side DP) guarantee and persist it at once.
+
+        Written as soon as a round's noised aggregate exists, before the round's row: if the
+        run stops before the row is added, a resumed run repeats the round and counts it
+        again, an over-estimate of ε rather than a release nobody accounted for.
+        """
+        self.data["privacy"]["server_side"] = {
+            **guarantee,
+            "epsilon": _finite(guarantee.get("epsilon")),
+        }
+        self.write()
 
     def add_round(self, row: dict[str, Any]) -> None:
         """Append one finished round and persist."""

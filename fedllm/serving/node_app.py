@@ -3,7 +3,7 @@
 Privacy: generating from the DP-trained global model is post-processing and costs 0 ε, and
 every answer says so. A consensus vote may consult the hospital's private local adapter, so
 votes are only answered inside a session the hospital's own ledger has been charged for, in
-advance, for every vote the session may ask (``GaussianRelease(σ, count=max_tokens)``); the
+advance, for every vote the session may ask (:func:`fedllm.privacy.consensus.ledger_event`); the
 session then refuses further votes. Logs never contain prompt or reply text.
 """
 
@@ -24,12 +24,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fedllm.privacy.events import GaussianRelease
+from fedllm.privacy.consensus import ledger_event
 from fedllm.privacy.node_ledger import BudgetExceededError, NodePrivacyLedger
 from fedllm.serving.backends import Generation, GenerationBackend
 from fedllm.serving.node_config import NodeServerConfig
 from fedllm.serving.schemas import (
     POST_PROCESSING_NOTE,
+    AdapterHealth,
     CandidatesRequest,
     CandidatesResponse,
     ChatChoiceMessage,
@@ -205,6 +206,7 @@ def create_node_app(
         except Exception as error:  # a health probe reports a broken ledger, never raises
             log.error("node.ledger_unavailable", error=str(error))
             remaining, degraded = None, True
+        served = getattr(backend, "served", None)  # ModelBackend: what it accepted, and why not
         return NodeHealth(
             status="degraded" if degraded else "ok",
             node_id=config.node_id,
@@ -212,6 +214,13 @@ def create_node_app(
             specialisations=config.specialisations,
             in_flight=state.in_flight,
             remaining_epsilon=remaining,
+            adapter=None
+            if served is None
+            else AdapterHealth(
+                version=served.version,
+                dp_record=None if served.dp_record is None else served.dp_record.summary(),
+            ),
+            adapter_issue=getattr(backend, "adapter_issue", None),
         )
 
     @app.post("/v1/inference")
@@ -356,7 +365,7 @@ def create_node_app(
 
 def _charge(ledger: NodePrivacyLedger, request: ConsensusOpenRequest) -> None:
     """Charge the session's votes before any is cast: 409 past the cap, 503 if unreachable."""
-    event = GaussianRelease(request.noise_multiplier, count=request.max_tokens)
+    event = ledger_event(request.noise_multiplier, request.max_tokens)
     try:
         ledger.charge([event], round_id=0, run_id=consensus_run_id(request.session_id))
     except BudgetExceededError as error:

@@ -7,6 +7,11 @@ per-sequence losses, and, with DP, lets Opacus clip each sequence's gradient to
 dividing by the *expected* batch size. An empty sample still takes a noisy step: skipping it
 would reveal that nobody was sampled. The non-private path runs the identical loop without
 clipping or noise, so that the DP overhead benchmark compares like with like.
+
+Sampling and noise both come from one :class:`~fedllm.privacy.randomness.RandomStream`: under
+DP a fresh OS-seeded one (never a config seed, which would let the server regenerate and
+subtract the noise); Opacus' own noise draw is replaced by :class:`StreamNoiseDPOptimizer` so
+that the same stream, and the ``secure`` source when configured, feeds it.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from dataclasses import dataclass
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
+from fedllm.privacy.randomness import RandomStream
 from fedllm.training.loss import per_sequence_loss
 from fedllm.training.sequences import EncodedSequences
 
@@ -48,6 +55,30 @@ def sample_rate_for(expected_batch_size: int, num_sequences: int) -> float:
     return min(1.0, expected_batch_size / num_sequences)
 
 
+class StreamNoiseDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer with its Gaussian noise drawn from a :class:`RandomStream`.
+
+    Opacus draws from a ``torch.Generator`` (the global one unless given), which cannot be the
+    OS CSPRNG; overriding the one method that draws keeps clipping, accumulation and scaling
+    exactly Opacus' own.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, stream: RandomStream, **kwargs) -> None:
+        super().__init__(optimizer, **kwargs)
+        self.stream = stream
+
+    def add_noise(self) -> None:
+        """Add N(0, (σC)²) to every clipped gradient sum (as Opacus does, from our stream)."""
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = self.stream.normal(
+                p.summed_grad.shape, std, device=p.summed_grad.device, dtype=p.summed_grad.dtype
+            )
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
 def make_optimizer(
     parameters: list[nn.Parameter], name: str, learning_rate: float
 ) -> torch.optim.Optimizer:
@@ -66,9 +97,13 @@ def train_locally(
     learning_rate: float,
     optimizer_name: str = "adamw",
     dp: DpSgdSettings | None = None,
-    generator: torch.Generator | None = None,
+    stream: RandomStream,
 ) -> LocalTrainingResult:
-    """Run ``steps`` Poisson-sampled steps on the model's trainable parameters."""
+    """Run ``steps`` Poisson-sampled steps on the model's trainable parameters.
+
+    ``stream`` draws the Poisson samples and, with ``dp``, the noise; under DP it must be a
+    fresh OS-seeded stream (:func:`~fedllm.privacy.randomness.fresh_stream`).
+    """
     if len(data) == 0:
         raise ValueError("a hospital with no training sequences cannot train")
     started = time.perf_counter()
@@ -79,8 +114,9 @@ def train_locally(
     trained: nn.Module = model
     if dp is not None:
         trained = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        optimizer = DPOptimizer(
+        optimizer = StreamNoiseDPOptimizer(
             optimizer,
+            stream=stream,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=max(1, round(sample_rate * len(data))),
@@ -90,7 +126,7 @@ def train_locally(
     loss_sum, seen = 0.0, 0
     try:
         for _ in range(steps):
-            chosen = data.poisson_sample(sample_rate, generator)
+            chosen = data.poisson_sample(sample_rate, stream)
             optimizer.zero_grad(set_to_none=True)
             if len(chosen) == 0:
                 if dp is not None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from fedllm.privacy.randomness import RandomStream
+
 
 @dataclass(frozen=True)
 class EncodedSequences:
@@ -29,11 +31,9 @@ class EncodedSequences:
         """The sequences at ``indices`` (a possibly empty Poisson sample)."""
         return EncodedSequences(self.input_ids[indices], self.attention_mask[indices])
 
-    def poisson_sample(
-        self, sample_rate: float, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def poisson_sample(self, sample_rate: float, stream: RandomStream) -> torch.Tensor:
         """Indices of a Poisson sample: each sequence independently with probability q."""
-        return torch.nonzero(torch.rand(len(self), generator=generator) < sample_rate).squeeze(1)
+        return torch.nonzero(stream.poisson_mask(len(self), sample_rate)).squeeze(1)
 
     @property
     def num_tokens(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedllm.privacy.randomness import RandomStream
 from fedllm.training.loss import per_sequence_loss
 from fedllm.training.sequences import EncodedSequences
 
@@ -21,10 +22,10 @@ def clipped_square_loss_sum(
     data: EncodedSequences,
     sample_rate: float,
     loss_clip: float,
-    generator: torch.Generator | None = None,
+    stream: RandomStream,
 ) -> float:
     """Σ min(loss, clip)² over a fresh Poisson sample of the hospital's sequences."""
-    chosen = data.poisson_sample(sample_rate, generator)
+    chosen = data.poisson_sample(sample_rate, stream)
     if len(chosen) == 0:
         return 0.0
     batch = data.select(chosen)
