@@ -120,7 +120,7 @@ def evaluate(message: Message, context: Context) -> Message:
         result, events = released
         metrics |= {"eval-loss-sum": result.loss_sum, "eval-count": result.count}
     if site.ledger is not None:
-        metrics["epsilon"] = site.ledger.spent_epsilon()
+        metrics |= {"epsilon": site.ledger.spent_epsilon(), "epsilon-cap": site.ledger.cap}
     return _reply(
         message,
         "evaluate",

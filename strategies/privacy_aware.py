@@ -474,6 +474,11 @@ class PrivacyAwareStrategy(FedAvg):
     ) -> MetricRecord | None:
         """Close the round: perplexities, ε, ledger row (atomic), report row, checkpoint."""
         row = self._round["row"]
+        # released before this round trained (profile, the initial evaluation): mirrored first,
+        # then the round's events, then this evaluation's, in the order hospitals charged them
+        earlier = {view.name: view.unmirrored_events for view in self.views.values()}
+        for view in self.views.values():
+            view.unmirrored_events = []
         row |= self.summarise_evaluation(replies)
         row["epsilon"] = {
             name: state["epsilon"]
@@ -483,9 +488,10 @@ class PrivacyAwareStrategy(FedAvg):
         checkpoint = self.save_round_checkpoint(row["round"], self._round["arrays"])
         events = row.pop("hospital_events")
         for view in self.views.values():
-            if view.unmirrored_events:
-                events[view.name] = view.unmirrored_events + events.get(view.name, [])
-                view.unmirrored_events = []
+            merged = earlier[view.name] + events.get(view.name, []) + view.unmirrored_events
+            if merged:
+                events[view.name] = merged
+            view.unmirrored_events = []
         self.ledger.record_round(
             self.run_id,
             row["round"],
@@ -538,10 +544,14 @@ class PrivacyAwareStrategy(FedAvg):
                 # a DP evaluation charged the hospital's ledger: mirror it with the next round
                 view.unmirrored_events += json.loads(str(reply.content["privacy"]["events"]))
             if "epsilon" in metrics:
-                self.report.update_hospital_epsilon(view.name, float(metrics["epsilon"]))
+                self.report.update_hospital_epsilon(
+                    view.name, float(metrics["epsilon"]), float(metrics["epsilon-cap"])
+                )
             if not int(metrics.get("evaluated", 0)):
                 continue
-            results[view.name] = EvaluationResult(
-                float(metrics["eval-loss-sum"]), float(metrics["eval-count"])
-            )
+            loss_sum, count = float(metrics["eval-loss-sum"]), float(metrics["eval-count"])
+            if self.config.evaluation.release == "dp":
+                # the true sum lies in [0, L·count]; clamping the noised one is post-processing
+                loss_sum = min(max(loss_sum, 0.0), self.config.evaluation.loss_clip * count)
+            results[view.name] = EvaluationResult(loss_sum, count)
         return dict(sorted(results.items()))

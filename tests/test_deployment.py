@@ -57,6 +57,9 @@ def _overrides(root: Path, name: str, timeout_s: float) -> list[str]:
         f"privacy.delta={DELTA}",
         "evaluation.baselines=[]",
         "evaluation.max_eval_sequences=16",
+        # configs/default.yaml evaluates exactly (a simulation's own data); hospitals in a
+        # deployment release their held-out loss only noised and charged
+        "evaluation.release=dp",
         "strategy.selection=random",
         f"strategy.round_timeout_s={timeout_s}",
     ]
@@ -258,7 +261,8 @@ def test_server_ledger_mirrors_every_hospital_ledger_the_killed_one_included(
         assert charged, name
         assert charged == mirrored, name
         rounds = {r["round_id"] for r in history if r["run_id"] == "deployed"}
-        assert rounds == ({1} if name == "west" else {1, 2})
+        # round 0: the noised evaluation of the base model, before round 1
+        assert rounds == ({0, 1} if name == "west" else {0, 1, 2})
 
 
 def test_registering_the_refused_key_lets_it_join(federation, finished_run):

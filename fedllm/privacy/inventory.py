@@ -80,6 +80,7 @@ def _entries() -> tuple[InventoryEntry, ...]:
             "evaluation-set size (dp); token count only in simulation (exact)",
         ),
         ("evaluate", "metrics", "epsilon", "public", public_ledger),
+        ("evaluate", "metrics", "epsilon-cap", "public", "the hospital's cap (policy)"),
         ("evaluate", "privacy", "events", "public", "the evaluation's events (public parameters)"),
     ]
     return tuple(InventoryEntry(*row) for row in rows)

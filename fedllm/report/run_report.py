@@ -130,12 +130,15 @@ class RunReport:
             "epsilon_confirmed": True,
         }
 
-    def update_hospital_epsilon(self, hospital: str, epsilon: float) -> None:
-        """A hospital's ledger ε after a release outside training (a DP evaluation)."""
+    def update_hospital_epsilon(self, hospital: str, epsilon: float, cap: float) -> None:
+        """A hospital's ledger ε after a release outside training (a DP evaluation).
+
+        A hospital may evaluate before it ever trains (or without ever training, when it
+        cannot afford a round), and its evaluations are spent budget all the same.
+        """
         entry = self.data["privacy"]["hospitals"].setdefault(
             hospital,
             {
-                "epsilon_cap": None,
                 "noise_multiplier": None,
                 "sample_rate": None,
                 "steps": 0,
@@ -144,6 +147,7 @@ class RunReport:
             },
         )
         entry["epsilon"] = _finite(epsilon)
+        entry["epsilon_cap"] = _finite(cap)
 
     def record_unconfirmed_round(self, hospital: str, status: dict[str, Any]) -> None:
         """A hospital sent a round it never confirmed (reply lost or an error).
