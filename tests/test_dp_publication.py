@@ -76,8 +76,8 @@ def finished_report(run_dir: Path, config: ExperimentConfig) -> RunReport:
         },
     )
     report.record_unconfirmed_round("south", {"epsilon-next": 3.5, "epsilon-cap": 4.0})
-    # The neighbouring relation, where the report states it (else the record says null).
-    report.data["privacy"].setdefault("neighbouring", "add-remove-one")
+    expected = "replace-one" if config.privacy.enabled else None
+    assert report.data["privacy"]["neighbouring"] == expected
     return report
 
 

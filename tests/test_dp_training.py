@@ -100,11 +100,7 @@ def test_empty_poisson_sample_still_takes_a_noisy_step(tokenizer, clinical_texts
     data = encode_texts(tokenizer, clinical_texts[:4], 32)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     # q = 1/4; pick a seed whose first Poisson draw samples nobody
-    seed = next(
-        s
-        for s in range(1000)
-        if (SeededStream(s).uniform(4) >= 0.25).all()
-    )
+    seed = next(s for s in range(1000) if (SeededStream(s).uniform(4) >= 0.25).all())
     result = train_locally(
         model,
         data,

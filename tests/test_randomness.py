@@ -129,7 +129,9 @@ def test_two_runs_of_one_config_in_two_processes_give_different_adapters(local_m
             text=True,
             check=True,
             timeout=300,
-        ).stdout.strip().splitlines()[-1]
+        )
+        .stdout.strip()
+        .splitlines()[-1]
         for i in range(2)
     ]
     assert len(digests[0]) == 64

@@ -20,7 +20,7 @@ changes both h's term and, possibly, the cohort S itself:
   of cohorts differs by at most that one swap, and joint convexity of the hockey-stick
   divergence carries the 2C bound over to the mixture. Sensitivity 2C.
 - **a fixed-size cohort of K < N chosen from the data** (Oort utilities, the redundancy
-  QUBO, a subclass's hooks): utilities and profiles are released with record-level noise only,
+  QUBO, a subclass's hooks): utilities and profiles are released with unit-level noise only,
   so at hospital level they are not private, and every hospital's utility depends on the others
   (normalised by Σ n_j, straggler factors relative to the median duration, pairwise
   redundancy). Removing h, even an h that was not selected, can reshuffle the whole cohort.
@@ -48,12 +48,12 @@ k·(σ_Δ⁻² + (2σ_b)⁻²)^(1/2) = k/σ (Andrew et al. 2021, Thm. 1, with bo
 k), so adaptive rounds are accounted with the same σ_eff = σ/k, conservatively: it charges the
 worst case of update and count moving together.
 
-This guarantee is separate from, and in addition to, the record-level DP-SGD guarantee each
-hospital enforces on its own records (DESIGN.md §3). It protects which hospitals took part and
-what their whole datasets looked like, against anyone who sees the global adapter; it is not
-charged to the hospitals' record-level ledgers. The server sees the raw deltas, so it is trusted
-here (central DP), unlike under the record-level guarantee. Its composed ε over the rounds that
-applied it is `compose_server_side_guarantee`, reported as ``privacy.server_side``.
+This guarantee is separate from, and in addition to, the unit-level (patient) DP-SGD guarantee
+each hospital enforces on its own records (docs/privacy.md). It protects which hospitals took
+part and what their whole datasets looked like, against anyone who sees the global adapter; it
+is not charged to the hospitals' unit-level ledgers. The server sees the raw deltas, so it is
+trusted here (central DP), unlike under the unit-level guarantee. Its composed ε over the
+rounds that applied it is `compose_server_side_guarantee`, reported as ``privacy.server_side``.
 
 Flower's helpers are used where their signatures fit (`compute_stdv`,
 `compute_adaptive_noise_params`). Clipping, noise and the clip-norm update are written here:
@@ -341,7 +341,7 @@ def server_dp_event(
       exactly a sensitivity-1 Gaussian with multiplier σ/k.
 
     The event is for adding or removing one hospital's whole dataset (account it with the
-    add-or-remove relation), in addition to and separate from the record-level events in
+    add-or-remove relation), in addition to and separate from the unit-level events in
     each hospital's ledger.
     """
     if config.mode == "off":

@@ -23,7 +23,7 @@ from fedllm.privacy.events import SampledGaussianSteps
 
 privacy_app = typer.Typer(
     name="privacy",
-    help="Record-level privacy accounting for DP-SGD (ε from σ, or σ from a target ε).",
+    help="Unit-level privacy accounting for DP-SGD (ε from σ, or σ from a target ε).",
     no_args_is_help=True,
 )
 

@@ -26,7 +26,7 @@ DP_RECORD_FILE = "dp-record.json"
 RECORD_FORMAT = "fedllm-dp-record"
 RECORD_VERSION = 1
 
-Neighbouring = Literal["replace-one", "add-remove-one"]
+Neighbouring = Literal["replace-one", "add-remove"]
 
 
 class DPRecordError(ValueError):

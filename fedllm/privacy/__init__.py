@@ -1,4 +1,4 @@
-"""Record-level privacy accounting: events as data, ε derived by tight accountants."""
+"""Unit-level privacy accounting: events as data, ε derived by tight accountants."""
 
 from fedllm.privacy.accountant import ACCOUNTANTS, compute_epsilon
 from fedllm.privacy.calibration import calibrate_noise_multiplier
