@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -12,7 +13,7 @@ from fedllm.cli.app import app
 from fedllm.config import validate_config
 from fedllm.federation.hospital import HospitalSite
 from fedllm.federation.hospital_data import shared_dataset_identity
-from fedllm.federation.hospital_state import LedgerLocationError
+from fedllm.federation.hospital_state import LedgerLocationError, load_or_create_key
 from fedllm.federation.node_settings import node_settings
 from fedllm.models.adapters import adapter_state
 
@@ -120,3 +121,26 @@ def test_fedllm_run_refuses_a_changed_partitioning_before_anything_starts(
     assert "partition" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_unusable_ledger_dir_is_a_one_line_error(local_model_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    config = _config(local_model_dir, _records(tmp_path / "notes.jsonl"), str(blocker / "sub"))
+    raw = config.model_dump(mode="json")
+    raw["run"]["output_dir"] = str(tmp_path / "runs")
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: privacy.ledger_dir")
+    assert "Traceback" not in result.output
+
+
+def test_racing_processes_agree_on_one_split_key(tmp_path):
+    path = tmp_path / "state" / "split.key"
+    with ThreadPoolExecutor(8) as pool:
+        keys = set(pool.map(lambda _: load_or_create_key(path), range(16)))
+    assert len(keys) == 1
+    assert len(next(iter(keys))) == 32
+    assert sorted(p.name for p in path.parent.iterdir()) == ["split.key"]  # no staging left

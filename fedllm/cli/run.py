@@ -70,6 +70,8 @@ def run_command(
             check_simulation_ledgers(config)
         except ValueError as error:
             fail(str(error))
+        except OSError as error:
+            fail(f"privacy.ledger_dir: cannot keep the dataset's ledgers there ({error})")
     if target is not None and config.evaluation.release == "exact":
         fail(
             "evaluation.release: got 'exact'; a deployed federation evaluates on hospitals' own "

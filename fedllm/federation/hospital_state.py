@@ -57,24 +57,33 @@ class HospitalState:
         return f"sqlite:///{self.directory / 'ledger.db'}"
 
 
-def load_or_create_key(path: Path) -> bytes:
-    """The secret key at ``path``, created (0600, from OS entropy) on first use.
+def create_exclusive(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` (0600) only if it does not exist; False if it already did.
 
-    Created with ``O_EXCL`` so two processes racing to create it end up with one key.
+    The file is written and synced under a temporary name, then hard-linked into place, which
+    fails if another process got there first: ``path`` never exists half-written, even if the
+    process is killed, and two processes racing to create it agree on one content.
     """
-    try:
-        return _read_key(path)
-    except FileNotFoundError:
-        pass
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(staging, path)
     except FileExistsError:
-        return _read_key(path)
-    with os.fdopen(descriptor, "w", encoding="ascii") as handle:
-        handle.write(secrets.token_hex(SPLIT_KEY_BYTES) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+        return False
+    finally:
+        staging.unlink(missing_ok=True)
+    return True
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """The secret key at ``path``, created (0600, from OS entropy) on first use."""
+    if not path.exists():
+        create_exclusive(path, secrets.token_hex(SPLIT_KEY_BYTES) + "\n")
     return _read_key(path)
 
 
@@ -109,23 +118,18 @@ def check_partition(dataset_dir: Path, config: ExperimentConfig) -> None:
     """Record the partitioning on first use; refuse a run that partitions differently."""
     wanted = partition_identity(config)
     path = dataset_dir / PARTITION_FILE
-    dataset_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-        if recorded != wanted:
-            changed = sorted(k for k in wanted if recorded.get(k) != wanted[k])
-            raise LedgerLocationError(
-                f"the ledgers of this dataset ({dataset_dir}) were charged with the records "
-                f"partitioned by {recorded}; this config changes {', '.join(changed)}, which "
-                "would move patients between hospital ledgers and restart their budgets. Keep "
-                "the partitioning, or set privacy.ledger_dir to a new location only for data "
-                "whose earlier releases you account for elsewhere"
-            ) from None
+    if create_exclusive(path, json.dumps(wanted, indent=2)):
         return
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        json.dump(wanted, handle, indent=2)
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    if recorded != wanted:
+        changed = sorted(k for k in wanted if recorded.get(k) != wanted[k])
+        raise LedgerLocationError(
+            f"the ledgers of this dataset ({dataset_dir}) were charged with the records "
+            f"partitioned by {recorded}; this config changes {', '.join(changed)}, which "
+            "would move patients between hospital ledgers and restart their budgets. Keep "
+            "the partitioning, or set privacy.ledger_dir to a new location only for data "
+            "whose earlier releases you account for elsewhere"
+        )
 
 
 def simulation_state(
