@@ -52,6 +52,13 @@ def test_plan_reports_sigma_and_projected_epsilon_per_hospital(tmp_path):
         assert row["epsilon_per_round"] < row["projected_epsilon"]
 
 
+def test_a_deployed_run_refuses_exact_evaluation_before_connecting():
+    result = runner.invoke(app, ["run", "configs/default.yaml", "--federation", "anywhere"])
+    assert result.exit_code == 2
+    assert "evaluation.release: got 'exact'" in result.output
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [

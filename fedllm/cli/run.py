@@ -58,6 +58,11 @@ def run_command(
     <output_dir>/<name>/."""
     try:
         config = load_config(config_file, overrides or [])
+        if federation and config.evaluation.release == "exact":
+            fail(
+                "evaluation.release: got 'exact'; a deployed federation evaluates on hospitals' "
+                "own patients, which leaves them only as a DP release: expected 'dp' or 'off'"
+            )
         target = (
             deployed_federation(federation, config_file, overrides or [], app_root=APP_ROOT)
             if federation
@@ -72,11 +77,6 @@ def run_command(
             fail(str(error))
         except OSError as error:
             fail(f"privacy.ledger_dir: cannot keep the dataset's ledgers there ({error})")
-    if target is not None and config.evaluation.release == "exact":
-        fail(
-            "evaluation.release: got 'exact'; a deployed federation evaluates on hospitals' own "
-            "patients, which leaves them only as a DP release: expected 'dp' or 'off'"
-        )
     if target is not None and baselines and config.evaluation.baselines and not json_output:
         # federated_no_dp would train on the hospitals' records without DP
         console.print("Baselines are not run against a deployed federation.")
