@@ -13,20 +13,66 @@ evaluation. Every reply is checked against the release inventory
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import structlog
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from fedllm.federation.experiment import experiment_from_run_config
 from fedllm.federation.hospital import HospitalSite
-from fedllm.federation.node_settings import node_settings
+from fedllm.federation.node_settings import hospital_index, node_settings
 from fedllm.privacy.events import event_to_dict
 from fedllm.privacy.inventory import check_reply
 from fedllm.telemetry.logging import configure_logging
 
 app = ClientApp()
+
+log = structlog.get_logger(__name__)
+
+# Error.code of a reply whose handler failed at the hospital (the reason says why, in one line)
+HOSPITAL_FAILED = 1
+
+
+def _hospital_label(context: Context) -> str:
+    """This node's hospital name when the config says it, else its Flower node id."""
+    try:
+        config = experiment_from_run_config(context.run_config)
+        return config.federation.profiles()[hospital_index(config, context.node_config)].name
+    except Exception:  # the label of a failure must never fail itself
+        return f"node {context.node_id}"
+
+
+def reply_on_failure(handler: Callable[[Message, Context], Message]):
+    """Turn any failure of ``handler`` into an error reply whose reason is one line.
+
+    The server collects these reasons, so a researcher sees ``hospital X: DataError: ...``
+    instead of a traceback buried in a log; the traceback stays in the hospital's own log.
+    """
+
+    @functools.wraps(handler)
+    def guarded(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except Exception as error:
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            reason = f"hospital {_hospital_label(context)}: {type(error).__name__}: {first_line}"
+            log.error("hospital.failed", reason=reason, exc_info=True)
+            return Message(Error(code=HOSPITAL_FAILED, reason=reason), reply_to=message)
+
+    return guarded
+
 
 _SITES: dict[tuple[str, int, str], HospitalSite] = {}
 
@@ -61,6 +107,7 @@ def _run_dir(message: Message) -> str:
 
 
 @app.query()
+@reply_on_failure
 def status(message: Message, context: Context) -> Message:
     """Report identity and privacy budget so the server selects only hospitals that can afford.
 
@@ -81,6 +128,7 @@ def status(message: Message, context: Context) -> Message:
 
 
 @app.train()
+@reply_on_failure
 def train(message: Message, context: Context) -> Message:
     """One round of local DP-SGD on the global adapter."""
     site = hospital_site(context, _run_dir(message))
@@ -102,6 +150,7 @@ def train(message: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@reply_on_failure
 def evaluate(message: Message, context: Context) -> Message:
     """Held-out loss of the global adapter, released as the experiment and hospital allow."""
     site = hospital_site(context, _run_dir(message))

@@ -131,6 +131,8 @@ class PrivacyAwareStrategy(FedAvg):
         self.rng = random.Random(config.run.seed + round_offset)
         self.ensemble_rng = np.random.default_rng(config.run.seed + round_offset)
         self.views: dict[int, HospitalView] = {}
+        # node id -> one line saying why that hospital failed (its error reply, or lost)
+        self.problems: dict[int, str] = {}
         self.server_dp = (
             ServerSideDp(
                 ServerDpConfig(
@@ -224,6 +226,7 @@ class PrivacyAwareStrategy(FedAvg):
             view.status = {}
         for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
             if reply.has_error():
+                self.problems[reply.metadata.src_node_id] = reply.error.reason
                 continue
             self.report.observe_release("query", reply.content)
             status = dict(reply.content["status"])
@@ -246,6 +249,10 @@ class PrivacyAwareStrategy(FedAvg):
         views = sorted(self.views.values(), key=lambda v: v.name)
         eligible, ineligible = [], {}
         for view in views:
+            if not view.status and view.node_id not in self.problems:
+                self.problems[view.node_id] = (
+                    f"hospital {view.name}: did not answer the status query of round {current}"
+                )
             ok, reason = self.is_eligible(view, current)
             if ok:
                 eligible.append(view)
@@ -351,6 +358,7 @@ class PrivacyAwareStrategy(FedAvg):
             view = self.views[reply.metadata.src_node_id]
             if reply.has_error():
                 failed.append(name)
+                self.problems[reply.metadata.src_node_id] = reply.error.reason
                 continue
             self.report.observe_release("train", reply.content)
             metrics = dict(reply.content["metrics"])
@@ -366,6 +374,12 @@ class PrivacyAwareStrategy(FedAvg):
                 )
             )
         lost = sorted(set(sent.values()) - set(events) - set(failed))
+        for node_id, name in sent.items():
+            if name in lost:
+                self.problems[node_id] = (
+                    f"hospital {name}: lost in round {row['round']} (no reply within "
+                    f"{self.settings.round_timeout_s:g} s)"
+                )
         for view in self.views.values():
             if view.name in failed or view.name in lost:
                 events[view.name] = list(view.planned_events)
@@ -536,7 +550,10 @@ class PrivacyAwareStrategy(FedAvg):
         results = {}
         for reply in replies:
             view = self.views.get(reply.metadata.src_node_id)
-            if reply.has_error() or view is None:
+            if reply.has_error():
+                self.problems[reply.metadata.src_node_id] = reply.error.reason
+                continue
+            if view is None:
                 continue
             self.report.observe_release("evaluate", reply.content)
             metrics = reply.content["metrics"]

@@ -29,6 +29,7 @@ from fedllm.models.checkpoints import (
 from fedllm.models.dp_record import DPRecordError
 from fedllm.models.loading import load_lora_model
 from fedllm.privacy.server_ledger import ServerLedger
+from fedllm.report.outcome import run_outcome
 from fedllm.report.plots import plot_run
 from fedllm.report.run_dir import allocate_run_dir
 from fedllm.report.run_report import RunReport
@@ -118,15 +119,23 @@ def run_federation(
     load_adapter_state(model, arrays.to_torch_state_dict())
     checkpoint = run_dir / "checkpoint"
     save_adapter_directory(model, checkpoint)
-    published = publish_final_adapter(model, config, run_dir, report)
     rows = report.data["rounds"]
+    outcome = run_outcome(rows, strategy.problems.values(), remaining)
+    # a run that trained nothing has nothing to publish: its adapter is the initial one
+    published = (
+        None
+        if outcome.status == "failed"
+        else publish_final_adapter(model, config, run_dir, report)
+    )
     final = (
         {key: rows[-1][key] for key in ("eval_loss", "perplexity", "perplexity_per_hospital")}
         if rows
         else None
     )
     report.finish(
-        "completed",
+        outcome.status,
+        **({"error": outcome.summary} if outcome.summary else {}),
+        causes=outcome.causes,
         final=final,
         checkpoint=str(checkpoint.relative_to(run_dir)),
         published_adapter=None if published is None else str(published),
@@ -134,7 +143,7 @@ def run_federation(
             "rounds_s": round(sum(row["duration_s"] for row in rows), 3),
         },
     )
-    log.info("run.completed", run_dir=str(run_dir), final=final)
+    log.info("run.finished", status=outcome.status, run_dir=str(run_dir), final=final)
 
 
 def publish_final_adapter(

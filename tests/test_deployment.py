@@ -192,7 +192,9 @@ def finished_run(federation):
         assert time.monotonic() < deadline, "west never trained"
         time.sleep(0.05)
     stop_process_tree(federation.processes["west"])  # charged for round 1: now it dies
-    assert run.wait(timeout=900) == 0, federation.output("deployed")[-4000:]
+    # a run that lost a hospital is degraded: it finishes, but exits non-zero and says why
+    assert run.wait(timeout=900) == 1, federation.output("deployed")[-4000:]
+    assert "hospital west:" in federation.output("deployed")
     run_dir = federation.root / "runs" / "deployed"
     return run_dir, json.loads((run_dir / "report.json").read_text())
 
@@ -219,7 +221,8 @@ def test_unregistered_supernode_is_refused(federation):
 
 def test_deployed_run_finishes_with_every_hospital_within_its_cap(federation, finished_run):
     run_dir, report = finished_run
-    assert report["status"] == "completed"
+    assert report["status"] == "degraded"
+    assert any(cause.startswith("hospital west:") for cause in report["causes"])
     first, second = report["rounds"]
     assert [first["round"], second["round"]] == [1, 2]
     assert first["selected"] == sorted(HOSPITALS)
@@ -230,7 +233,7 @@ def test_deployed_run_finishes_with_every_hospital_within_its_cap(federation, fi
     for row in (first, second):
         assert row["failed"] == []
         assert row["skipped"] is False
-        assert row["perplexity"] > 1.0
+        assert row["perplexity"] >= 1.0  # a noised, clamped DP evaluation
     reported = report["privacy"]["hospitals"]
     assert set(reported) == set(HOSPITALS)
     for name, state in reported.items():

@@ -125,6 +125,9 @@ def run_and_show(
         print_json(report)
     else:
         show_summary(report, run_dir)
+    if report["status"] == "degraded":
+        # the run produced a model, but not the one asked for: a sweep must see it
+        fail(f"the run is degraded: {report.get('error')}{_causes(report)}", code=1)
 
 
 def execute(
@@ -193,11 +196,17 @@ def federate(
         finished.set()
         follower.join()
     report = RunReport.load(run_dir)
-    if report["status"] != "completed":
+    if report["status"] not in ("completed", "degraded"):
         raise FederationError(
             f"the federated run ended with status '{report['status']}'"
             f" ({report.get('error', 'no error recorded')}); see {log_path}"
+            + _causes(report)
         )
+
+
+def _causes(report: dict[str, Any]) -> str:
+    """One indented line per hospital that failed or was lost."""
+    return "".join(f"\n  {cause}" for cause in report.get("causes") or [])
 
 
 def run_baselines(config: ExperimentConfig, run_dir: Path, *, quiet: bool) -> dict[str, Any]:
