@@ -136,56 +136,46 @@ def test_nothing_left_running(finished_run):
     assert flower_processes(root) == set()
 
 
+def _run_with_hospitals(root, name: str, hospitals: list[dict]):
+    """``fedllm run`` a one-round experiment with these hospitals; its result and report."""
+    config = {
+        **CONFIG,
+        "run": {"name": name, "seed": 3, "rounds": 1, "output_dir": str(root / "runs")},
+        "federation": {"num_hospitals": len(hospitals), "cohort_size": len(hospitals)},
+        "evaluation": {"baselines": [], "release": "off"},
+    }
+    config["federation"]["hospitals"] = hospitals
+    config_file = root / "experiment.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    result = run_cli(root, "run", str(config_file))
+    assert "Traceback" not in result.stderr
+    assert flower_processes(root) == set()
+    return result, json.loads((root / "runs" / name / "report.json").read_text())
+
+
 def test_a_hospital_that_cannot_start_makes_the_run_degraded_with_a_one_line_cause(
     tmp_path_factory,
 ):
     """A sweep must see it: non-zero exit, status degraded, the hospital and the cause."""
-    root = tmp_path_factory.mktemp("degraded")
-    config = {
-        **CONFIG,
-        "run": {"name": "broken", "seed": 3, "rounds": 1, "output_dir": str(root / "runs")},
-        "federation": {
-            "num_hospitals": 2,
-            "cohort_size": 2,
-            "hospitals": [
-                {"name": "north", "data_size": 80, "specialty_mix": {"cardiology": 1.0}},
-                # one record is one patient: it cannot be split into training and held-out
-                {"name": "tiny", "data_size": 1, "specialty_mix": {"oncology": 1.0}},
-            ],
-        },
-        "evaluation": {"baselines": [], "release": "off"},
-    }
-    config_file = root / "experiment.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    result = run_cli(root, "run", str(config_file))
+    hospitals = [
+        {"name": "north", "data_size": 80, "specialty_mix": {"cardiology": 1.0}},
+        # one record is one patient: it cannot be split into training and held-out
+        {"name": "tiny", "data_size": 1, "specialty_mix": {"oncology": 1.0}},
+    ]
+    result, report = _run_with_hospitals(tmp_path_factory.mktemp("degraded"), "broken", hospitals)
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
     assert "the run is degraded" in result.stderr
     assert "hospital tiny: DataError: splitting 1 patient(s)" in result.stderr
-    report = json.loads((root / "runs" / "broken" / "report.json").read_text())
     assert report["status"] == "degraded"
     assert any(c.startswith("hospital tiny: DataError") for c in report["causes"])
     assert [row["selected"] for row in report["rounds"]] == [["north"]]
-    assert flower_processes(root) == set()
 
 
 def test_a_run_in_which_no_hospital_can_start_fails_naming_each(tmp_path_factory):
-    root = tmp_path_factory.mktemp("failed")
-    tiny = [{"name": name, "data_size": 1} for name in ("east", "west")]
-    config = {
-        **CONFIG,
-        "run": {"name": "nothing", "seed": 3, "rounds": 1, "output_dir": str(root / "runs")},
-        "federation": {"num_hospitals": 2, "cohort_size": 2, "hospitals": tiny},
-        "evaluation": {"baselines": [], "release": "off"},
-    }
-    config_file = root / "experiment.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    result = run_cli(root, "run", str(config_file))
+    hospitals = [{"name": name, "data_size": 1} for name in ("east", "west")]
+    result, report = _run_with_hospitals(tmp_path_factory.mktemp("failed"), "nothing", hospitals)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
     assert "no round trained anything" in result.stderr
     for name in ("east", "west"):
         assert f"hospital {name}: DataError" in result.stderr
-    report = json.loads((root / "runs" / "nothing" / "report.json").read_text())
     assert report["status"] == "failed"
-    assert flower_processes(root) == set()
