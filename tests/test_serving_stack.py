@@ -239,6 +239,18 @@ def test_openai_client_through_the_router_gets_a_free_answer(stack):
     assert float(raw.headers["X-Privacy-Cost"]) == 0.0
 
 
+def _wait_all_nodes_healthy(stack: dict[str, Any], timeout_s: float = 60) -> None:
+    """The router's view of node health is its latest probe; one slow probe on a loaded machine
+    marks a node unhealthy until the next, so consensus (which needs every node) waits for it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = httpx.get(f"{stack['router_url']}/v1/health", verify=stack["verify"]).json()
+        if health["nodes_healthy"] == health["nodes_total"]:
+            return
+        assert time.monotonic() < deadline, health
+        time.sleep(0.2)
+
+
 def test_consensus_answer_charges_the_user_and_every_hospital_the_same_mechanism(
     stack, keyring, monkeypatch
 ):
@@ -246,6 +258,7 @@ def test_consensus_answer_charges_the_user_and_every_hospital_the_same_mechanism
     headers = {"Authorization": f"Bearer {token}"}
     budget_url = f"{stack['router_url']}/v1/privacy/budget/dr-grey"
     before = httpx.get(budget_url, headers=headers, verify=stack["verify"]).json()
+    _wait_all_nodes_healthy(stack)
     reply = httpx.post(
         f"{stack['router_url']}/v1/inference",
         json={
