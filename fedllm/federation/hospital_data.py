@@ -31,6 +31,7 @@ from fedllm.data import (
     split_train_eval,
 )
 from fedllm.federation.hospital_state import (
+    HospitalState,
     load_or_create_key,
     simulation_state,
     synthetic_split_key,
@@ -74,12 +75,17 @@ def check_simulation_ledgers(config: ExperimentConfig) -> None:
         simulation_state(config, 0, "", dataset_id)
 
 
-def simulation_split_key(config: ExperimentConfig, index: int, run_dir: str = "") -> bytes:
-    """The split key of simulated hospital ``index`` (see the module docstring)."""
+def simulation_split_key(
+    config: ExperimentConfig, index: int, state: HospitalState | None = None
+) -> bytes:
+    """The split key of simulated hospital ``index`` (see the module docstring).
+
+    ``state`` is the hospital's state directory when the caller has already resolved it.
+    """
     dataset_id = shared_dataset_identity(config)
     if dataset_id is None:
         return synthetic_split_key(config, index)
-    state = simulation_state(config, index, run_dir, dataset_id)
+    state = state or simulation_state(config, index, "", dataset_id)
     return load_or_create_key(state.directory / "split.key")
 
 

@@ -118,7 +118,7 @@ def node_settings(
         state = simulation_state(config, index, run_dir, shared_dataset_identity(config))
         state.directory.mkdir(parents=True, exist_ok=True)
         ledger_url = given_ledger or state.ledger_url
-        split_key = simulation_split_key(config, index, run_dir)
+        split_key = simulation_split_key(config, index, state)
         scope = state.scope
     else:
         if given_ledger is None:

@@ -70,20 +70,20 @@ class RandomStream(ABC):
         return self.uniform(count) < rate
 
 
-class SeededStream(RandomStream):
-    """PyTorch generators with a given seed: reproducible, hence only for public randomness."""
+class TorchStream(RandomStream):
+    """PyTorch's generators (Mersenne Twister on the CPU, Philox on CUDA), one per device."""
 
-    def __init__(self, seed: int) -> None:
-        self._seed = seed
+    def __init__(self) -> None:
         self._generators: dict[str, torch.Generator] = {}
+
+    @abstractmethod
+    def _next_seed(self) -> int:
+        """The seed of the next device's generator."""
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
         if key not in self._generators:
-            generator = torch.Generator(device=device)
-            # each device gets its own stream derived from the one seed
-            generator.manual_seed((self._seed + len(self._generators)) % 2**63)
-            self._generators[key] = generator
+            self._generators[key] = torch.Generator(device=device).manual_seed(self._next_seed())
         return self._generators[key]
 
     def uniform(self, count: int) -> torch.Tensor:
@@ -103,17 +103,23 @@ class SeededStream(RandomStream):
         ).to(dtype)
 
 
-class FastStream(SeededStream):
-    """PyTorch's generators seeded from 63 bits of OS entropy per device, per stream."""
+class SeededStream(TorchStream):
+    """Generators from a given seed: reproducible, hence only for public randomness."""
 
-    def __init__(self) -> None:
-        super().__init__(secrets.randbits(63))
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self._seed = seed
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(secrets.randbits(63))
-        return self._generators[key]
+    def _next_seed(self) -> int:
+        # each device gets its own stream derived from the one (public) seed
+        return (self._seed + len(self._generators)) % 2**63
+
+
+class FastStream(TorchStream):
+    """Generators each seeded with 63 bits of OS entropy: the default source of DP draws."""
+
+    def _next_seed(self) -> int:
+        return secrets.randbits(63)
 
 
 class SecureStream(RandomStream):
