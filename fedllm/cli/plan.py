@@ -16,11 +16,6 @@ from fedllm.privacy.accountant import HOSPITAL_NEIGHBOURING, compute_epsilon
 from fedllm.privacy.plan import plan_hospital
 
 
-def add_plan_command(privacy_app: typer.Typer) -> None:
-    """Register ``plan`` on the ``privacy`` command group."""
-    privacy_app.command("plan")(plan_command)
-
-
 def plan_command(
     config_file: Annotated[Path, typer.Argument(help="Experiment YAML")],
     overrides: Annotated[

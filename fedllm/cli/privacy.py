@@ -7,11 +7,12 @@ accountant the ledgers use, instead of trusting a table in a paper.
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import typer
 
 from fedllm.cli.common import console, fail, print_json
+from fedllm.cli.lazy import LazyCommand, LazyGroup
 from fedllm.privacy.accountant import (
     ACCOUNTANTS,
     HOSPITAL_NEIGHBOURING,
@@ -21,8 +22,21 @@ from fedllm.privacy.accountant import (
 from fedllm.privacy.calibration import calibrate_noise_multiplier
 from fedllm.privacy.events import SampledGaussianSteps
 
+
+class PrivacyGroup(LazyGroup):
+    """``plan`` reads a config and hospital data (torch and transformers): imported only to run."""
+
+    lazy_commands: ClassVar[dict[str, LazyCommand]] = {
+        "plan": LazyCommand(
+            "fedllm.cli.plan:plan_command",
+            "Print each hospital's noise multiplier and projected ε for the whole run.",
+        )
+    }
+
+
 privacy_app = typer.Typer(
     name="privacy",
+    cls=PrivacyGroup,
     help="Unit-level privacy accounting for DP-SGD (ε from σ, or σ from a target ε).",
     no_args_is_help=True,
 )

@@ -13,11 +13,6 @@ from fedllm.cli.common import console, fail, print_json
 from fedllm.selection import DEFAULT_SOLVER, InstanceError, load_instance, solve
 
 
-def add_select_command(app: typer.Typer) -> None:
-    """Register ``select`` on the given Typer app."""
-    app.command("select")(select_command)
-
-
 def select_command(
     instance: Annotated[Path, typer.Argument(help="Instance JSON: k, lambda, utility, similarity")],
     solver: Annotated[
