@@ -138,7 +138,9 @@ def test_consensus_charges_user_and_every_hospital(cluster):
     charge = [e for e in entries if e["event"] == "consensus_charge"][-1]
     assert charge["fields"]["user"] == "bob"
     assert charge["fields"]["prompt"].startswith("hmac-sha256:")
-    assert verify_audit_log(audit_path).ok
+    assert verify_audit_log(
+        audit_path, cluster["creds"].consortium.audit_key.read_bytes().strip()
+    ).ok
 
 
 def test_consensus_over_privacy_budget_is_refused_without_charge(cluster):

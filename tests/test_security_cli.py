@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedllm.cli.app import app
-from fedllm.security.audit import AuditLog
+from fedllm.security.audit import AuditLog, legacy_entry_hash
 from fedllm.security.users import AccountLockedError, Role, UserStore
 
 PASSWORD = "correct horse battery"
@@ -138,53 +138,120 @@ def test_unopenable_database_is_a_clear_error(runner: CliRunner, tmp_path: Path)
     assert "Traceback" not in result.output
 
 
+AUDIT_KEY = b"r" * 32
+
+
 def write_audit(path: Path) -> str:
-    with AuditLog(path, b"r" * 32) as log:
+    with AuditLog(path, AUDIT_KEY) as log:
         for n in range(3):
             log.record("inference", user="alice", prompt=f"question {n}")
         return log.head
 
 
+def key_file(tmp_path: Path) -> str:
+    path = tmp_path / "audit.key"
+    path.write_bytes(AUDIT_KEY + b"\n")
+    return str(path)
+
+
 def test_audit_verify_ok(runner: CliRunner, tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     head = write_audit(path)
-    result = runner.invoke(app, ["audit", "verify", str(path)])
+    key = key_file(tmp_path)
+    result = runner.invoke(app, ["audit", "verify", str(path), "--key-file", key])
     assert result.exit_code == 0, result.output
     assert "3 entries" in result.output
     assert head in result.output.replace("\n", "")
-    as_json = runner.invoke(app, ["audit", "verify", str(path), "--json"])
+    as_json = runner.invoke(app, ["audit", "verify", str(path), "--key-file", key, "--json"])
     assert json.loads(as_json.output) == {
         "ok": True,
         "entries": 3,
         "head": head,
         "error": None,
         "line": None,
+        "keyed": True,
     }
+    from_env = runner.invoke(
+        app,
+        ["audit", "verify", str(path), "--key-env", "AUDIT_TEST_KEY"],
+        env={"AUDIT_TEST_KEY": AUDIT_KEY.decode()},
+    )
+    assert from_env.exit_code == 0, from_env.output
 
 
 def test_audit_verify_tampered(runner: CliRunner, tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     write_audit(path)
+    key = key_file(tmp_path)
     lines = path.read_text().splitlines(keepends=True)
     path.write_text(lines[0] + lines[2])
-    result = runner.invoke(app, ["audit", "verify", str(path)])
+    result = runner.invoke(app, ["audit", "verify", str(path), "--key-file", key])
     assert result.exit_code == 1
     assert "line 2" in result.output
-    as_json = json.loads(runner.invoke(app, ["audit", "verify", str(path), "--json"]).output)
+    as_json = json.loads(
+        runner.invoke(app, ["audit", "verify", str(path), "--key-file", key, "--json"]).output
+    )
     assert (as_json["ok"], as_json["line"]) == (False, 2)
 
 
 def test_audit_verify_truncated_against_anchor(runner: CliRunner, tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     head = write_audit(path)
+    key = key_file(tmp_path)
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
-    assert runner.invoke(app, ["audit", "verify", str(path)]).exit_code == 0
-    anchored = runner.invoke(app, ["audit", "verify", str(path), "--expected-head", head])
+    assert runner.invoke(app, ["audit", "verify", str(path), "--key-file", key]).exit_code == 0
+    anchored = runner.invoke(
+        app, ["audit", "verify", str(path), "--key-file", key, "--expected-head", head]
+    )
     assert anchored.exit_code == 1
     assert "anchored head" in anchored.output
 
 
+def test_audit_verify_without_a_key_or_with_a_wrong_one(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    write_audit(path)
+    missing = runner.invoke(app, ["audit", "verify", str(path)])
+    assert missing.exit_code == 2
+    assert "--key-file" in missing.output
+    wrong = tmp_path / "wrong.key"
+    wrong.write_bytes(b"w" * 32)
+    result = runner.invoke(app, ["audit", "verify", str(path), "--key-file", str(wrong)])
+    assert result.exit_code == 1
+    assert "MAC mismatch" in result.output
+    short = tmp_path / "short.key"
+    short.write_bytes(b"short")
+    result = runner.invoke(app, ["audit", "verify", str(path), "--key-file", str(short)])
+    assert result.exit_code == 2
+    assert "at least 16 bytes" in result.output
+    unreadable = runner.invoke(
+        app, ["audit", "verify", str(path), "--key-file", str(tmp_path / "nope.key")]
+    )
+    assert unreadable.exit_code == 2
+    assert "Traceback" not in unreadable.output
+
+
+def test_audit_verify_legacy_log(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "old.jsonl"
+    previous = "0" * 64
+    lines = []
+    for seq in (1, 2):
+        entry = {"seq": seq, "ts": "2026-01-01T00:00:00+00:00", "event": "e", "fields": {}}
+        entry["prev"] = previous
+        entry["hash"] = previous = legacy_entry_hash(entry)
+        lines.append(json.dumps(entry) + "\n")
+    path.write_text("".join(lines))
+    refused = runner.invoke(app, ["audit", "verify", str(path), "--key-file", key_file(tmp_path)])
+    assert refused.exit_code == 2
+    assert "unkeyed (legacy)" in refused.output
+    legacy = runner.invoke(app, ["audit", "verify", str(path), "--legacy"])
+    assert legacy.exit_code == 0, legacy.output
+    assert "2 entries" in " ".join(legacy.output.split())
+    assert "warning" in legacy.output
+
+
 def test_audit_verify_missing_file(runner: CliRunner, tmp_path: Path) -> None:
-    result = runner.invoke(app, ["audit", "verify", str(tmp_path / "nope.jsonl")])
+    result = runner.invoke(
+        app, ["audit", "verify", str(tmp_path / "nope.jsonl"), "--key-file", key_file(tmp_path)]
+    )
     assert result.exit_code == 2
     assert "cannot read" in result.output

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from fedllm.security.passwords import hash_password, verify_password
+from fedllm.security.passwords import (
+    HashingPool,
+    HashingPoolFullError,
+    default_hashing_workers,
+    hash_password,
+    verify_password,
+)
 from fedllm.security.users import (
     AccountLockedError,
     AuthenticationError,
     Role,
+    UnknownUserError,
     User,
     UserStore,
 )
@@ -103,7 +112,10 @@ def test_unknown_user_and_wrong_password_look_identical(url: str) -> None:
         store.authenticate("mallory", "wrong password")
     with pytest.raises(AuthenticationError) as invalid:
         store.authenticate("not a valid name!", "wrong password")
-    assert type(wrong.value) is type(unknown.value) is type(invalid.value) is AuthenticationError
+    # One message for all three (a login cannot probe which users exist); the type tells the
+    # router's audit log to keep only a digest of a name that matches no account.
+    assert type(wrong.value) is AuthenticationError
+    assert type(unknown.value) is type(invalid.value) is UnknownUserError
     assert str(wrong.value) == str(unknown.value) == str(invalid.value)
 
 
@@ -193,3 +205,34 @@ def test_failures_and_lockout_survive_reopening(url: str) -> None:
 def test_store_rejects_bad_policy(url: str, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         UserStore(url, **kwargs)
+
+
+def test_hashing_pool_refuses_beyond_workers_plus_queue() -> None:
+    pool = HashingPool(workers=1, queue=2)
+    release = threading.Event()
+    try:
+        futures = [pool.submit(release.wait, 5) for _ in range(3)]
+        assert pool.in_flight == 3
+        with pytest.raises(HashingPoolFullError) as full:
+            pool.submit(release.wait, 5)
+        assert full.value.retry_after_s > 0
+        release.set()
+        assert all(future.result(timeout=5) for future in futures)
+        deadline = time.monotonic() + 5
+        while pool.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # The slots come back when the jobs finish, so the pool accepts work again.
+        assert pool.in_flight == 0
+        assert asyncio.run(pool.run(verify_password, hash_password("x" * 8), "x" * 8))
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_hashing_pool_size_follows_the_cpus_and_rejects_nonsense() -> None:
+    assert 1 <= default_hashing_workers() <= 4
+    assert HashingPool().workers == default_hashing_workers()
+    with pytest.raises(ValueError, match="workers"):
+        HashingPool(workers=0)
+    with pytest.raises(ValueError, match="queue"):
+        HashingPool(workers=1, queue=-1)

@@ -68,6 +68,12 @@ class AuthenticationError(Exception):
     """Wrong username or password; the message never says which."""
 
 
+class UnknownUserError(AuthenticationError):
+    """No account has that name. Same message as a wrong password (callers must not reveal
+    which); a distinct type so the audit log can keep only a digest of the typed name, which
+    may be a password entered in the wrong field."""
+
+
 class AccountLockedError(AuthenticationError):
     """Too many consecutive failed logins; the account accepts none until the lockout ends."""
 
@@ -259,13 +265,14 @@ class UserStore:
 
         Raises:
             AccountLockedError: the account is locked (also on the failure that locks it).
-            AuthenticationError: unknown user or wrong password (one message for both).
+            UnknownUserError: no such user (same message as a wrong password).
+            AuthenticationError: wrong password.
         """
         now = self._clock()
         snapshot = self._snapshot(username)
         if snapshot is None:
             verify_password(_decoy_hash(), password if isinstance(password, str) else "")
-            raise AuthenticationError(AUTHENTICATION_FAILED)
+            raise UnknownUserError(AUTHENTICATION_FAILED)
         stored_hash, locked_until = snapshot
         if locked_until is not None and locked_until > now:
             raise AccountLockedError(locked_until - now)
@@ -274,7 +281,7 @@ class UserStore:
         with Session(self._writer) as session, session.begin():
             row = session.get(_UserRow, username, with_for_update=True)
             if row is None:
-                outcome: User | AuthenticationError = AuthenticationError(AUTHENTICATION_FAILED)
+                outcome: User | AuthenticationError = UnknownUserError(AUTHENTICATION_FAILED)
             elif row.locked_until is not None and row.locked_until > now:
                 outcome = AccountLockedError(row.locked_until - now)
             elif correct and row.password_hash == stored_hash:
