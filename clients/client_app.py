@@ -33,6 +33,7 @@ from flwr.clientapp import ClientApp
 from fedllm.federation.experiment import experiment_from_run_config
 from fedllm.federation.hospital import HospitalSite
 from fedllm.federation.node_settings import hospital_index, node_settings
+from fedllm.federation.preflight import check_node_count
 from fedllm.privacy.events import event_to_dict
 from fedllm.privacy.inventory import check_reply
 from fedllm.telemetry.logging import configure_logging
@@ -80,6 +81,7 @@ _SITES: dict[tuple[str, int, str], HospitalSite] = {}
 def hospital_site(context: Context, run_dir: str) -> HospitalSite:
     """The cached site for this node and run, built on first use."""
     config = experiment_from_run_config(context.run_config)
+    check_node_count(config, context.node_config)
     settings = node_settings(config, context.node_config, run_dir)
     key = (config.model_dump_json(), settings.index, run_dir)
     if key not in _SITES:

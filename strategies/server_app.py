@@ -18,7 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 
 from fedllm.config import ExperimentConfig, dump_config
-from fedllm.federation.experiment import experiment_from_run_config
+from fedllm.federation.experiment import APP_ROOT, experiment_from_run_config
+from fedllm.federation.preflight import preflight
 from fedllm.models.adapters import adapter_state, load_adapter_state
 from fedllm.models.checkpoints import (
     PublicationRefusedError,
@@ -46,6 +47,12 @@ def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the configured rounds and record everything under the run directory."""
     configure_logging()
     config = experiment_from_run_config(context.run_config)
+    try:
+        # before any hospital is asked anything (fedllm run has already checked, with data)
+        preflight(config, simulation=False, app_root=APP_ROOT)
+    except ValueError as error:
+        log.error("run.refused", reason=str(error))
+        raise
     given = str(context.run_config.get("run-dir", ""))
     run_dir = Path(given) if given else allocate_run_dir(config.run.output_dir, config.run.name)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -102,6 +109,17 @@ def run_federation(
         log.info("run.resumed", run_dir=str(run_dir), after_round=completed)
     arrays = ArrayRecord(adapter_state(model))
     strategy.query_status(grid)
+    if strategy.problems:
+        # The first message a hospital gets builds its site: data, model, LoRA, privacy plan.
+        # One that failed there has charged nothing, and neither has any other: stop here.
+        report.finish(
+            "failed",
+            error=f"{len(strategy.problems)} hospital(s) failed their checks before round "
+            f"{completed + 1}; no hospital was charged for it",
+            causes=sorted(strategy.problems.values()),
+        )
+        log.error("run.stopped_before_training", causes=report.data["causes"])
+        return
     if not completed:
         replies = grid.send_and_receive(
             strategy.configure_evaluate(0, arrays, ConfigRecord(), grid),

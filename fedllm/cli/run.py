@@ -70,6 +70,13 @@ def run_command(
         )
     except (ConfigError, FederationError) as error:
         fail(str(error))
+    from fedllm.federation.preflight import preflight
+
+    try:
+        # before any process starts or any hospital releases anything (docs/configuration.md)
+        preflight(config, simulation=target is None, app_root=APP_ROOT)
+    except ValueError as error:
+        fail(str(error))
     if target is None:
         try:
             check_simulation_ledgers(config)
@@ -199,8 +206,7 @@ def federate(
     if report["status"] not in ("completed", "degraded"):
         raise FederationError(
             f"the federated run ended with status '{report['status']}'"
-            f" ({report.get('error', 'no error recorded')}); see {log_path}"
-            + _causes(report)
+            f" ({report.get('error', 'no error recorded')}); see {log_path}" + _causes(report)
         )
 
 

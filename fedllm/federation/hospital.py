@@ -18,8 +18,9 @@ import torch
 from fedllm.config.schema import ExperimentConfig
 from fedllm.data import SPECIALTIES, ClinicalRecord
 from fedllm.federation.hospital_data import LocalDataSource, hospital_data, training_texts
+from fedllm.federation.preflight import attach_lora
 from fedllm.models.adapters import AdapterState, adapter_state, load_adapter_state
-from fedllm.models.loading import load_lora_model, load_tokenizer
+from fedllm.models.loading import load_base_model, load_tokenizer
 from fedllm.privacy.events import event_to_dict
 from fedllm.privacy.node_ledger import BudgetExceededError, NodePrivacyLedger
 from fedllm.privacy.plan import HospitalPrivacyPlan, plan_hospital
@@ -99,6 +100,12 @@ class RoundOutcome:
 class HospitalSite:
     """One hospital: its data, its copy of the model and its persistent privacy ledger.
 
+    Building a site is the hospital's own check before it charges anything: its records load,
+    the LoRA targets match the model and its privacy plan reaches the target ε, or the
+    constructor raises a one-line error, before the ledger is even opened. The first message
+    of a run (a status query, which charges nothing) builds it, so a hospital that cannot take
+    part is known before any hospital releases anything.
+
     ``local_data`` is a deployed hospital's own records file, split with its own secret
     ``split_key``; without it the records come from the experiment config (simulation).
     ``evaluation_allowed`` is the hospital's own policy: False refuses every evaluation.
@@ -129,7 +136,9 @@ class HospitalSite:
         self.train_data = encode_texts(tokenizer, training_texts(data.train, unit), length)
         self.eval_data = encode_texts(tokenizer, evaluation_texts(data.eval, config), length)
         self.specialty_counts = specialty_counts(data.train, config.privacy.unit)
-        self.model = load_lora_model(config.model, self.device, config.run.seed)
+        base = load_base_model(config.model, self.device, config.run.seed)
+        torch.manual_seed(config.run.seed)
+        self.model = attach_lora(base, config.model)
         self.plan: HospitalPrivacyPlan | None = None
         self.ledger: NodePrivacyLedger | None = None
         if config.privacy.enabled:

@@ -18,6 +18,10 @@ from fedllm.privacy.events import GaussianRelease, PrivacyEvent, SampledGaussian
 from fedllm.training.local import sample_rate_for
 
 
+class UnreachableTargetError(ValueError):
+    """No noise multiplier meets ``privacy.target_epsilon``; the message says why."""
+
+
 @dataclass(frozen=True)
 class HospitalPrivacyPlan:
     """How one hospital's DP-SGD and statistics releases are parameterised for the whole run.
@@ -72,12 +76,60 @@ def plan_hospital(
     config: ExperimentConfig, hospital: str, num_units: int, epsilon_cap: float | None
 ) -> HospitalPrivacyPlan:
     """Derive σ for a hospital holding ``num_units`` sampling units (records or patients)."""
-    privacy, strategy = config.privacy, config.strategy
+    privacy = config.privacy
     if not privacy.enabled:
         raise ValueError("privacy is disabled in this config: there is no DP plan to make")
+    if num_units < 1:
+        raise ValueError(f"hospital {hospital} holds no training records: it cannot train")
     sample_rate = sample_rate_for(config.training.batch_size, num_units)
     planned_rounds = privacy.planned_rounds or config.run.rounds
     steps = config.training.local_steps
+    utility, profile, evaluation, evaluations = _statistic_releases(config)
+    if privacy.noise_multiplier is not None:
+        sigma = privacy.noise_multiplier
+    else:
+        reason = unreachable_target(config)
+        if reason is not None:
+            raise UnreachableTargetError(f"hospital {hospital}: {reason}")
+        try:
+            sigma = calibrate_noise_multiplier(
+                privacy.target_epsilon,
+                privacy.delta,
+                sample_rate,
+                steps * planned_rounds,
+                privacy.accountant,
+                fixed_events=fixed_releases(config),
+            )
+        except ValueError as error:
+            raise UnreachableTargetError(
+                f"hospital {hospital}: privacy.target_epsilon {privacy.target_epsilon:g} with "
+                f"q={sample_rate:.4g} ({num_units} units) over {steps * planned_rounds} steps: "
+                f"{error}"
+            ) from None
+    cap = epsilon_cap if epsilon_cap is not None else privacy.cap()
+    return HospitalPrivacyPlan(
+        hospital=hospital,
+        num_units=num_units,
+        sample_rate=sample_rate,
+        steps_per_round=steps,
+        planned_rounds=planned_rounds,
+        noise_multiplier=sigma,
+        epsilon_cap=cap if math.isfinite(cap) else math.inf,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+        utility_release=utility,
+        profile_release=profile,
+        evaluation_release=evaluation,
+        evaluations=evaluations,
+    )
+
+
+def _statistic_releases(
+    config: ExperimentConfig,
+) -> tuple[GaussianRelease | None, GaussianRelease | None, GaussianRelease | None, int]:
+    """One utility-statistic release, the profile release, one evaluation release (each None
+    when the run makes none) and the number of evaluations a hospital releases."""
+    strategy = config.strategy
     utility = (
         GaussianRelease(strategy.utility_noise_multiplier, purpose="utility")
         if config.needs_utility_statistics
@@ -94,33 +146,50 @@ def plan_hospital(
         if evaluations
         else None
     )
-    if privacy.noise_multiplier is not None:
-        sigma = privacy.noise_multiplier
-    else:
-        releases = [replace(utility, count=planned_rounds)] if utility else []
-        if evaluation is not None:
-            releases.append(replace(evaluation, count=evaluations))
-        sigma = calibrate_noise_multiplier(
-            privacy.target_epsilon,
-            privacy.delta,
-            sample_rate,
-            steps * planned_rounds,
-            privacy.accountant,
-            fixed_events=releases + ([profile] if profile else []),
-        )
-    cap = epsilon_cap if epsilon_cap is not None else privacy.cap()
-    return HospitalPrivacyPlan(
-        hospital=hospital,
-        num_units=num_units,
-        sample_rate=sample_rate,
-        steps_per_round=steps,
-        planned_rounds=planned_rounds,
-        noise_multiplier=sigma,
-        epsilon_cap=cap if math.isfinite(cap) else math.inf,
-        delta=privacy.delta,
-        accountant=privacy.accountant,
-        utility_release=utility,
-        profile_release=profile,
-        evaluation_release=evaluation,
-        evaluations=evaluations,
+    return utility, profile, evaluation, evaluations
+
+
+def fixed_releases(config: ExperimentConfig) -> list[GaussianRelease]:
+    """Every release a hospital plans besides DP-SGD, whatever σ it trains with: the noised
+    loss statistic of each planned round, the noised profile, the noised evaluations."""
+    utility, profile, evaluation, evaluations = _statistic_releases(config)
+    planned_rounds = config.privacy.planned_rounds or config.run.rounds
+    releases = [replace(utility, count=planned_rounds)] if utility else []
+    if evaluation is not None:
+        releases.append(replace(evaluation, count=evaluations))
+    return releases + ([profile] if profile else [])
+
+
+def unreachable_target(config: ExperimentConfig) -> str | None:
+    """Why no σ can meet ``privacy.target_epsilon``, or None when one can.
+
+    The fixed releases are charged whatever σ DP-SGD uses, and DP-SGD's own ε only falls
+    towards 0 as σ grows, so the target is reachable exactly when they alone cost less.
+    The reason names the releases and the keys that set their noise.
+    """
+    privacy = config.privacy
+    releases = fixed_releases(config)
+    if not privacy.enabled or privacy.target_epsilon is None or not releases:
+        return None
+    cost = compute_epsilon(releases, privacy.delta, privacy.accountant)
+    if cost < privacy.target_epsilon:
+        return None
+    selection = [release for release in releases if release.purpose != "evaluation"]
+    kinds = (["the selection-statistic releases"] if selection else []) + (
+        ["the DP evaluations"] if len(selection) < len(releases) else []
+    )
+    keys = {
+        "utility": ("noised loss statistic", "strategy.utility_noise_multiplier"),
+        "profile": ("noised data profile", "strategy.profile_noise_multiplier"),
+        "evaluation": ("noised evaluation", "evaluation.noise_multiplier"),
+    }
+    parts = []
+    for release in releases:
+        label, key = keys[release.purpose]
+        plural = "s" if release.count > 1 else ""
+        parts.append(f"{release.count} {label}{plural}, {key}={release.noise_multiplier:g}")
+    return (
+        f"{' and '.join(kinds)} alone cost ε={cost:.3g} >= target {privacy.target_epsilon:g} "
+        f"(δ={privacy.delta:g}; {'; '.join(parts)}): raise privacy.target_epsilon or those "
+        "noise multipliers, or release less (fewer rounds, evaluation.release: off)"
     )

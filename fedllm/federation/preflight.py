@@ -1,0 +1,330 @@
+"""Everything about a run that can be checked without private data, checked before it starts.
+
+A mistake found inside Flower is found after hospitals have released statistics and charged
+their ledgers: a misspelt solver used to cost every hospital ε 0.16 before the server tried
+to use it. So ``fedllm run`` (and the ServerApp, for ``flwr run``) call this module first. It
+checks the solver, the strategy class and its hooks, the base model and the LoRA targets
+(on a model built on PyTorch's meta device, so it takes milliseconds and no memory), the
+simulated hospitals' data files, and whether the target ε is reachable at all with the
+statistics the run will release. Nothing here writes anything, so a refused run leaves every
+ledger, split key and run directory as it was.
+
+Each failure is a :class:`PreflightError` whose message names the config key, the value and
+what was expected, in one line. Heavy libraries (torch, transformers, peft) are imported only
+by the checks that need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedllm.config.schema import ExperimentConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# Hooks a strategy subclass may override, with the arguments the plumbing passes them.
+STRATEGY_HOOKS = ("is_eligible", "utility", "redundancy", "solve_cohort", "aggregation_weights")
+
+
+class PreflightError(ValueError):
+    """A config value that would fail the run, found before anything is spent."""
+
+    def __init__(self, key: str, value: object, expected: str) -> None:
+        self.key = key
+        super().__init__(f"{key}: got {value!r}; expected {expected}")
+
+
+def preflight(config: ExperimentConfig, *, simulation: bool, app_root: Path) -> None:
+    """Every check that needs no private data, cheapest first; raises :class:`PreflightError`.
+
+    ``simulation``: the hospitals are simulated from this config, so their data files are
+    checked too (a deployed hospital checks its own before it charges anything).
+    ``app_root`` is the Flower app's directory, from which the ServerApp imports a strategy
+    class.
+    """
+    check_solver(config)
+    if simulation:
+        check_simulation_data(config)
+    check_target_epsilon(config)
+    if config.strategy.strategy_class:
+        check_strategy_class(config.strategy.strategy_class, app_root)
+    check_model(config.model, config.run.seed)
+
+
+def check_node_count(config: ExperimentConfig, node_config: Mapping[str, object]) -> None:
+    """A simulated SuperNode's federation has one SuperNode per hospital of the experiment.
+
+    Flower's simulation numbers its SuperNodes ``partition-id`` 0..``num-partitions``-1 (set by
+    ``num-supernodes``); with a different count, hospitals would be missing or SuperNodes would
+    have no hospital. Deployed SuperNodes name their hospital and are not counted.
+    """
+    from fedllm.federation.node_settings import HOSPITAL_INDEX, HOSPITAL_NAME
+
+    if "num-partitions" not in node_config or {HOSPITAL_NAME, HOSPITAL_INDEX} & set(node_config):
+        return
+    count = int(str(node_config["num-partitions"]))
+    wanted = config.federation.num_hospitals
+    if count != wanted:
+        raise PreflightError(
+            "num-supernodes",
+            count,
+            f"{wanted}, one simulated SuperNode per hospital of federation.num_hospitals "
+            f'(--federation-config "num-supernodes={wanted}")',
+        )
+
+
+def check_solver(config: ExperimentConfig) -> None:
+    """The QUBO solver (named or the selection's default) runs with the configured options.
+
+    Solving a three-hospital instance takes milliseconds and exercises exactly what the
+    server will call: the name, a dimod sampler's import, and ``solver_options``.
+    """
+    settings = config.strategy
+    if settings.solver is None and settings.selection not in ("quantum", "exact"):
+        return
+    import numpy as np
+
+    from fedllm.selection.instance import CohortInstance, InstanceError
+    from fedllm.selection.solvers import ALL_SOLVERS, DEFAULT_SOLVER, solve
+
+    name = settings.solver or (DEFAULT_SOLVER if settings.selection == "quantum" else "exact")
+    instance = CohortInstance(
+        utility=np.array([1.0, 0.5, 0.25]), similarity=np.zeros((3, 3)), k=1, lam=0.0
+    )
+    try:
+        solve(instance, solver=name, seed=0)
+    except InstanceError:
+        names = ", ".join((*ALL_SOLVERS, "dimod:<module>.<Class>"))
+        raise PreflightError("strategy.solver", name, f"one of {names}") from None
+    if not settings.solver_options:
+        return
+    try:
+        solve(instance, solver=name, seed=0, **settings.solver_options)
+    except (TypeError, ValueError) as error:
+        raise PreflightError(
+            "strategy.solver_options",
+            settings.solver_options,
+            f"options the {name!r} solver accepts ({_one_line(error)})",
+        ) from None
+
+
+def check_simulation_data(config: ExperimentConfig) -> None:
+    """The shared data file loads with the named columns, and every hospital gets records."""
+    data = config.data
+    if data.source == "synthetic":
+        return
+    from fedllm.data import DataError
+    from fedllm.federation.hospital_data import _file_partitions
+
+    names = [profile.name for profile in config.federation.profiles()]
+    try:
+        # the very partitioning every simulated hospital will compute (cached per process)
+        parts = _file_partitions(data.model_dump_json(), len(names), config.run.seed)
+    except DataError as error:
+        message = _one_line(error)
+        raise PreflightError(
+            _data_key(config, message),
+            _data_value(config, message),
+            (f"a {data.source} source that loads ({message})"),
+        ) from None
+    sizes = dict(zip(names, map(len, parts), strict=True))
+    empty = [name for name, size in sizes.items() if size == 0]
+    if empty:
+        raise PreflightError(
+            "data.path",
+            data.path,
+            f"records for every hospital, but the {data.partition} partition over "
+            f"{len(sizes)} hospitals of its {sum(sizes.values())} records leaves "
+            f"{', '.join(empty)} with none (use more records, fewer hospitals or "
+            "data.partition: iid)",
+        )
+
+
+def _data_key(config: ExperimentConfig, message: str) -> str:
+    """The ``data.*`` key a loader's message is about: a named column, else the path."""
+    for key in ("text_field", "specialty_field", "patient_field"):
+        column = getattr(config.data, key)
+        if column and f"{column!r}" in message and ("column" in message or "field" in message):
+            return f"data.{key}"
+    return "data.path"
+
+
+def _data_value(config: ExperimentConfig, message: str) -> object:
+    return getattr(config.data, _data_key(config, message).removeprefix("data."))
+
+
+def check_target_epsilon(config: ExperimentConfig) -> None:
+    """``privacy.target_epsilon`` is above what the run's fixed releases alone cost.
+
+    The noised selection statistics and evaluations are charged whatever σ DP-SGD uses, so a
+    target at or below their cost cannot be met by any σ: every hospital would fail.
+    """
+    from fedllm.privacy.plan import UnreachableTargetError, unreachable_target
+
+    reason = unreachable_target(config)
+    if reason is not None:
+        raise UnreachableTargetError(f"privacy.target_epsilon: {reason}")
+
+
+def check_strategy_class(spec: str, app_root: Path) -> None:
+    """``package.module:Class`` imports (as the ServerApp imports it) and fits the plumbing.
+
+    The class must subclass ``PrivacyAwareStrategy``; its constructor must take what the
+    ServerApp passes, and each overridden hook must accept the arguments the plumbing gives.
+    """
+    key = "strategy.strategy_class"
+    module_name, _, class_name = spec.partition(":")
+    try:
+        with _importable_from(app_root):
+            module = importlib.import_module(module_name)
+    except Exception as error:  # a user's module may fail on import in any way
+        raise PreflightError(
+            key,
+            spec,
+            f"an importable module {module_name!r} ({type(error).__name__}: {_one_line(error)})",
+        ) from None
+    from strategies.privacy_aware import PrivacyAwareStrategy
+
+    strategy_class = getattr(module, class_name, None)
+    if strategy_class is None:
+        raise PreflightError(key, spec, f"a class {class_name!r} in module {module_name!r}")
+    if not (isinstance(strategy_class, type) and issubclass(strategy_class, PrivacyAwareStrategy)):
+        raise PreflightError(
+            key, spec, "a subclass of strategies.privacy_aware:PrivacyAwareStrategy"
+        )
+    constructor = inspect.signature(strategy_class)
+    if not _accepts(constructor, ("config", "report"), ("run_context", "ledger", "round_offset")):
+        raise PreflightError(
+            key,
+            spec,
+            f"a constructor accepting (config, report, run_context=, ledger=, round_offset=), "
+            f"got {class_name}{constructor}",
+        )
+    for hook in STRATEGY_HOOKS:
+        override = getattr(strategy_class, hook)
+        if override is getattr(PrivacyAwareStrategy, hook):
+            continue
+        base = inspect.signature(getattr(PrivacyAwareStrategy, hook))
+        positional = tuple(base.parameters)[1:]
+        signature = inspect.signature(override)
+        if not callable(override) or not _accepts(signature, ("self", *positional), ()):
+            raise PreflightError(
+                key,
+                spec,
+                f"hook {hook}{base} (as PrivacyAwareStrategy defines it), got {hook}{signature}",
+            )
+
+
+def _accepts(
+    signature: inspect.Signature, positional: tuple[str, ...], named: tuple[str, ...]
+) -> bool:
+    """Whether a callable with ``signature`` can be called with these arguments."""
+    try:
+        signature.bind(*positional, **dict.fromkeys(named))
+    except TypeError:
+        return False
+    return True
+
+
+@contextmanager
+def _importable_from(app_root: Path) -> Iterator[None]:
+    """Import as Flower runs the app: with the app's directory first on ``sys.path``.
+
+    (Third-party packages can shadow an app's top-level names otherwise: opacus installs a
+    package called ``examples``.)
+    """
+    root = str(app_root)
+    sys.path.insert(0, root)
+    try:
+        yield
+    finally:
+        sys.path.remove(root)
+
+
+def check_model(model: ModelConfig, seed: int) -> None:
+    """The base model resolves locally and ``lora.target_modules`` match its layers.
+
+    The embedded tiny model is checked from its config (it is built, before Flower starts,
+    only if the check passes); a directory or Hugging Face id must already be on disk or in
+    the local Hugging Face cache: nothing is downloaded here. The model is built on the meta
+    device, so even a large one costs milliseconds.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(_model_config(model, seed))
+    attach_lora(base, model)
+
+
+def _model_config(model: ModelConfig, seed: int) -> Any:
+    """The transformers config of the base model, without downloading or building it."""
+    from transformers import AutoConfig, AutoTokenizer, GPT2Config
+
+    from fedllm.models.loading import TINY_MODEL_NAME
+    from fedllm.models.tiny import TINY_MAX_POSITIONS, TINY_VOCAB_SIZE
+
+    if model.name == TINY_MODEL_NAME:
+        # the shape fedllm.models.tiny builds: module names depend on nothing else
+        return GPT2Config(
+            vocab_size=TINY_VOCAB_SIZE,
+            n_positions=TINY_MAX_POSITIONS,
+            n_embd=model.tiny.hidden_size,
+            n_layer=model.tiny.layers,
+            n_head=model.tiny.heads,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    try:
+        config = AutoConfig.from_pretrained(model.name, local_files_only=True)
+        AutoTokenizer.from_pretrained(model.name, local_files_only=True)
+    except (OSError, ValueError) as error:
+        where = (
+            "a model directory with config.json and a tokenizer"
+            if Path(model.name).expanduser().exists()
+            else "'tiny', a local model directory, or a Hugging Face id already in the local "
+            "Hugging Face cache (download it first; runs never download)"
+        )
+        raise PreflightError("model.name", model.name, f"{where} ({_one_line(error)})") from None
+    return config
+
+
+def attach_lora(base: nn.Module, model: ModelConfig) -> nn.Module:
+    """``with_lora`` with a refused ``target_modules`` turned into a one-line error.
+
+    peft refuses targets that match no module, or that match modules it cannot adapt; the
+    error lists the model's adaptable layers so that the right names are one look away.
+    """
+    from fedllm.models.loading import with_lora
+
+    try:
+        return with_lora(base, model)
+    except ValueError as error:  # peft: nothing matched, or an unsupported layer matched
+        import torch
+        from transformers.pytorch_utils import Conv1D
+
+        layers = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in base.named_modules()
+                if isinstance(module, torch.nn.Linear | Conv1D)
+            }
+        )
+        reason = _one_line(error)
+        raise PreflightError(
+            "model.lora.target_modules",
+            model.lora.target_modules,
+            f"names of linear layers of model {model.name!r}, one of {layers} ({reason})",
+        ) from None
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error's message (library messages may span many)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
