@@ -153,29 +153,28 @@ def _run_with_hospitals(root, name: str, hospitals: list[dict]):
     return result, json.loads((root / "runs" / name / "report.json").read_text())
 
 
-def test_a_hospital_that_cannot_start_makes_the_run_degraded_with_a_one_line_cause(
-    tmp_path_factory,
-):
-    """A sweep must see it: non-zero exit, status degraded, the hospital and the cause."""
+def test_a_hospital_that_cannot_start_stops_the_run_before_round_1(tmp_path_factory):
+    """A sweep must see it: non-zero exit, status failed, the hospital and the cause; and
+    the hospital that could start was not charged for a run that could not be the one asked."""
     hospitals = [
         {"name": "north", "data_size": 80, "specialty_mix": {"cardiology": 1.0}},
         # one record is one patient: it cannot be split into training and held-out
         {"name": "tiny", "data_size": 1, "specialty_mix": {"oncology": 1.0}},
     ]
     result, report = _run_with_hospitals(tmp_path_factory.mktemp("degraded"), "broken", hospitals)
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "the run is degraded" in result.stderr
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "1 hospital(s) failed their checks before round 1" in result.stderr
     assert "hospital tiny: DataError: splitting 1 patient(s)" in result.stderr
-    assert report["status"] == "degraded"
+    assert report["status"] == "failed"
     assert any(c.startswith("hospital tiny: DataError") for c in report["causes"])
-    assert [row["selected"] for row in report["rounds"]] == [["north"]]
+    assert report["rounds"] == []
 
 
 def test_a_run_in_which_no_hospital_can_start_fails_naming_each(tmp_path_factory):
     hospitals = [{"name": name, "data_size": 1} for name in ("east", "west")]
     result, report = _run_with_hospitals(tmp_path_factory.mktemp("failed"), "nothing", hospitals)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "no round trained anything" in result.stderr
+    assert "2 hospital(s) failed their checks before round 1" in result.stderr
     for name in ("east", "west"):
         assert f"hospital {name}: DataError" in result.stderr
     assert report["status"] == "failed"
