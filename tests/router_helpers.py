@@ -93,6 +93,8 @@ def router_config(
             "burst": 10_000,
             "login_per_s": 1000,
             "login_burst": 1000,
+            "login_user_per_s": 1000,
+            "login_user_burst": 1000,
         },
         "budgets": {"user_quota": 100.0, "department_quota": 1000.0, "delta": DELTA},
         "nodes": [{"node_id": node_id, "url": url} for node_id, url in nodes],

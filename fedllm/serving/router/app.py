@@ -25,7 +25,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from fedllm.security.tokens import Principal, TokenError
-from fedllm.security.users import AccountLockedError, AuthenticationError, Role
+from fedllm.security.users import Role
 from fedllm.serving.budgets import LedgerUnavailableError
 from fedllm.serving.router.admin import AdminConfigUpdate, apply_quotas, apply_runtime
 from fedllm.serving.router.cache import cache_key
@@ -68,7 +68,7 @@ async def authenticated(request: Request) -> Principal:
         principal = state.tokens.verify(token.strip())
     except TokenError as error:
         state.metrics.auth_failures.labels(reason=error.reason).inc()
-        await state.audit("auth_failure", reason=error.reason, client=client_address(request))
+        state.audit_log.count_failure("bad_token", client_address(request), reason=error.reason)
         raise ApiError(401, f"invalid token: {error.reason}", _CHALLENGE) from None
     wait = state.limiter.try_acquire(f"user:{principal.issuer}:{principal.subject}")
     if wait > 0:
@@ -171,25 +171,9 @@ def _auth_routes(app: FastAPI, state: RouterState) -> None:
     async def issue_token(request: Request) -> Response:
         """Exchange a username and password for a short-lived bearer token."""
         client = client_address(request)
-        wait = state.login_limiter.try_acquire(f"login:{client}")
-        if wait > 0:
-            state.metrics.auth_failures.labels(reason="rate limited").inc()
-            raise ApiError(429, "too many login attempts; slow down", retry_after(wait))
+        state.logins.admit(client)
         username, password = await _credentials(request)
-        try:
-            user = await asyncio.to_thread(state.users.authenticate, username, password)
-        except AccountLockedError as error:
-            state.metrics.auth_failures.labels(reason="locked").inc()
-            await state.audit("login_locked", user=username, client=client)
-            raise ApiError(
-                423,
-                "account locked after repeated failed logins; try again later",
-                retry_after(error.retry_after_s),
-            ) from None
-        except AuthenticationError:
-            state.metrics.auth_failures.labels(reason="bad credentials").inc()
-            await state.audit("login_failed", user=username, client=client)
-            raise ApiError(401, "invalid username or password", _CHALLENGE) from None
+        user = await state.logins.authenticate(username, password, client)
         token = state.tokens.issuer.issue(user)
         await state.audit(
             "token_issued",

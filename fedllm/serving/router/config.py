@@ -67,6 +67,10 @@ class AuthConfig(StrictModel):
     trusted_issuers: list[TrustedIssuerConfig] = Field(default_factory=list)
     max_failed_logins: PositiveInt = 5
     lockout_s: PositiveFloat = 900.0
+    # argon2 runs on its own pool: this many threads (default: half the CPUs, 1 to 4) ...
+    password_workers: PositiveInt | None = None
+    # ... and at most this many logins waiting for one; beyond that, 503 with Retry-After.
+    password_queue: int = Field(16, ge=0, le=10_000)
 
     @model_validator(mode="after")
     def _one_key_source(self) -> AuthConfig:
@@ -76,12 +80,15 @@ class AuthConfig(StrictModel):
 
 
 class RateLimitConfig(StrictModel):
-    """Token buckets: per authenticated user, and per client address + username for logins."""
+    """Token buckets: per authenticated user; for logins, per client address and per username
+    (a login must pass both, so neither many addresses nor many names buy unlimited tries)."""
 
     requests_per_s: PositiveFloat = 20.0
     burst: PositiveInt = 40
     login_per_s: PositiveFloat = 0.5
     login_burst: PositiveInt = 5
+    login_user_per_s: PositiveFloat = 0.2
+    login_user_burst: PositiveInt = 10
 
 
 class BudgetConfig(StrictModel):
@@ -152,11 +159,14 @@ class ConsensusConfig(StrictModel):
 
 
 class AuditConfig(StrictModel):
-    """Hash-chained audit log; prompts are stored only as HMAC digests under this key."""
+    """HMAC-chained audit log; prompts are stored only as HMAC digests under this key, which
+    also keys the chain (under a derived key)."""
 
     path: str = "router-audit.jsonl"
     redaction_key_file: str | None = None
     redaction_key_env: str | None = None
+    # Unauthenticated failures are written as one counted entry per kind and client per window.
+    failure_window_s: float = Field(60.0, gt=0, le=86_400)
 
     @model_validator(mode="after")
     def _one_key_source(self) -> AuditConfig:

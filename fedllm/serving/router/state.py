@@ -20,7 +20,7 @@ from fedllm.security.ratelimit import RateLimiter
 from fedllm.security.tokens import KeyLoadError, read_key_source
 from fedllm.security.users import UserStore
 from fedllm.serving.budgets import BudgetLedger, BudgetStatus
-from fedllm.serving.router.auth import RouterTokens, key_source
+from fedllm.serving.router.auth import LoginGate, RouterTokens, key_source
 from fedllm.serving.router.cache import ResponseCache
 from fedllm.serving.router.config import AuditConfig, RouterConfig
 from fedllm.serving.router.consensus import ConsensusSettings
@@ -55,7 +55,7 @@ class RouterState:
     cache: ResponseCache
     metrics: RouterMetrics
     limiter: RateLimiter
-    login_limiter: RateLimiter
+    logins: LoginGate
     consensus: ConsensusSettings
     budget_view: TTLCache[str, BudgetStatus]
 
@@ -82,7 +82,11 @@ class RouterState:
         except ValueError as error:
             raise ConfigError(f"database.url: {error}") from None
         try:
-            audit_log = AuditLog(Path(config.audit.path), read_redaction_key(config.audit))
+            audit_log = AuditLog(
+                Path(config.audit.path),
+                read_redaction_key(config.audit),
+                failure_window_s=config.audit.failure_window_s,
+            )
         except (AuditLogError, ValueError, OSError) as error:
             raise ConfigError(f"audit: {error}") from None
         metrics = RouterMetrics()
@@ -111,7 +115,13 @@ class RouterState:
             cache=ResponseCache(config.cache.max_entries, config.cache.ttl_s),
             metrics=metrics,
             limiter=RateLimiter(config.rate_limit.requests_per_s, config.rate_limit.burst),
-            login_limiter=RateLimiter(config.rate_limit.login_per_s, config.rate_limit.login_burst),
+            logins=LoginGate(
+                users,
+                rate=config.rate_limit,
+                auth=config.auth,
+                audit_log=audit_log,
+                failures=metrics.auth_failures,
+            ),
             consensus=ConsensusSettings(
                 mechanism=mechanism,
                 top_k=config.consensus.top_k,
@@ -144,7 +154,8 @@ class RouterState:
             self.budget_view.pop(key, None)
 
     def close(self) -> None:
-        """Release the audit log's file lock and database connections."""
+        """Release the hashing pool, the audit log's file lock and database connections."""
+        self.logins.close()
         self.audit_log.close()
         self.users.close()
         self.budgets.close()
