@@ -16,7 +16,6 @@ from rich.table import Table
 from fedllm.cli.common import console, fail, print_json
 from fedllm.config import ConfigError, ExperimentConfig, dump_config, load_config
 from fedllm.data import DataError
-from fedllm.federation.baselines import run_centralized_baseline
 from fedllm.federation.experiment import APP_ROOT
 from fedllm.federation.flower_cli import DeployedFederation, deployed_federation
 from fedllm.federation.hospital_data import check_simulation_ledgers
@@ -26,8 +25,7 @@ from fedllm.federation.launcher import (
     local_superlink,
     run_app,
 )
-from fedllm.models.loading import ModelLoadError, resolve_model_path
-from fedllm.report.plots import plot_run
+from fedllm.federation.preflight import preflight
 from fedllm.report.run_dir import allocate_run_dir
 from fedllm.report.run_report import RunReport, save_report
 
@@ -70,8 +68,6 @@ def run_command(
         )
     except (ConfigError, FederationError) as error:
         fail(str(error))
-    from fedllm.federation.preflight import preflight
-
     try:
         # before any process starts or any hospital releases anything (docs/configuration.md)
         preflight(config, simulation=target is None, app_root=APP_ROOT)
@@ -117,6 +113,8 @@ def run_and_show(
     target: DeployedFederation | None = None,
 ) -> None:
     """Execute a run, turning user-facing failures into one-line errors."""
+    from fedllm.models.loading import ModelLoadError
+
     try:
         report = execute(
             config, run_dir, with_baselines=baselines, quiet=json_output, target=target
@@ -146,6 +144,9 @@ def execute(
     target: DeployedFederation | None = None,
 ) -> dict[str, Any]:
     """Federated run, then baselines; returns the final report with the phases' wall times."""
+    from fedllm.models.loading import resolve_model_path
+    from fedllm.report.plots import plot_run
+
     dump_config(config, run_dir / "config.yaml")
     if not quiet:
         console.print(f"[bold]fedllm[/] run [cyan]{run_dir}[/]")
@@ -217,6 +218,8 @@ def _causes(report: dict[str, Any]) -> str:
 
 def run_baselines(config: ExperimentConfig, run_dir: Path, *, quiet: bool) -> dict[str, Any]:
     """The configured baselines, each in its own sub-directory where it writes anything."""
+    from fedllm.federation.baselines import run_centralized_baseline
+
     results: dict[str, Any] = {}
     for name in config.evaluation.baselines:
         if not quiet:
