@@ -453,6 +453,29 @@ class BudgetLedger:
                 row.updated_at = now
         log.info("budget quota set", scope=scope, name=name, epsilon=_epsilon(micro))
 
+    def set_quotas(self, users: Mapping[str, float], departments: Mapping[str, float]) -> None:
+        """Set several quotas all or nothing: every name and amount is checked, then all are
+        written in one transaction (a failure leaves every quota as it was)."""
+        rows = [
+            ("user", _check_name("user_id", name), _quota_micro(q)) for name, q in users.items()
+        ]
+        rows += [
+            ("department", _check_name("department", name), _quota_micro(q))
+            for name, q in departments.items()
+        ]
+        if not rows:
+            return
+        now = datetime.now(UTC)
+        with self._transaction() as session:
+            for scope, name, micro in rows:
+                row = session.get(_Quota, (scope, name))
+                if row is None:
+                    session.add(_Quota(scope=scope, name=name, quota_micro=micro, updated_at=now))
+                else:
+                    row.quota_micro = micro
+                    row.updated_at = now
+        log.info("budget quotas set", count=len(rows))
+
     def set_user_quota(self, user_id: str, epsilon: float) -> None:
         """Set a user's ε quota per period (overrides configuration, persisted)."""
         self._set_quota("user", _check_name("user_id", user_id), epsilon)

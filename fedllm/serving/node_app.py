@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fedllm.privacy.consensus import ledger_event
 from fedllm.privacy.node_ledger import BudgetExceededError, NodePrivacyLedger
 from fedllm.serving.backends import Generation, GenerationBackend
+from fedllm.serving.http_limits import install_http_guard
 from fedllm.serving.node_config import NodeServerConfig
 from fedllm.serving.schemas import (
     POST_PROCESSING_NOTE,
@@ -157,7 +158,14 @@ def create_node_app(
     ledger: NodePrivacyLedger | None = None,
 ) -> FastAPI:
     """The node's FastAPI app; ``ledger`` None disables consensus (503 on open)."""
-    app = FastAPI(title=f"fedllm node {config.node_id}", version="1")
+    app = FastAPI(
+        title=f"fedllm node {config.node_id}",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    install_http_guard(app, config.limits, error_body)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     state = _NodeState(config, ledger)

@@ -14,6 +14,7 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from fedllm.config.loading import read_yaml, validate_model
 from fedllm.config.schema import ModelConfig, StrictModel
+from fedllm.serving.http_limits import ServerLimits
 from fedllm.serving.schemas import MAX_PROMPT_CHARS, MAX_TOKENS_LIMIT
 
 Identifier = Annotated[
@@ -46,7 +47,7 @@ class NodeLedgerConfig(StrictModel):
     accountant: Literal["pld", "rdp", "prv"] = "pld"
 
 
-class NodeLimits(StrictModel):
+class NodeLimits(ServerLimits):
     """This node's request limits (stricter than or equal to the protocol's ceilings)."""
 
     max_prompt_chars: int = Field(8000, ge=1, le=MAX_PROMPT_CHARS)

@@ -65,7 +65,12 @@ PromptText = Annotated[
     str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(check_text)
 ]
 SessionId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
-TokenIdList = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_TOKENS_LIMIT)]
+TokenIdList = Annotated[
+    list[Annotated[int, Field(ge=0, strict=True)]], Field(max_length=MAX_TOKENS_LIMIT)
+]
+# Request fields are strict: ``max_tokens: true`` or ``require_consensus: "yes"`` are type
+# errors, not 1 and True. Floats accept any JSON number (``temperature: 1``) but no strings.
+StrictBool = Annotated[bool, Field(strict=True)]
 
 
 # --- fedllm inference -------------------------------------------------------------------------
@@ -75,10 +80,12 @@ class InferenceRequest(_ApiModel):
     """POST /v1/inference: one prompt, optionally answered by cross-hospital consensus."""
 
     prompt: PromptText
-    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    privacy_budget: float | None = Field(None, ge=0.0, le=MAX_PRIVACY_BUDGET, allow_inf_nan=False)
-    require_consensus: bool = False
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT, strict=True)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False, strict=True)
+    privacy_budget: float | None = Field(
+        None, ge=0.0, le=MAX_PRIVACY_BUDGET, allow_inf_nan=False, strict=True
+    )
+    require_consensus: StrictBool = False
     priority: Literal["low", "normal", "high"] = "normal"
     department: str | None = Field(None, min_length=1, max_length=MAX_NAME_CHARS)
 
@@ -112,13 +119,13 @@ class _SamplingOptions(_OpenAIModel):
     """Options common to completions and chat completions."""
 
     model: str = Field("fedllm", max_length=MAX_NAME_CHARS)
-    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
-    n: int = Field(1, ge=1)
-    stream: bool = False
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, strict=True)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
+    n: int = Field(1, ge=1, strict=True)
+    stream: StrictBool = False
     stop: str | list[str] | None = None
     user: str | None = Field(None, max_length=MAX_NAME_CHARS)
-    seed: int | None = None
+    seed: int | None = Field(None, strict=True)
 
     @field_validator("stop")
     @classmethod
@@ -149,7 +156,7 @@ class CompletionRequest(_SamplingOptions):
     """POST /v1/completions."""
 
     prompt: PromptText
-    max_tokens: int = Field(OPENAI_DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: int = Field(OPENAI_DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT, strict=True)
 
 
 class CompletionChoice(_OpenAIModel):
@@ -187,8 +194,8 @@ class ChatCompletionRequest(_SamplingOptions):
     ``max_tokens``; either way the limit is read from ``max_tokens`` after validation."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT, strict=True)
 
     @model_validator(mode="after")
     def _merge_limits(self) -> ChatCompletionRequest:

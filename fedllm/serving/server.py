@@ -23,6 +23,7 @@ from fastapi import FastAPI
 
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.serving.backends import ConstantBackend, GenerationBackend
+from fedllm.serving.http_limits import uvicorn_options
 from fedllm.serving.node_app import create_node_app
 from fedllm.serving.node_config import NodeServerConfig
 
@@ -88,6 +89,7 @@ class BackgroundServer:
             ws="none",
             timeout_graceful_shutdown=2,
             **self._ssl,
+            **uvicorn_options(self._app),
         )
         server = uvicorn.Server(config)
         thread = threading.Thread(
@@ -185,12 +187,14 @@ def tls_options(config: NodeServerConfig) -> dict[str, Any]:
 
 def serve_node(config: NodeServerConfig, app: FastAPI | None = None) -> None:
     """Serve a node until interrupted (blocking); ``app`` defaults to `build_node_app`."""
+    app = app if app is not None else build_node_app(config)
     uvicorn.run(
-        app if app is not None else build_node_app(config),
+        app,
         host=config.host,
         port=config.port,
         log_level="warning",
         access_log=False,
         ws="none",
         **tls_options(config),
+        **uvicorn_options(app),
     )

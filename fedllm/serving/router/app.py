@@ -7,7 +7,8 @@ Endpoints (all JSON; errors are ``{"detail": ...}``):
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: OpenAI-compatible, 0 ε.
 - ``GET /v1/privacy/budget/{user_id}``: own budget (admins: anyone's).
 - ``GET /v1/health``, ``GET /metrics``: unauthenticated, for load balancers and Prometheus.
-- ``POST /v1/admin/nodes``, ``PUT /v1/admin/config``: admins only.
+- ``POST /v1/admin/nodes``, ``DELETE /v1/admin/nodes/{node_id}``, ``PUT /v1/admin/config``:
+  admins only, audited whether they succeed or are refused.
 """
 
 from __future__ import annotations
@@ -24,14 +25,22 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
+from fedllm.config.loading import ConfigError, validate_model
 from fedllm.security.tokens import Principal, TokenError
 from fedllm.security.users import Role
 from fedllm.serving.budgets import LedgerUnavailableError
+from fedllm.serving.http_limits import install_http_guard
 from fedllm.serving.router.admin import AdminConfigUpdate, apply_quotas, apply_runtime
 from fedllm.serving.router.cache import cache_key
 from fedllm.serving.router.config import NodeConfig, RouterConfig
-from fedllm.serving.router.errors import ApiError, install_error_handlers, retry_after
+from fedllm.serving.router.errors import (
+    ApiError,
+    error_body,
+    install_error_handlers,
+    retry_after,
+)
 from fedllm.serving.router.middleware import ObserveMiddleware
+from fedllm.serving.router.node_store import NodeStore, NodeStoreError
 from fedllm.serving.router.service import (
     consensus_inference,
     effective_remaining,
@@ -125,7 +134,24 @@ def _json(body: Any, status_code: int = 200, headers: dict[str, str] | None = No
 
 
 def create_router_app(config: RouterConfig) -> FastAPI:
-    """The router app; keys, databases and audit log are opened here (ConfigError if bad)."""
+    """The router app; keys, databases and audit log are opened here (ConfigError if bad).
+
+    Nodes are the YAML's with the admin API's stored changes applied (see `NodeStore`).
+    """
+    try:
+        store = NodeStore(config.database.url)
+        nodes = store.effective_nodes(config.nodes)
+    except (ValueError, NodeStoreError) as error:
+        raise ConfigError(f"database.url: {error}") from None
+    raw = config.model_dump()
+    raw["nodes"] = [node.model_dump() for node in nodes]
+    try:
+        config = validate_model(
+            RouterConfig, raw, "router config + nodes stored by the admin API", what="config"
+        )
+    except ConfigError:
+        store.close()
+        raise
     state = RouterState.build(config)
 
     @asynccontextmanager
@@ -139,6 +165,7 @@ def create_router_app(config: RouterConfig) -> FastAPI:
         finally:
             await state.pool.stop()
             state.close()
+            store.close()
             log.info("router_stopped")
 
     app = FastAPI(
@@ -154,16 +181,14 @@ def create_router_app(config: RouterConfig) -> FastAPI:
     _auth_routes(app, state)
     _inference_routes(app, state)
     _info_routes(app, state)
-    _admin_routes(app, state)
+    _admin_routes(app, state, store)
     return app
 
 
 def _install_middleware(app: FastAPI, state: RouterState) -> None:
-    app.add_middleware(
-        ObserveMiddleware,
-        metrics=state.metrics,
-        max_request_bytes=state.config.limits.max_request_bytes,
-    )
+    """Body limits inside, observation outside (so 408/413 answers are counted too)."""
+    install_http_guard(app, state.config.limits, error_body)
+    app.add_middleware(ObserveMiddleware, metrics=state.metrics)
 
 
 def _auth_routes(app: FastAPI, state: RouterState) -> None:
@@ -198,7 +223,7 @@ async def _credentials(request: Request) -> tuple[str, str]:
     else:
         try:
             data = json.loads(raw or b"null")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise ApiError(
                 422, "body must be JSON or form data with username and password"
             ) from None
@@ -260,11 +285,20 @@ def _info_routes(app: FastAPI, state: RouterState) -> None:
     async def budget(
         user_id: str, principal: UserPrincipal, department: str | None = None
     ) -> Response:
-        """A user's quota use this period; only your own unless you are an admin."""
+        """A user's quota use this period; only your own unless you are an admin.
+
+        ``?department=`` reads another department's remaining quota, so it is for admins (or
+        a user naming their own department).
+        """
         is_admin = principal.role == Role.ADMIN
         if user_id != principal.subject and not is_admin:
             await state.audit("budget_read_denied", user=principal.subject, target=user_id)
             raise ApiError(403, "you may only read your own privacy budget")
+        if department is not None and department != principal.department and not is_admin:
+            await state.audit(
+                "budget_read_denied", user=principal.subject, target=user_id, department=department
+            )
+            raise ApiError(403, "only admins may read another department's privacy budget")
         if user_id == principal.subject and department is None:
             department = principal.department
         if department is None:
@@ -315,12 +349,32 @@ def _info_routes(app: FastAPI, state: RouterState) -> None:
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
 
-def _admin_routes(app: FastAPI, state: RouterState) -> None:
+def _admin_routes(app: FastAPI, state: RouterState, store: NodeStore) -> None:
+    async def refused(event: str, principal: Principal, error: ApiError, **fields: Any) -> None:
+        """Audit a refused admin change (the change itself is never applied)."""
+        await state.audit(
+            event,
+            user=principal.subject,
+            status=error.status_code,
+            reason=error.detail if isinstance(error.detail, str) else _problems(error.detail),
+            **fields,
+        )
+
     @app.post("/v1/admin/nodes", status_code=201)
     async def add_node(request: Request, principal: AdminPrincipal) -> Response:
-        """Register (or replace) a hospital node at runtime; it is probed at once."""
-        node = await _json_body(request, NodeConfig)
-        replaced = state.pool.get(node.node_id) is not None
+        """Register (or replace) a hospital node; stored, so it survives restarts; probed now."""
+        try:
+            node = await _json_body(request, NodeConfig)
+            _check_node_transport(state, node)
+            replaced = state.pool.get(node.node_id) is not None
+            await asyncio.to_thread(store.save, node, principal.subject)
+        except NodeStoreError:
+            error = ApiError(503, "router database unavailable; node not added")
+            await refused("admin_node_refused", principal, error)
+            raise error from None
+        except ApiError as error:
+            await refused("admin_node_refused", principal, error)
+            raise
         added = await state.pool.add_node(node)
         state.metrics.observe_node(added)
         await state.audit(
@@ -332,16 +386,59 @@ def _admin_routes(app: FastAPI, state: RouterState) -> None:
         )
         return _json(added.summary(), status_code=201)
 
+    @app.delete("/v1/admin/nodes/{node_id}")
+    async def remove_node(node_id: str, principal: AdminPrincipal) -> Response:
+        """Take a node out of the router for good (stored, so it stays out after a restart)."""
+        node = state.pool.get(node_id)
+        if node is None:
+            error = ApiError(404, f"unknown node {node_id!r}")
+            await refused("admin_node_refused", principal, error, node_id=node_id[:128])
+            raise error
+        try:
+            await asyncio.to_thread(store.remove, node_id, principal.subject)
+        except NodeStoreError:
+            error = ApiError(503, "router database unavailable; node not removed")
+            await refused("admin_node_refused", principal, error, node_id=node_id)
+            raise error from None
+        state.pool.remove_node(node_id)
+        state.metrics.node_healthy.remove(node_id)
+        await state.audit("admin_node_removed", user=principal.subject, node_id=node_id)
+        return _json({"removed": node_id, "url": node.url})
+
     @app.put("/v1/admin/config")
     async def update_config(request: Request, principal: AdminPrincipal) -> Response:
-        """Change routing policy, quotas, rate limits or cache settings at runtime."""
-        update = await _json_body(request, AdminConfigUpdate)
+        """Change routing policy, quotas, rate limits or cache settings, all or nothing."""
         try:
-            applied = await asyncio.to_thread(apply_quotas, state, update)
-        except LedgerUnavailableError:
-            raise ApiError(503, "privacy budget ledger unavailable; quotas unchanged") from None
-        except ValueError as error:
-            raise ApiError(422, str(error)) from None
+            update = await _json_body(request, AdminConfigUpdate)
+            try:
+                applied = await asyncio.to_thread(apply_quotas, state, update)
+            except LedgerUnavailableError:
+                raise ApiError(503, "privacy budget ledger unavailable; nothing changed") from None
+            except ValueError as error:
+                raise ApiError(422, f"{error}; nothing changed") from None
+        except ApiError as error:
+            await refused("admin_config_refused", principal, error)
+            raise
         applied.update(apply_runtime(state, update))
         await state.audit("admin_config_changed", user=principal.subject, changes=applied)
         return _json({"applied": applied})
+
+
+def _check_node_transport(state: RouterState, node: NodeConfig) -> None:
+    """With mutual TLS to the nodes, refuse plain HTTP: it would send prompts and consensus
+    calls unauthenticated and unencrypted to whoever answers at that address."""
+    tls = state.config.node_tls
+    if tls is not None and tls.client_cert_file and not node.url.startswith("https://"):
+        raise ApiError(
+            422,
+            f"node {node.node_id!r}: this router uses mutual TLS to its nodes (node_tls); "
+            "plain http:// is refused, use https://",
+        )
+
+
+def _problems(detail: list[dict[str, Any]]) -> str:
+    """Field problems as one line for the audit log (locations and messages, no values)."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in item.get('loc', ()))}: {item.get('msg')}"
+        for item in detail
+    )

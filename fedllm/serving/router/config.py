@@ -10,11 +10,12 @@ back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     Field,
-    NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
     model_validator,
@@ -22,9 +23,48 @@ from pydantic import (
 
 from fedllm.config.loading import read_yaml, validate_model
 from fedllm.config.schema import StrictModel
+from fedllm.serving.http_limits import ServerLimits
 
 RoutingPolicyName = Literal["least-busy", "latency", "specialisation", "privacy-aware"]
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+# Upper bounds keep every value representable where it ends up: quotas are stored in micro-ε
+# as 64-bit integers, TTLs and periods become timestamps, cache sizes become allocations.
+MAX_QUOTA_EPSILON = 1_000_000.0
+MAX_PERIOD_S = 10 * 365 * 24 * 3600.0
+MAX_TIMEOUT_S = 3600.0
+MAX_CACHE_ENTRIES = 1_000_000
+MAX_CACHE_TTL_S = 7 * 24 * 3600.0
+MAX_NAME_CHARS = 255
+
+Quota = Annotated[float, Field(ge=0, le=MAX_QUOTA_EPSILON, allow_inf_nan=False)]
+QuotaName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+CacheEntries = Annotated[int, Field(ge=0, le=MAX_CACHE_ENTRIES)]
+CacheTtl = Annotated[float, Field(ge=0, le=MAX_CACHE_TTL_S, allow_inf_nan=False)]
+
+
+def check_node_url(url: str) -> str:
+    """An http(s) URL with a host and nothing that would be silently dropped or misread.
+
+    ``https://`` alone would otherwise fall back to 127.0.0.1:443, and credentials, queries or
+    fragments in a node URL are never what an operator meant.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise ValueError(f"not a valid URL ({error})") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError("must name a host, e.g. https://node-a.hospital.example:8081")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not contain credentials")
+    if parts.query or parts.fragment:
+        raise ValueError("must not contain a query or fragment")
+    if port == 0:
+        raise ValueError("port 0 is not a valid node port")
+    return url
 
 
 class ListenConfig(StrictModel):
@@ -94,20 +134,22 @@ class RateLimitConfig(StrictModel):
 class BudgetConfig(StrictModel):
     """Per-user and per-department ε quotas, refreshed every period, on top of hospital caps."""
 
-    user_quota: NonNegativeFloat = 1.0
-    department_quota: NonNegativeFloat = 10.0
-    period_s: PositiveFloat = 30 * 24 * 3600.0
+    user_quota: Quota = 1.0
+    department_quota: Quota = 10.0
+    period_s: float = Field(30 * 24 * 3600.0, gt=0, le=MAX_PERIOD_S, allow_inf_nan=False)
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["pld", "rdp", "prv"] = "pld"
-    quota_overrides: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    quota_overrides: dict[QuotaName, Quota] = Field(default_factory=dict)
 
 
 class NodeConfig(StrictModel):
     """A hospital inference server the router may send requests to."""
 
-    node_id: str = Field(pattern=_NAME)
-    url: str = Field(pattern=r"^https?://")
-    specialisations: list[str] = Field(default_factory=list)
+    node_id: str = Field(pattern=_NAME, max_length=128)
+    url: Annotated[str, Field(max_length=2048), AfterValidator(check_node_url)]
+    specialisations: list[Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]] = Field(
+        default_factory=list, max_length=64
+    )
 
 
 class NodeTLSConfig(StrictModel):
@@ -129,8 +171,8 @@ class RoutingConfig(StrictModel):
 
     policy: RoutingPolicyName = "least-busy"
     retries: int = Field(2, ge=0, le=10)
-    timeout_s: PositiveFloat = 30.0
-    health_interval_s: PositiveFloat = 5.0
+    timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    health_interval_s: float = Field(5.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     ewma_alpha: float = Field(0.2, gt=0, le=1)
     unhealthy_after_failures: PositiveInt = 3
 
@@ -138,8 +180,8 @@ class RoutingConfig(StrictModel):
 class CacheConfig(StrictModel):
     """Per-user cache of deterministic (temperature 0, non-consensus) answers."""
 
-    max_entries: int = Field(1024, ge=0)
-    ttl_s: NonNegativeFloat = 60.0
+    max_entries: CacheEntries = 1024
+    ttl_s: CacheTtl = 60.0
 
 
 class ConsensusConfig(StrictModel):
@@ -175,12 +217,15 @@ class AuditConfig(StrictModel):
         return self
 
 
-class LimitsConfig(StrictModel):
-    """Guards against oversized or runaway requests."""
+class LimitsConfig(ServerLimits):
+    """Guards against oversized, slow or too many requests (the server side: see
+    `ServerLimits`), and the connection pool to each node (``max_connections``,
+    ``max_keepalive_connections``)."""
 
-    max_request_bytes: PositiveInt = 256 * 1024
-    max_connections: PositiveInt = 200
-    max_keepalive_connections: PositiveInt = 50
+    max_request_bytes: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_incoming_connections: int = Field(1024, ge=1, le=100_000)
+    max_connections: int = Field(200, ge=1, le=10_000)
+    max_keepalive_connections: int = Field(50, ge=1, le=10_000)
 
 
 class RouterConfig(StrictModel):
@@ -209,6 +254,12 @@ class RouterConfig(StrictModel):
         duplicates = sorted({node_id for node_id in ids if ids.count(node_id) > 1})
         if duplicates:
             raise ValueError(f"duplicate node_id {duplicates}")
+        plain = [node.node_id for node in self.nodes if not node.url.startswith("https://")]
+        if self.node_tls is not None and self.node_tls.client_cert_file and plain:
+            raise ValueError(
+                f"nodes {plain} use plain http:// but node_tls has a client certificate "
+                "(mutual TLS): use https:// for every node"
+            )
         return self
 
 

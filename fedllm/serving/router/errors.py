@@ -6,6 +6,8 @@ even then the body says nothing about the request (it may hold a prompt).
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +25,13 @@ class ApiError(Exception):
         self.status_code = status_code
         self.detail = detail
         self.headers = headers
+
+
+def error_body(status_code: int, detail: str) -> dict[str, Any]:
+    """The router's error shape, ``{"detail": ...}``, also for errors raised below the app
+    (connection limits, slow or oversized requests, malformed HTTP)."""
+    del status_code
+    return {"detail": detail}
 
 
 def retry_after(seconds: float) -> dict[str, str]:

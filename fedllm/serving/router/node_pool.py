@@ -169,6 +169,10 @@ class NodePool:
             await self.probe(state)
         return state
 
+    def remove_node(self, node_id: str) -> NodeState | None:
+        """Take a node out for good (admin API); requests already sent to it finish."""
+        return self._nodes.pop(node_id, None)
+
     async def _probe_forever(self) -> None:
         while True:
             await asyncio.sleep(self._routing.health_interval_s)

@@ -6,6 +6,7 @@ import structlog
 import uvicorn
 from fastapi import FastAPI
 
+from fedllm.serving.http_limits import uvicorn_options
 from fedllm.serving.router.app import create_router_app
 from fedllm.serving.router.config import RouterConfig
 
@@ -42,4 +43,5 @@ def run_router_app(app: FastAPI, config: RouterConfig) -> None:
         access_log=False,
         ws="none",
         timeout_graceful_shutdown=5,
+        **uvicorn_options(app),
     )
