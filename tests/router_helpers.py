@@ -17,7 +17,7 @@ from fedllm.security.certs import init_credentials
 from fedllm.security.users import Role, UserStore
 from fedllm.serving.backends import ConstantBackend
 from fedllm.serving.node_app import create_node_app
-from fedllm.serving.node_config import NodeLedgerConfig, NodeServerConfig
+from fedllm.serving.node_config import NodeConsensusConfig, NodeLedgerConfig, NodeServerConfig
 from fedllm.serving.router import RouterConfig, create_router_app
 from fedllm.serving.server import BackgroundServer
 
@@ -32,22 +32,36 @@ def consensus_cost(max_tokens: int = CONSENSUS_TOKENS) -> float:
     return ConsensusMechanism(vote_noise_std=NOISE_STD).epsilon_cost(max_tokens, DELTA)
 
 
-def node_app(directory: Path, node_id: str, *, cap: float = 1000.0, **backend: Any) -> Any:
-    """A hospital node: ConstantBackend and a real NodePrivacyLedger on its own SQLite file."""
-    url = f"sqlite:///{directory / f'{node_id}-ledger.db'}"
+def node_app(
+    directory: Path,
+    node_id: str,
+    *,
+    cap: float = 1000.0,
+    hospital: str | None = None,
+    floor: float = 2.0,
+    **backend: Any,
+) -> Any:
+    """A hospital node: ConstantBackend and a real NodePrivacyLedger on its hospital's SQLite file.
+
+    Plain HTTP on loopback, so consensus runs under ``insecure_loopback`` (the mutual-TLS path is
+    exercised by tests/test_node_consensus.py and tests/test_serving_stack.py).
+    """
+    hospital = hospital or f"hospital-{node_id}"
+    url = f"sqlite:///{directory / f'{hospital}-ledger.db'}"
     config = NodeServerConfig(
         node_id=node_id,
-        hospital_id=f"hospital-{node_id}",
+        hospital_id=hospital,
         backend="constant",
         specialisations=[f"spec-{node_id}"],
         ledger=NodeLedgerConfig(url=url, epsilon_cap=cap, delta=DELTA),
+        consensus=NodeConsensusConfig(min_noise_multiplier=floor, insecure_loopback=True),
     )
-    ledger = NodePrivacyLedger(url, f"hospital-{node_id}", epsilon_cap=cap, delta=DELTA)
+    ledger = NodePrivacyLedger(url, hospital, epsilon_cap=cap, delta=DELTA)
     return create_node_app(config, ConstantBackend(**backend), ledger)
 
 
 def node_ledger(directory: Path, node_id: str, cap: float = 1000.0) -> NodePrivacyLedger:
-    url = f"sqlite:///{directory / f'{node_id}-ledger.db'}"
+    url = f"sqlite:///{directory / f'hospital-{node_id}-ledger.db'}"
     return NodePrivacyLedger(url, f"hospital-{node_id}", epsilon_cap=cap, delta=DELTA)
 
 
@@ -74,9 +88,10 @@ def make_credentials(directory: Path, users: dict[str, tuple[Role, str]]) -> Cre
 
 
 def router_config(
-    creds: Credentials, nodes: list[tuple[str, str]], **sections: Any
+    creds: Credentials, nodes: list[tuple[str, str] | dict[str, Any]], **sections: Any
 ) -> RouterConfig:
-    """A TLS router over `nodes` ((node_id, url)); `sections` override config sections."""
+    """A TLS router over `nodes` ((node_id, url), or node config mappings); `sections`
+    override config sections."""
     raw: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0},
         "tls": {
@@ -97,7 +112,10 @@ def router_config(
             "login_user_burst": 1000,
         },
         "budgets": {"user_quota": 100.0, "department_quota": 1000.0, "delta": DELTA},
-        "nodes": [{"node_id": node_id, "url": url} for node_id, url in nodes],
+        "nodes": [
+            node if isinstance(node, dict) else {"node_id": node[0], "url": node[1]}
+            for node in nodes
+        ],
         "routing": {"health_interval_s": 0.2, "retries": 2, "timeout_s": 10},
         "consensus": {"vote_noise_std": NOISE_STD, "top_k": 4, "min_nodes": 2},
         "audit": {

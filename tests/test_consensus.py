@@ -42,13 +42,15 @@ def test_epsilon_cost_matches_dp_accounting(sigma: float, max_tokens: int, delta
     assert mechanism.epsilon_cost(max_tokens, delta) == pld  # cached value is the same value
 
 
-def test_events_are_what_the_node_ledger_records() -> None:
+def test_node_ledger_records_the_mechanism_the_router_costs() -> None:
     mechanism = ConsensusMechanism(30.0)
     assert math.sqrt(2) == VOTE_SENSITIVITY
-    assert mechanism.token_event() == GaussianRelease(30.0 / math.sqrt(2))
-    assert mechanism.answer_events(32) == [GaussianRelease(30.0 / math.sqrt(2), count=32)]
-    per_token = compute_epsilon([mechanism.token_event()] * 32, 1e-6, neighbouring="add-remove")
-    assert per_token == pytest.approx(mechanism.epsilon_cost(32, 1e-6), rel=1e-12)
+    rebuilt = ConsensusMechanism.from_noise_multiplier(30.0 / math.sqrt(2))
+    assert rebuilt.vote_noise_std == pytest.approx(30.0, rel=1e-15)
+    per_token = compute_epsilon(
+        [GaussianRelease(30.0 / math.sqrt(2))] * 32, 1e-6, neighbouring="add-remove"
+    )
+    assert per_token == pytest.approx(mechanism.epsilon_cost(32, 1e-6), rel=1e-3)
     # a hospital's ledger (replace-one) records the same mechanism in its own units
     recorded = ledger_event(mechanism.noise_multiplier, 32)
     assert recorded.purpose == "consensus"
@@ -58,21 +60,55 @@ def test_events_are_what_the_node_ledger_records() -> None:
     assert ConsensusMechanism(15.0).epsilon_cost(32, 1e-6) > mechanism.epsilon_cost(32, 1e-6)
 
 
+def test_pld_cost_is_the_closed_form_and_fast_for_small_noise() -> None:
+    """PLD for σ = 4 and 2,048 tokens takes seconds; the charged value is the exact one."""
+    mechanism = ConsensusMechanism(4.0)
+    exact = dp_accounting.get_epsilon_gaussian(4.0 / math.sqrt(2 * 2048), 1e-5)
+    assert mechanism.epsilon_cost(2048, 1e-5) == pytest.approx(exact, rel=1e-12)
+    assert mechanism.epsilon_cost(2048, 1e-5, "prv") == pytest.approx(exact, rel=1e-12)
+
+
+def _decide(
+    mechanism: ConsensusMechanism, votes: list[int], n: int, rng: np.random.Generator
+) -> TokenDecision:
+    """Every voter casts its own noisy ballot; the router tallies them."""
+    return mechanism.tally([mechanism.ballot(vote, n, rng) for vote in votes])
+
+
+def test_a_ballot_is_the_vote_plus_gaussian_noise_of_the_configured_std() -> None:
+    mechanism = ConsensusMechanism(3.0)
+    rng = np.random.default_rng(5)
+    ballots = np.array([mechanism.ballot(2, 4, rng) for _ in range(20_000)])
+    assert ballots.mean(axis=0) == pytest.approx([0, 0, 1, 0], abs=0.07)
+    assert ballots.std(axis=0) == pytest.approx([3.0] * 4, rel=0.03)
+    assert abs(np.corrcoef(ballots[:, 0], ballots[:, 1])[0, 1]) < 0.03
+
+
 def test_clear_majority_wins_with_little_noise() -> None:
-    mechanism = ConsensusMechanism(0.5)
+    mechanism = ConsensusMechanism(0.2)
     rng = np.random.default_rng(0)
     votes = [2] * 7 + [0] * 3
-    decisions = [mechanism.decide(votes, 5, rng) for _ in range(300)]
+    decisions = [_decide(mechanism, votes, 5, rng) for _ in range(300)]
     assert {d.index for d in decisions} == {2}
     assert all(d.confident for d in decisions)
     fractions = np.array([d.noisy_top_fraction for d in decisions])
     assert 0.6 < fractions.mean() < 0.8  # the noisy count of 7 out of 10 voters
 
 
+def test_the_tally_carries_the_noise_of_every_ballot() -> None:
+    """n hospitals noising their own ballots: the sum's noise has std σ√n (the utility cost)."""
+    mechanism = ConsensusMechanism(2.0)
+    rng = np.random.default_rng(6)
+    totals = [
+        np.sum([mechanism.ballot(0, 2, rng) for _ in range(9)], axis=0)[1] for _ in range(5000)
+    ]
+    assert np.std(totals) == pytest.approx(2.0 * 3, rel=0.05)
+
+
 def test_huge_noise_makes_the_choice_uniform() -> None:
     mechanism = ConsensusMechanism(1e4)
     rng = np.random.default_rng(1)
-    picks = [mechanism.decide([0, 0, 0, 0], 4, rng).index for _ in range(4000)]
+    picks = [_decide(mechanism, [0, 0, 0, 0], 4, rng).index for _ in range(4000)]
     frequencies = np.bincount(picks, minlength=4) / len(picks)
     assert np.all(np.abs(frequencies - 0.25) < 0.04)
 
@@ -80,13 +116,13 @@ def test_huge_noise_makes_the_choice_uniform() -> None:
 def test_threshold_decides_confidence_from_noisy_counts() -> None:
     rng = np.random.default_rng(2)
     split = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
-    lenient = ConsensusMechanism(0.1, threshold=0.3)
-    strict = ConsensusMechanism(0.1, threshold=0.9)
-    assert all(lenient.decide(split, 3, rng).confident for _ in range(50))
-    assert not any(strict.decide(split, 3, rng).confident for _ in range(50))
-    assert ConsensusMechanism(0.1, threshold=1.0).decide([1] * 5, 2, rng).index == 1
+    lenient = ConsensusMechanism(0.03, threshold=0.3)
+    strict = ConsensusMechanism(0.03, threshold=0.9)
+    assert all(_decide(lenient, split, 3, rng).confident for _ in range(50))
+    assert not any(_decide(strict, split, 3, rng).confident for _ in range(50))
+    assert _decide(ConsensusMechanism(0.03, threshold=1.0), [1] * 5, 2, rng).index == 1
     noisy = ConsensusMechanism(50.0)
-    fractions = [noisy.decide([0, 1, 1], 8, rng).noisy_top_fraction for _ in range(200)]
+    fractions = [_decide(noisy, [0, 1, 1], 8, rng).noisy_top_fraction for _ in range(200)]
     assert min(fractions) >= 0.0
     assert max(fractions) == 1.0  # clipped: noisy counts far above the number of voters
 
@@ -129,15 +165,19 @@ def test_invalid_inputs_are_rejected() -> None:
     mechanism = ConsensusMechanism(1.0)
     rng = np.random.default_rng(3)
     with pytest.raises(ValueError, match="candidate index"):
-        mechanism.decide([0, 3], 3, rng)
+        mechanism.ballot(3, 3, rng)
     with pytest.raises(ValueError, match="candidate index"):
-        mechanism.decide([-1], 3, rng)
-    with pytest.raises(ValueError, match="integers"):
-        mechanism.decide([True], 3, rng)
-    with pytest.raises(ValueError, match="at least one vote"):
-        mechanism.decide([], 3, rng)
+        mechanism.ballot(-1, 3, rng)
+    with pytest.raises(ValueError, match="candidate index"):
+        mechanism.ballot(True, 3, rng)
     with pytest.raises(ValueError, match="n_candidates"):
-        mechanism.decide([0], 0, rng)
+        mechanism.ballot(0, 0, rng)
+    with pytest.raises(ValueError, match="at least one ballot"):
+        mechanism.tally([])
+    with pytest.raises(ValueError, match="differ in length"):
+        mechanism.tally([[0.1, 0.2], [0.3]])
+    with pytest.raises(ValueError, match="finite"):
+        mechanism.tally([[0.1, float("nan")]])
     with pytest.raises(ValueError, match="max_tokens"):
         mechanism.epsilon_cost(0, 1e-6)
     with pytest.raises(ValueError, match="delta"):

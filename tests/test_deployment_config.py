@@ -98,6 +98,7 @@ def test_inference_section_must_share_the_hospital_and_its_ledger(tmp_path):
         "hospital_id": "north",
         "backend": "constant",
         "ledger": {"url": "sqlite:///other.db", "epsilon_cap": 3.5},
+        "consensus": {"insecure_loopback": True},
     }
     with pytest.raises(ConfigError, match="one budget"):
         load_hospital_config(_hospital_file(tmp_path, inference=inference))

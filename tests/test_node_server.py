@@ -65,6 +65,7 @@ def node_config(**overrides) -> NodeServerConfig:
             "backend": "constant",
             "model": TINY.model_dump(),
             "specialisations": ["cardiology"],
+            "consensus": {"insecure_loopback": True},
             **overrides,
         }
     )
@@ -133,12 +134,15 @@ def test_health_reports_node_and_model(constant_server):
     assert health == {
         "status": "ok",
         "node_id": "node-a",
+        "hospital_id": "hospital-a",
         "model_version": "constant",
         "specialisations": ["cardiology"],
         "in_flight": 0,
         "remaining_epsilon": None,
         "adapter": None,
         "adapter_issue": None,
+        "limits": {"max_prompt_chars": 8000, "max_tokens": 256},
+        "consensus": None,
     }
 
 
@@ -358,7 +362,12 @@ def test_consensus_session_charges_the_ledger_once_and_limits_votes(tmp_path):
         delta=DELTA,
     )
     app = create_node_app(node_config(), ConstantBackend(vote_index=2), ledger)
-    open_body = {"session_id": "s1", "noise_multiplier": sigma, "max_tokens": tokens}
+    open_body = {
+        "session_id": "s1",
+        "prompt": PROMPT,
+        "noise_multiplier": sigma,
+        "max_tokens": tokens,
+    }
     vote_body = {"session_id": "s1", "prompt": PROMPT, "token_ids": [], "candidates": [7, 8, 9]}
     with BackgroundServer(app) as server, httpx.Client(base_url=server.url) as client:
         assert client.post("/v1/consensus/vote", json=vote_body).status_code == 404
@@ -377,11 +386,13 @@ def test_consensus_session_charges_the_ledger_once_and_limits_votes(tmp_path):
         assert changed.status_code == 409
 
         for _ in range(tokens):
-            vote = client.post("/v1/consensus/vote", json=vote_body)
-            assert vote.json() == {"node_id": "node-a", "vote": 2}
+            vote = client.post("/v1/consensus/vote", json=vote_body).json()
+            assert vote["node_id"] == "node-a"
+            assert len(vote["ballot"]) == 3  # never the raw vote: a noisy one-hot ballot
+            assert vote["ballot"] != [0.0, 0.0, 1.0]
         over = client.post("/v1/consensus/vote", json=vote_body)
         assert over.status_code == 409
-        assert "votes" in over.json()["detail"]
+        assert "ballots" in over.json()["detail"]
 
         refused = client.post("/v1/consensus/open", json={**open_body, "session_id": "s2"})
         assert refused.status_code == 409
@@ -398,7 +409,7 @@ def test_consensus_session_charges_the_ledger_once_and_limits_votes(tmp_path):
 
 
 def test_consensus_without_ledger_is_503(constant_server):
-    body = {"session_id": "s", "noise_multiplier": 1.0, "max_tokens": 3}
+    body = {"session_id": "s", "prompt": "p", "noise_multiplier": 1.0, "max_tokens": 3}
     reply = httpx.post(f"{constant_server.url}/v1/consensus/open", json=body)
     assert reply.status_code == 503
     assert reply.json()["detail"] == CONSENSUS_DISABLED
@@ -444,9 +455,17 @@ def test_node_config_errors_name_key_and_value(tmp_path):
         validate_node_config(
             {"node_id": "n", "hospital_id": "h", "tls": {"cert_file": "a", "key_file": "b"}}
         )
+
+
+def test_shipped_node_config_serves_consensus_only_behind_mutual_tls(tmp_path, monkeypatch):
+    """configs/node.yaml after the README's `fedllm certs init ... --hospital st-mary`."""
+    monkeypatch.chdir(tmp_path)
+    init_credentials(Path("credentials"), hospitals=["st-mary"])
     example = load_node_config(Path(__file__).parents[1] / "configs" / "node.yaml")
     assert example.adapter_dir == Path("runs/published-adapter")
     assert example.ledger is not None
+    assert example.authenticates_clients
+    assert not example.consensus.insecure_loopback
 
 
 def test_serve_cli_rejects_bad_config_in_one_line(tmp_path):
@@ -520,7 +539,7 @@ def test_sessions_expire_and_in_flight_is_reported(tmp_path):
     )
     config = node_config(session_ttl_s=0.3)
     app = create_node_app(config, ConstantBackend(latency_s=0.6), ledger)
-    open_body = {"session_id": "short", "noise_multiplier": 5.0, "max_tokens": 2}
+    open_body = {"session_id": "short", "prompt": "p", "noise_multiplier": 5.0, "max_tokens": 2}
     vote_body = {"session_id": "short", "prompt": "p", "candidates": [1, 2]}
     with BackgroundServer(app) as server, httpx.Client(base_url=server.url) as client:
         assert client.post("/v1/consensus/open", json=open_body).json()["charged"] is True

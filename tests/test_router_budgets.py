@@ -119,7 +119,7 @@ def test_hospital_refusal_refunds_the_user(tmp_path):
                 token = login(client, "frank")
                 response = client.post("/v1/inference", json=_consensus(), headers=bearer(token))
                 assert response.status_code == 503
-                assert "1 refused" in response.json()["detail"]
+                assert "1 hospital privacy budget exhausted" in response.json()["detail"]
                 budget = client.get("/v1/privacy/budget/frank", headers=bearer(token)).json()
                 assert budget["spent"] == 0.0
                 assert budget["reserved"] == 0.0
@@ -127,9 +127,14 @@ def test_hospital_refusal_refunds_the_user(tmp_path):
                 assert plain.status_code == 200
         finally:
             router.stop()
-    events = [json.loads(line)["event"] for line in (tmp_path / "audit.jsonl").open()]
+    entries = [json.loads(line) for line in (tmp_path / "audit.jsonl").open()]
+    events = [entry["event"] for entry in entries]
     assert "consensus_refund" in events
     assert "consensus_charge" not in events
+    # the hospital that opened its session was charged (no ballot was cast): the audit says so
+    refund = next(entry for entry in entries if entry["event"] == "consensus_refund")
+    charged = refund["fields"]["charged_ledgers"]
+    assert [ledger["hospital_id"] for ledger in charged] == ["hospital-rich"]
 
 
 def test_quota_changed_by_admin_applies(tmp_path):

@@ -1,10 +1,14 @@
 """The hospital inference server's HTTP API (FastAPI): generation, consensus votes, health.
 
 Privacy: generating from the DP-trained global model is post-processing and costs 0 ε, and
-every answer says so. A consensus vote may consult the hospital's private local adapter, so
-votes are only answered inside a session the hospital's own ledger has been charged for, in
-advance, for every vote the session may ask (:func:`fedllm.privacy.consensus.ledger_event`); the
-session then refuses further votes. Logs never contain prompt or reply text.
+every answer says so. A consensus vote may consult the hospital's private local adapter, so the
+node never releases a vote, only a noisy ballot it draws itself from OS entropy
+(:meth:`fedllm.privacy.consensus.ConsensusMechanism.ballot`), and only inside a session the
+hospital's own ledger has been charged for, in advance, for every ballot the session may ask
+(:func:`fedllm.privacy.consensus.ledger_event`), at a noise level no lower than the node's own
+floor. Every check that can refuse a session runs before the charge. Consensus calls spend the
+hospital's ε, so the configuration only enables them behind client certificates (mutual TLS),
+or on loopback with an explicit insecure flag. Logs never contain prompt or reply text.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import structlog
 from cachetools import TTLCache
 from fastapi import FastAPI, HTTPException, Request
@@ -24,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fedllm.privacy.consensus import ledger_event
+from fedllm.privacy.consensus import ConsensusMechanism, ledger_event
 from fedllm.privacy.node_ledger import BudgetExceededError, NodePrivacyLedger
 from fedllm.serving.backends import Generation, GenerationBackend
 from fedllm.serving.http_limits import install_http_guard
@@ -47,7 +52,9 @@ from fedllm.serving.schemas import (
     DecodeResponse,
     InferenceRequest,
     InferenceResponse,
+    NodeConsensusReport,
     NodeHealth,
+    NodeLimitsReport,
     Usage,
     VoteRequest,
     VoteResponse,
@@ -66,9 +73,9 @@ def consensus_run_id(session_id: str) -> str:
 
 @dataclass
 class _Session:
-    """An opened consensus session: what was charged and how many votes it has used."""
+    """An opened consensus session: what was charged and how many ballots it has used."""
 
-    noise_multiplier: float
+    mechanism: ConsensusMechanism
     max_tokens: int
     votes: int = 0
 
@@ -123,6 +130,14 @@ class _NodeState:
         )
         self.sessions_lock = threading.Lock()
         self.open_lock = threading.Lock()
+        # Ballot noise: seeded from OS entropy, never from anything a caller or config knows.
+        self._rng = np.random.default_rng()
+        self._rng_lock = threading.Lock()
+
+    def ballot(self, mechanism: ConsensusMechanism, vote: int, n_candidates: int) -> list[float]:
+        """The noisy ballot for `vote` (numpy generators are not thread-safe: one at a time)."""
+        with self._rng_lock:
+            return mechanism.ballot(vote, n_candidates, self._rng)
 
     @contextmanager
     def busy(self) -> Iterator[None]:
@@ -158,6 +173,13 @@ def create_node_app(
     ledger: NodePrivacyLedger | None = None,
 ) -> FastAPI:
     """The node's FastAPI app; ``ledger`` None disables consensus (503 on open)."""
+    if ledger is not None and not (
+        config.authenticates_clients or config.consensus.insecure_loopback
+    ):
+        raise ValueError(
+            "a privacy ledger enables consensus, which needs client authentication "
+            "(tls.client_ca_file) or consensus.insecure_loopback"
+        )
     app = FastAPI(
         title=f"fedllm node {config.node_id}",
         version="1",
@@ -166,6 +188,13 @@ def create_node_app(
         openapi_url=None,
     )
     install_http_guard(app, config.limits, error_body)
+    if ledger is not None and not config.authenticates_clients:
+        log.warning(
+            "node.consensus_unauthenticated",
+            node_id=config.node_id,
+            detail="consensus answers callers without client certificates "
+            "(consensus.insecure_loopback): anyone on this machine can spend the hospital's ε",
+        )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     state = _NodeState(config, ledger)
@@ -218,6 +247,7 @@ def create_node_app(
         return NodeHealth(
             status="degraded" if degraded else "ok",
             node_id=config.node_id,
+            hospital_id=config.hospital_id,
             model_version=backend.model_version,
             specialisations=config.specialisations,
             in_flight=state.in_flight,
@@ -229,6 +259,16 @@ def create_node_app(
                 dp_record=None if served.dp_record is None else served.dp_record.summary(),
             ),
             adapter_issue=getattr(backend, "adapter_issue", None),
+            limits=NodeLimitsReport(
+                max_prompt_chars=config.limits.max_prompt_chars,
+                max_tokens=config.limits.max_tokens,
+            ),
+            consensus=None
+            if ledger is None
+            else NodeConsensusReport(
+                min_noise_multiplier=config.consensus.min_noise_multiplier,
+                client_authenticated=config.authenticates_clients,
+            ),
         )
 
     @app.post("/v1/inference")
@@ -298,15 +338,21 @@ def create_node_app(
     def open_session(request: ConsensusOpenRequest) -> ConsensusOpenResponse:
         if ledger is None:
             raise HTTPException(status_code=503, detail=CONSENSUS_DISABLED)
+        # every check that can refuse the session runs before the ledger is charged
+        state.check_prompt("prompt", request.prompt)
         state.check_tokens("max_tokens", request.max_tokens)
+        floor = config.consensus.min_noise_multiplier
+        if request.noise_multiplier < floor:
+            raise _unprocessable(
+                "noise_multiplier",
+                f"{request.noise_multiplier:g} is below this hospital's floor of {floor:g}",
+            )
+        mechanism = ConsensusMechanism.from_noise_multiplier(request.noise_multiplier)
         with state.open_lock:
             with state.sessions_lock:
                 existing = state.sessions.get(request.session_id)
             if existing is not None:
-                if (existing.noise_multiplier, existing.max_tokens) != (
-                    request.noise_multiplier,
-                    request.max_tokens,
-                ):
+                if (existing.mechanism, existing.max_tokens) != (mechanism, request.max_tokens):
                     raise HTTPException(
                         status_code=409,
                         detail=f"session {request.session_id!r} is already open with "
@@ -316,9 +362,7 @@ def create_node_app(
             else:
                 _charge(ledger, request)
                 with state.sessions_lock:
-                    state.sessions[request.session_id] = _Session(
-                        request.noise_multiplier, request.max_tokens
-                    )
+                    state.sessions[request.session_id] = _Session(mechanism, request.max_tokens)
                 charged = True
         log.info(
             "node.consensus_open",
@@ -333,7 +377,11 @@ def create_node_app(
             log.error("node.ledger_unavailable", error=str(error))
             remaining = None
         return ConsensusOpenResponse(
-            node_id=config.node_id, charged=charged, remaining_epsilon=remaining
+            node_id=config.node_id,
+            hospital_id=config.hospital_id,
+            charged=charged,
+            epsilon=mechanism.epsilon_cost(request.max_tokens, ledger.delta, ledger.accountant),
+            remaining_epsilon=remaining,
         )
 
     @app.post("/v1/consensus/vote")
@@ -350,7 +398,7 @@ def create_node_app(
                 raise HTTPException(
                     status_code=409,
                     detail=f"session {request.session_id!r} has used all "
-                    f"{session.max_tokens} votes it was charged for",
+                    f"{session.max_tokens} ballots it was charged for",
                 )
             session.votes += 1
         with state.busy():
@@ -358,7 +406,8 @@ def create_node_app(
                 index = backend.vote(request.prompt, request.token_ids, request.candidates)
             except ValueError as error:
                 raise _unprocessable("candidates", str(error)) from None
-        return VoteResponse(node_id=config.node_id, vote=index)
+        ballot = state.ballot(session.mechanism, index, len(request.candidates))
+        return VoteResponse(node_id=config.node_id, ballot=ballot)
 
     @app.post("/v1/consensus/decode")
     def decode(request: DecodeRequest) -> DecodeResponse:

@@ -6,6 +6,7 @@ values are one ``ConfigError`` naming the key, the value and what was expected.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -54,6 +55,30 @@ class NodeLimits(ServerLimits):
     max_tokens: int = Field(256, ge=1, le=MAX_TOKENS_LIMIT)
 
 
+class NodeConsensusConfig(StrictModel):
+    """What this node accepts when the router opens a consensus session.
+
+    ``min_noise_multiplier`` is the floor on σ/√2, the noise the node adds to each ballot in
+    units of its sensitivity √2: a session asking for less is refused (HTTP 422) before the
+    ledger is charged, so no caller can buy near-raw votes. ``insecure_loopback`` lets a node
+    answer consensus calls without client certificates, only on a loopback address (tests and
+    single-machine trials); the node warns on every start.
+    """
+
+    min_noise_multiplier: float = Field(2.0, gt=0.0, le=1e6, allow_inf_nan=False)
+    insecure_loopback: bool = False
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names only this machine (so no other machine can reach the port)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class NodeServerConfig(StrictModel):
     """One hospital inference server: what it serves, where, and how it accounts privacy."""
 
@@ -74,6 +99,7 @@ class NodeServerConfig(StrictModel):
     tls: TlsConfig | None = None
     ledger: NodeLedgerConfig | None = None
     limits: NodeLimits = NodeLimits()
+    consensus: NodeConsensusConfig = NodeConsensusConfig()
     session_ttl_s: PositiveFloat = 600.0
     max_sessions: PositiveInt = 10_000
 
@@ -81,6 +107,30 @@ class NodeServerConfig(StrictModel):
     def _local_adapter_exists(self) -> NodeServerConfig:
         if self.local_adapter is not None and not self.local_adapter.is_dir():
             raise ValueError(f"local_adapter directory not found: {self.local_adapter}")
+        return self
+
+    @property
+    def authenticates_clients(self) -> bool:
+        """Whether only holders of a consortium client certificate can call this node."""
+        return self.tls is not None and self.tls.client_ca_file is not None
+
+    @model_validator(mode="after")
+    def _consensus_needs_client_auth(self) -> NodeServerConfig:
+        """Consensus spends the hospital's ε: only the consortium's router may ask for it."""
+        if self.ledger is None or self.authenticates_clients:
+            return self
+        if not self.consensus.insecure_loopback:
+            raise ValueError(
+                "consensus is enabled (ledger is set) but callers are not authenticated: set "
+                "tls.client_ca_file (mutual TLS, only the consortium's router may call), or "
+                "remove ledger to disable consensus, or set consensus.insecure_loopback: true "
+                "for a loopback-only trial"
+            )
+        if not is_loopback(self.host):
+            raise ValueError(
+                f"consensus.insecure_loopback needs a loopback host, got host {self.host!r}: "
+                "set tls.client_ca_file to serve consensus to other machines"
+            )
         return self
 
 

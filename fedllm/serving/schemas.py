@@ -267,37 +267,49 @@ class CandidatesResponse(_ApiModel):
 
 
 class ConsensusOpenRequest(_ApiModel):
-    """Open a consensus session: the node charges its ledger for up to ``max_tokens`` votes."""
+    """Open a consensus session: the node charges its ledger for up to ``max_tokens`` ballots.
+
+    ``prompt`` comes with the request so the node can refuse one it would not vote on before
+    anything is charged; ``noise_multiplier`` is σ/√2 of every ballot, at least the node's floor.
+    """
 
     session_id: SessionId
+    prompt: PromptText
     noise_multiplier: float = Field(gt=0.0, allow_inf_nan=False)
-    max_tokens: int = Field(ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: int = Field(ge=1, le=MAX_TOKENS_LIMIT, strict=True)
 
 
 class ConsensusOpenResponse(_ApiModel):
-    """``charged`` is False when the session was already open (idempotent re-open)."""
+    """``charged`` is False when the session was already open (idempotent re-open).
+
+    ``hospital_id`` names the ledger that was charged (the router counts one ballot per
+    hospital); ``epsilon`` is that session's ε at the ledger's δ.
+    """
 
     node_id: str
+    hospital_id: str
     charged: bool
+    epsilon: float
     remaining_epsilon: float | None
 
 
 class VoteRequest(_ApiModel):
-    """The node's local choice among ``candidates`` for the next token."""
+    """The node's noisy ballot over ``candidates`` for the next token."""
 
     session_id: SessionId
     prompt: PromptText
     token_ids: TokenIdList = []
     candidates: Annotated[
-        list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_CANDIDATES)
+        list[Annotated[int, Field(ge=0, strict=True)]],
+        Field(min_length=1, max_length=MAX_CANDIDATES),
     ]
 
 
 class VoteResponse(_ApiModel):
-    """``vote`` is an index into the request's ``candidates``."""
+    """``ballot[i]`` is the node's vote for ``candidates[i]`` (0 or 1) plus its Gaussian noise."""
 
     node_id: str
-    vote: int
+    ballot: list[float]
 
 
 class DecodeRequest(_ApiModel):
@@ -325,6 +337,20 @@ class AdapterHealth(_ApiModel):
     dp_record: dict[str, Any] | None
 
 
+class NodeLimitsReport(_ApiModel):
+    """The node's request limits, so the router refuses what the node would, before charging."""
+
+    max_prompt_chars: int
+    max_tokens: int
+
+
+class NodeConsensusReport(_ApiModel):
+    """Consensus as this node offers it (absent when the node has no ledger: disabled)."""
+
+    min_noise_multiplier: float
+    client_authenticated: bool
+
+
 class NodeHealth(_ApiModel):
     """GET /v1/health: what the router needs to route to this node.
 
@@ -334,9 +360,12 @@ class NodeHealth(_ApiModel):
 
     status: Literal["ok", "degraded"]
     node_id: str
+    hospital_id: str
     model_version: str
     specialisations: list[str]
     in_flight: int
     remaining_epsilon: float | None
     adapter: AdapterHealth | None = None
     adapter_issue: str | None = None
+    limits: NodeLimitsReport
+    consensus: NodeConsensusReport | None = None

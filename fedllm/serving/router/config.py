@@ -150,6 +150,9 @@ class NodeConfig(StrictModel):
     specialisations: list[Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]] = Field(
         default_factory=list, max_length=64
     )
+    # The hospital whose ledger this node charges; checked against what the node reports.
+    # Consensus counts one ballot per hospital, so two nodes of one hospital never both vote.
+    hospital_id: str | None = Field(None, pattern=_NAME)
 
 
 class NodeTLSConfig(StrictModel):

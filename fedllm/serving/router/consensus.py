@@ -1,28 +1,32 @@
-"""The router's side of cross-hospital consensus: GNMax over the hospitals' local votes.
+"""The router's side of cross-hospital consensus: it adds up the hospitals' noisy ballots.
 
 Protocol for one answer (see fedllm.privacy.consensus for why it is private):
 
-1. A fresh session id; ``/v1/consensus/open`` on every participating node, concurrently. Each
-   node charges its own hospital ledger for ``max_tokens`` token releases *before* any vote;
-   a node answering 409 (its ε cap would be exceeded) or failing is dropped from the session.
-2. Per token: the public top-k candidates of the DP global model from one node, the local
-   vote of every node (concurrently), then ``ConsensusMechanism.decide`` with noise from an
-   OS-seeded generator; stop at EOS or after ``max_tokens``.
+0. Before anything is charged, `choose_voters` keeps the healthy nodes that offer consensus at
+   the router's noise level and accept this prompt and ``max_tokens``, one node per hospital
+   (a hospital's ledger is charged once per answer, and its ballots are counted once).
+1. A fresh session id; ``/v1/consensus/open`` on every voter, concurrently. Each node checks the
+   request against its own floor and limits, then charges its hospital ledger for
+   ``max_tokens`` ballots *before* any ballot; a node that refuses (4xx) or fails is dropped.
+2. Per token: the public top-k candidates of the DP global model from one node, the noisy
+   ballot of every voter (concurrently), then ``ConsensusMechanism.tally``; stop at EOS or after
+   ``max_tokens``.
 3. The chosen tokens are decoded by one node.
 
-The router sees raw votes but only ever releases noisy decisions. Whether the user's quota is
-committed or refunded after a failure is decided by the caller from ``charged_nodes``.
+The router never sees a raw vote: every ballot is noised by the hospital that cast it. Whether
+the user's quota is committed or refunded after a failure is decided by the caller from
+``votes_cast``; ``charged`` names every hospital ledger that was charged, for the audit log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import structlog
 
 from fedllm.privacy.consensus import ConsensusMechanism, TokenDecision, summarise
@@ -32,16 +36,34 @@ log = structlog.get_logger(__name__)
 
 
 class ConsensusError(Exception):
-    """Consensus could not finish; ``votes_cast`` says whether any private vote was used."""
+    """Consensus could not finish; ``votes_cast`` says whether any ballot was used."""
 
     def __init__(
-        self, status_code: int, detail: str, *, charged_nodes: Sequence[str], votes_cast: bool
+        self,
+        status_code: int,
+        detail: str,
+        *,
+        charged: Sequence[ChargedLedger] = (),
+        votes_cast: bool = False,
     ) -> None:
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
-        self.charged_nodes = list(charged_nodes)
+        self.charged = list(charged)
         self.votes_cast = votes_cast
+
+
+@dataclass(frozen=True)
+class ChargedLedger:
+    """One hospital ledger a consensus answer charged: who, through which node, how much."""
+
+    hospital_id: str
+    node_id: str
+    epsilon: float
+
+    def as_audit(self) -> dict[str, Any]:
+        """The entry's form in the audit log."""
+        return {"hospital_id": self.hospital_id, "node_id": self.node_id, "epsilon": self.epsilon}
 
 
 @dataclass
@@ -54,6 +76,7 @@ class ConsensusOutcome:
     confidence_score: float
     tokens: int
     model_version: str | None
+    charged: list[ChargedLedger]
     refused_nodes: list[str] = field(default_factory=list)
 
 
@@ -67,55 +90,104 @@ class ConsensusSettings:
     max_nodes: int | None = None
 
 
-def new_rng() -> np.random.Generator:
-    """A generator seeded from OS entropy: the noise must be unpredictable to everyone."""
-    return np.random.default_rng(secrets.randbits(128))
+@dataclass(frozen=True)
+class VoterChoice:
+    """The nodes that may vote on one answer, and why each other healthy node may not."""
+
+    voters: list[NodeState]
+    excluded: dict[str, str]
+    limit_exclusions: int
+
+    def refusal(self, settings: ConsensusSettings) -> tuple[int, str] | None:
+        """(status, detail) when too few hospitals can vote; None when enough can.
+
+        422 when the request itself is what the hospitals refuse (prompt or max_tokens over
+        their limits): the user can fix it. 503 otherwise.
+        """
+        if len(self.voters) >= settings.min_nodes:
+            return None
+        reasons = "; ".join(f"{node}: {why}" for node, why in sorted(self.excluded.items()))
+        status = 422 if self.limit_exclusions else 503
+        detail = (
+            f"consensus needs at least {settings.min_nodes} hospitals; "
+            f"{len(self.voters)} can take part"
+        )
+        return status, f"{detail} ({reasons})" if reasons else detail
+
+
+def choose_voters(
+    nodes: Sequence[NodeState], settings: ConsensusSettings, prompt: str, max_tokens: int
+) -> VoterChoice:
+    """One node per hospital, among `nodes` (in policy order), able to vote on this answer.
+
+    Runs before the user's quota or any ledger is touched, from what the nodes' health
+    reports say, so a request that cannot succeed is refused without spending anything.
+    """
+    voters: list[NodeState] = []
+    excluded: dict[str, str] = {}
+    limit_exclusions = 0
+    hospitals: dict[str, str] = {}
+    noise = settings.mechanism.noise_multiplier
+    limit = settings.max_nodes or math.inf
+    for node in nodes:
+        reason = None
+        if node.hospital_id is None:
+            reason = "reports no hospital"
+        elif node.consensus_floor is None:
+            reason = "offers no consensus (no ledger)"
+        elif node.consensus_floor > noise:
+            reason = (
+                f"requires a noise multiplier of at least {node.consensus_floor:g}; "
+                f"the router asks {noise:.6g}"
+            )
+        elif node.max_prompt_chars is not None and len(prompt) > node.max_prompt_chars:
+            reason = f"accepts prompts of at most {node.max_prompt_chars} characters"
+            limit_exclusions += 1
+        elif node.max_tokens is not None and max_tokens > node.max_tokens:
+            reason = f"accepts max_tokens of at most {node.max_tokens}"
+            limit_exclusions += 1
+        elif node.hospital_id in hospitals:
+            reason = (
+                f"same hospital {node.hospital_id!r} as node {hospitals[node.hospital_id]!r} "
+                "(one ballot per hospital)"
+            )
+        elif len(voters) >= limit:
+            reason = "max_nodes reached"
+        if reason is not None:
+            excluded[node.node_id] = reason
+            continue
+        hospitals[str(node.hospital_id)] = node.node_id
+        voters.append(node)
+    return VoterChoice(voters, excluded, limit_exclusions)
 
 
 class ConsensusRun:
-    """One consensus answer across the nodes it is given (already ordered by policy)."""
+    """One consensus answer among voters already chosen by `choose_voters`."""
 
     def __init__(
-        self,
-        pool: NodePool,
-        settings: ConsensusSettings,
-        nodes: Sequence[NodeState],
-        *,
-        rng: np.random.Generator | None = None,
+        self, pool: NodePool, settings: ConsensusSettings, voters: Sequence[NodeState]
     ) -> None:
         self._pool = pool
         self._settings = settings
-        limit = settings.max_nodes or len(nodes)
-        self._invited = list(nodes)[:limit]
-        self._rng = rng or new_rng()
+        self._invited = list(voters)
         self.session_id = secrets.token_hex(16)
-        self.charged_nodes: list[str] = []
+        self.charged: list[ChargedLedger] = []
         self.refused_nodes: list[str] = []
+        self._refusals: dict[str, int] = {}
         self.votes_cast = False
 
     def _fail(self, status_code: int, detail: str) -> ConsensusError:
-        return ConsensusError(
-            status_code,
-            detail,
-            charged_nodes=self.charged_nodes,
-            votes_cast=self.votes_cast,
-        )
+        return ConsensusError(status_code, detail, charged=self.charged, votes_cast=self.votes_cast)
 
     async def run(self, prompt: str, max_tokens: int) -> ConsensusOutcome:
-        """Open, vote token by token, decode."""
+        """Open, collect ballots token by token, decode."""
         min_nodes = self._settings.min_nodes
-        if len(self._invited) < min_nodes:
-            raise self._fail(
-                503,
-                f"consensus needs at least {min_nodes} healthy hospitals; "
-                f"{len(self._invited)} available",
-            )
-        voters = await self._open(max_tokens)
+        voters = await self._open(prompt, max_tokens)
         if len(voters) < min_nodes:
             raise self._fail(
                 503,
                 f"consensus needs at least {min_nodes} hospitals; only {len(voters)} could take "
-                f"part ({len(self.refused_nodes)} refused: hospital privacy budget exhausted)",
+                f"part ({self._refusal_summary()})",
             )
         token_ids: list[int] = []
         decisions: list[TokenDecision] = []
@@ -123,8 +195,8 @@ class ConsensusRun:
         eos = await self._eos_token_id(voters)
         for _ in range(max_tokens):
             candidates, model_version = await self._candidates(voters, prompt, token_ids)
-            votes, voters = await self._votes(voters, prompt, token_ids, candidates)
-            decision = self._settings.mechanism.decide(votes, len(candidates), self._rng)
+            ballots, voters = await self._ballots(voters, prompt, token_ids, candidates)
+            decision = self._settings.mechanism.tally(ballots)
             decisions.append(decision)
             token = candidates[decision.index]
             if token == eos:
@@ -139,12 +211,24 @@ class ConsensusRun:
             confidence_score=confidence,
             tokens=len(token_ids),
             model_version=model_version,
+            charged=list(self.charged),
             refused_nodes=list(self.refused_nodes),
         )
 
-    async def _open(self, max_tokens: int) -> list[NodeState]:
+    def _refusal_summary(self) -> str:
+        """Why invited nodes did not join, by cause, e.g. '1 hospital privacy budget exhausted'."""
+        if not self._refusals:
+            return "no node refused"
+        return ", ".join(f"{count} {why}" for why, count in sorted(self._refusals.items()))
+
+    def _refused(self, node: NodeState, why: str) -> None:
+        self.refused_nodes.append(node.node_id)
+        self._refusals[why] = self._refusals.get(why, 0) + 1
+
+    async def _open(self, prompt: str, max_tokens: int) -> list[NodeState]:
         payload = {
             "session_id": self.session_id,
+            "prompt": prompt,
             "noise_multiplier": self._settings.mechanism.noise_multiplier,
             "max_tokens": max_tokens,
         }
@@ -156,15 +240,32 @@ class ConsensusRun:
         for node, result in zip(self._invited, results, strict=True):
             if isinstance(result, NodeCallError):
                 log.warning("consensus_open_failed", node_id=node.node_id, reason=result.reason)
+                self._refused(node, f"did not answer ({result.reason})")
                 continue
             if isinstance(result, BaseException):
                 raise result
-            if result.status_code == 200:
-                self.charged_nodes.append(node.node_id)
-                joined.append(node)
-            else:
-                self.refused_nodes.append(node.node_id)
+            if result.status_code != 200:
+                why = (
+                    "hospital privacy budget exhausted"
+                    if result.status_code == 409
+                    else f"refused with HTTP {result.status_code}"
+                )
                 log.info("consensus_open_refused", node_id=node.node_id, status=result.status_code)
+                self._refused(node, why)
+                continue
+            body = result.json()
+            charged = ChargedLedger(
+                hospital_id=str(body.get("hospital_id")),
+                node_id=node.node_id,
+                epsilon=float(body.get("epsilon", math.nan)),
+            )
+            self.charged.append(charged)
+            if charged.hospital_id != node.hospital_id:
+                # charged, but its ballots cannot be counted as the hospital health reported
+                log.error("consensus_hospital_mismatch", node_id=node.node_id)
+                self._refused(node, "answered for another hospital")
+                continue
+            joined.append(node)
         return joined
 
     async def _first_answer(
@@ -195,26 +296,26 @@ class ConsensusRun:
             raise self._fail(502, "the global model offered no candidate tokens")
         return candidates, body.get("model_version")
 
-    async def _votes(
+    async def _ballots(
         self,
         voters: list[NodeState],
         prompt: str,
         token_ids: list[int],
         candidates: list[int],
-    ) -> tuple[list[int], list[NodeState]]:
+    ) -> tuple[list[list[float]], list[NodeState]]:
         payload = {
             "session_id": self.session_id,
             "prompt": prompt,
             "token_ids": token_ids,
             "candidates": candidates,
         }
-        # From here on private votes may reach the router: the caller must charge the quota.
+        # From here on ballots may reach the router: the caller must charge the quota.
         self.votes_cast = True
         results = await asyncio.gather(
             *(self._pool.call(node, "/v1/consensus/vote", payload) for node in voters),
             return_exceptions=True,
         )
-        votes: list[int] = []
+        ballots: list[list[float]] = []
         still: list[NodeState] = []
         for node, result in zip(voters, results, strict=True):
             if isinstance(result, NodeCallError):
@@ -224,18 +325,34 @@ class ConsensusRun:
             if result.status_code != 200:
                 log.warning("consensus_vote_refused", node_id=node.node_id)
                 continue
-            vote = result.json().get("vote")
-            if isinstance(vote, int) and 0 <= vote < len(candidates):
-                votes.append(vote)
-                still.append(node)
-        if len(votes) < self._settings.min_nodes:
+            ballot = _valid_ballot(result.json().get("ballot"), len(candidates))
+            if ballot is None:
+                log.warning("consensus_bad_ballot", node_id=node.node_id)
+                continue
+            ballots.append(ballot)
+            still.append(node)
+        if len(ballots) < self._settings.min_nodes:
             raise self._fail(
                 503,
-                f"consensus lost its quorum: {len(votes)} of {self._settings.min_nodes} "
+                f"consensus lost its quorum: {len(ballots)} of {self._settings.min_nodes} "
                 "hospitals still voting",
             )
-        return votes, still
+        return ballots, still
 
     async def _decode(self, voters: Sequence[NodeState], token_ids: list[int]) -> str:
         body = await self._first_answer(voters, "/v1/consensus/decode", {"token_ids": token_ids})
         return str(body["text"])
+
+
+def _valid_ballot(value: object, size: int) -> list[float] | None:
+    """`value` as a ballot over `size` candidates, or None if it is not one."""
+    if not isinstance(value, list) or len(value) != size:
+        return None
+    ballot: list[float] = []
+    for entry in value:
+        if isinstance(entry, bool) or not isinstance(entry, int | float):
+            return None
+        if not math.isfinite(entry):
+            return None
+        ballot.append(float(entry))
+    return ballot

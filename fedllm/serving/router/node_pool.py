@@ -57,6 +57,11 @@ class NodeState:
     model_version: str | None = None
     last_error: str | None = None
     configured_specialisations: bool = False
+    configured_hospital_id: str | None = None
+    hospital_id: str | None = None
+    max_prompt_chars: int | None = None
+    max_tokens: int | None = None
+    consensus_floor: float | None = None
 
     def summary(self) -> dict[str, Any]:
         """The node as GET /v1/health reports it."""
@@ -70,6 +75,7 @@ class NodeState:
             ),
             "remaining_epsilon": self.remaining_epsilon,
             "model_version": self.model_version,
+            "hospital_id": self.hospital_id,
             "specialisations": self.specialisations,
             "consecutive_failures": self.consecutive_failures,
             "last_error": self.last_error,
@@ -89,6 +95,43 @@ def node_ssl_context(tls: NodeTLSConfig | None) -> ssl.SSLContext | None:
     if tls.client_cert_file and tls.client_key_file:
         context.load_cert_chain(tls.client_cert_file, tls.client_key_file)
     return context
+
+
+def _check_identity(node: NodeState, health: dict[str, Any]) -> None:
+    """Refuse a node that answers as another node or for another hospital than configured.
+
+    A mis-pointed URL would otherwise route answers (and consensus charges) to the wrong
+    hospital under the configured name.
+    """
+    reported = health.get("node_id")
+    if reported != node.node_id:
+        raise ValueError(f"answers as node {reported!r}, configured as {node.node_id!r}")
+    hospital = health.get("hospital_id")
+    if not isinstance(hospital, str) or not hospital:
+        raise ValueError("health names no hospital_id")
+    if node.configured_hospital_id is not None and hospital != node.configured_hospital_id:
+        raise ValueError(
+            f"answers for hospital {hospital!r}, configured for {node.configured_hospital_id!r}"
+        )
+    node.hospital_id = hospital
+
+
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _read_capabilities(node: NodeState, health: dict[str, Any]) -> None:
+    """The node's request limits and consensus floor, so the router refuses early."""
+    limits = health.get("limits") if isinstance(health.get("limits"), dict) else {}
+    node.max_prompt_chars = _positive_int(limits.get("max_prompt_chars"))
+    node.max_tokens = _positive_int(limits.get("max_tokens"))
+    consensus = health.get("consensus")
+    floor = consensus.get("min_noise_multiplier") if isinstance(consensus, dict) else None
+    node.consensus_floor = (
+        float(floor)
+        if isinstance(floor, int | float) and not isinstance(floor, bool) and floor > 0
+        else None
+    )
 
 
 class NodePool:
@@ -119,6 +162,8 @@ class NodePool:
             url=node.url.rstrip("/"),
             specialisations=list(node.specialisations),
             configured_specialisations=bool(node.specialisations),
+            configured_hospital_id=node.hospital_id,
+            hospital_id=node.hospital_id,
         )
         self._nodes[node.node_id] = state
         return state
@@ -196,9 +241,11 @@ class NodePool:
             health = response.json()
             if not isinstance(health, dict):
                 raise ValueError("health answer is not a JSON object")
+            _check_identity(node, health)
         except (NodeTransportError, ValueError) as error:
             self.record_failure(node, f"health probe: {error}", hard=True)
             return
+        _read_capabilities(node, health)
         remaining = health.get("remaining_epsilon")
         node.remaining_epsilon = (
             float(remaining)

@@ -3,11 +3,13 @@
 Budget rules (fail closed):
 
 - Plain answers come from the DP-trained global model (post-processing): 0 ε, no reservation.
-- A consensus answer costs ``ConsensusMechanism.epsilon_cost(max_tokens, δ)``. It is reserved
-  against the user's and the department's quota (the department from the token, never from the
-  request) *before* any hospital is contacted, committed once any hospital vote was used, and
-  refunded when none was (every hospital refused or failed before voting). A ledger failure
-  refuses the request (503): no quota bookkeeping, no consensus.
+- A consensus answer costs ``ConsensusMechanism.epsilon_cost(max_tokens, δ)``. Every check
+  that can refuse it runs first (enough hospitals, one node each, whose floors and limits
+  accept the request; the user's ``privacy_budget``); then it is reserved against the user's
+  and the department's quota (the department from the token, never from the request) *before*
+  any hospital is contacted, committed once any hospital ballot was used, and refunded when none
+  was (every hospital refused or failed before voting). A ledger failure refuses the request
+  (503): no quota bookkeeping, no consensus. The audit entry names every hospital ledger charged.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import structlog
 from fedllm.security.tokens import Principal
 from fedllm.serving.budgets import LedgerUnavailableError, QuotaExceededError, Reservation
 from fedllm.serving.router.cache import cache_key
-from fedllm.serving.router.consensus import ConsensusError, ConsensusRun
+from fedllm.serving.router.consensus import ConsensusError, ConsensusRun, choose_voters
 from fedllm.serving.router.errors import ApiError
 from fedllm.serving.router.node_pool import NodeCallError
 from fedllm.serving.router.policies import POLICIES, privacy_aware
@@ -133,9 +135,16 @@ async def consensus_inference(
     """A charged GNMax consensus answer (reserve → consensus → commit or refund)."""
     started = time.perf_counter()
     budgets = state.config.budgets
-    mechanism = state.consensus.mechanism
-    cost = await asyncio.to_thread(
-        mechanism.epsilon_cost, request.max_tokens, budgets.delta, budgets.accountant
+    choice = choose_voters(
+        privacy_aware(state.pool.nodes), state.consensus, request.prompt, request.max_tokens
+    )
+    refusal = choice.refusal(state.consensus)
+    if refusal is not None:
+        state.metrics.errors.labels(reason="consensus_unavailable").inc()
+        raise ApiError(*refusal)
+    # a closed form for the default accountants (microseconds), cached for the others
+    cost = state.consensus.mechanism.epsilon_cost(
+        request.max_tokens, budgets.delta, budgets.accountant
     )
     if request.privacy_budget is not None and cost > request.privacy_budget:
         raise ApiError(
@@ -145,8 +154,7 @@ async def consensus_inference(
             "lower max_tokens or raise privacy_budget",
         )
     reservation = await _reserve(state, principal, cost)
-    nodes = privacy_aware(state.pool.nodes)
-    run = ConsensusRun(state.pool, state.consensus, nodes)
+    run = ConsensusRun(state.pool, state.consensus, choice.voters)
     try:
         outcome = await run.run(request.prompt, request.max_tokens)
     except ConsensusError as error:
@@ -155,6 +163,15 @@ async def consensus_inference(
         raise ApiError(error.status_code, error.detail) from None
     except BaseException:
         await _settle(state, reservation, commit=run.votes_cast)
+        await state.audit(
+            "consensus_aborted",
+            user=principal.subject,
+            department=principal.department,
+            epsilon=cost,
+            reservation=reservation.id,
+            charged_ledgers=[charged.as_audit() for charged in run.charged],
+            quota_charged=run.votes_cast,
+        )
         raise
     await _settle(state, reservation, commit=True)
     state.metrics.budget_consumed.labels(department=principal.department).inc(cost)
@@ -167,6 +184,7 @@ async def consensus_inference(
         max_tokens=request.max_tokens,
         session_id=run.session_id,
         nodes=outcome.participants,
+        charged_ledgers=[charged.as_audit() for charged in outcome.charged],
         refused_nodes=outcome.refused_nodes,
         reservation=reservation.id,
         prompt=request.prompt,
@@ -248,7 +266,7 @@ async def _settle_failed(
         department=principal.department,
         epsilon=reservation.epsilon,
         reservation=reservation.id,
-        charged_nodes=error.charged_nodes,
+        charged_ledgers=[charged.as_audit() for charged in error.charged],
         reason=error.detail,
         prompt=prompt,
     )
