@@ -101,7 +101,8 @@ def test_example_config_is_valid():
     assert config.listen.host == "127.0.0.1"
     assert config.nodes[0].url == "https://127.0.0.1:8081"
     assert config.nodes[0].hospital_id == "st-mary"
-    assert config.node_tls is not None and config.node_tls.client_cert_file is not None
+    assert config.node_tls is not None
+    assert config.node_tls.client_cert_file is not None
 
 
 def _write(tmp_path: Path, raw: dict) -> Path:
