@@ -180,7 +180,9 @@ def test_bad_config_is_refused_before_anything_starts(case, tmp_path, monkeypatc
     assert _snapshot(tmp_path / "ledgers") == ledgers
 
 
-@pytest.mark.parametrize("case", ["solver typo", "missing data"])
+@pytest.mark.parametrize(
+    "case", ["solver typo", "missing data", "unreachable target", "LoRA targets"]
+)
 def test_the_installed_cli_refuses_in_a_fresh_process(case, tmp_path):
     _data_files(tmp_path)
     changes, key = _bad_configs(tmp_path)[case]
