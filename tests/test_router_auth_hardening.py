@@ -31,6 +31,7 @@ from fedllm.security.users import Role
 from fedllm.serving.backends import ConstantBackend
 from fedllm.serving.node_app import create_node_app
 from fedllm.serving.node_config import NodeServerConfig
+from fedllm.serving.router.config import load_router_config
 from fedllm.serving.server import BackgroundServer
 
 USERS = {"alice": (Role.CLINICIAN, "cardiology"), "dana": (Role.CLINICIAN, "oncology")}
@@ -243,3 +244,18 @@ def test_failures_are_kept_at_shutdown_and_the_chain_is_keyed(tmp_path):
     tampered = runner.invoke(cli_app, verify)
     assert tampered.exit_code == 1
     assert "line 1" in tampered.output
+
+
+def test_shipped_config_and_docs_match_the_code(cluster):
+    root = Path(__file__).resolve().parents[1]
+    config = load_router_config(root / "configs" / "router.yaml")
+    assert (config.rate_limit.login_user_per_s, config.rate_limit.login_user_burst) == (0.2, 10)
+    assert config.auth.password_queue == 16
+    assert config.audit.failure_window_s == 60
+    # `fedllm certs init` writes the audit key, so the quick start must not hand-roll one.
+    assert cluster["creds"].consortium.audit_key.is_file()
+    router_doc = (root / "docs" / "router.md").read_text()
+    assert "> credentials/router/audit.key" not in router_doc
+    # The example audience in docs/security.md is the one configs/router.yaml sets.
+    security_doc = (root / "docs" / "security.md").read_text()
+    assert f"| `aud` | audience, e.g. `{config.auth.audience}` " in security_doc

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -255,3 +259,54 @@ def test_audit_verify_missing_file(runner: CliRunner, tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "cannot read" in result.output
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def documented_verify_commands() -> list[str]:
+    """Every `fedllm audit verify` command in README.md and docs/, in document order."""
+    commands = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        in_block = False
+        for line in doc.read_text().splitlines():
+            if line.startswith("```"):
+                in_block = not in_block
+            elif in_block and line.startswith("fedllm audit verify "):
+                commands.append(line)
+            elif not in_block:
+                commands += re.findall(r"`(fedllm audit verify [^`]*)`", line)
+    return commands
+
+
+def test_documented_audit_commands_run_as_written(tmp_path: Path) -> None:
+    """Each documented command, through bash and the installed `fedllm`, against a router-style
+    layout: router-audit.jsonl, credentials/router/audit.key, an old unkeyed log."""
+    key_path = tmp_path / "credentials" / "router" / "audit.key"
+    key_path.parent.mkdir(parents=True)
+    key_path.write_bytes(AUDIT_KEY + b"\n")
+    write_audit(tmp_path / "router-audit.jsonl")
+    previous = "0" * 64
+    entry = {"seq": 1, "ts": "2026-01-01T00:00:00+00:00", "event": "e", "fields": {}}
+    entry["prev"] = previous
+    entry["hash"] = legacy_entry_hash(entry)
+    (tmp_path / "router-audit.jsonl.old").write_text(json.dumps(entry) + "\n")
+    commands = documented_verify_commands()
+    assert any("--expected-head" in command for command in commands)
+    assert any("--legacy" in command for command in commands)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "FEDLLM_AUDIT_KEY": AUDIT_KEY.decode(),
+    }
+    for command in commands:
+        result = subprocess.run(
+            ["bash", "-o", "pipefail", "-c", command],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, (command, result.stdout, result.stderr)
+    assert len((tmp_path / "anchored-head.txt").read_text().strip()) == 64
