@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from fedllm.cli.app import app
-from fedllm.privacy.accountant import compute_epsilon
+from fedllm.privacy.accountant import MAX_LOSS_GRID_POINTS, compute_epsilon, loss_grid_points
 from fedllm.privacy.events import GaussianRelease, SampledGaussianSteps
 from fedllm.report.run_dir import allocate_run_dir
 
 runner = CliRunner()
+FEDLLM = str(Path(sys.executable).with_name("fedllm"))
 
 
 def _write(tmp_path, config) -> str:
@@ -95,3 +100,34 @@ def test_run_directories_are_never_reused(tmp_path):
     third = allocate_run_dir(tmp_path, "exp")
     assert [first.name, second.name, third.name] == ["exp", "exp-2", "exp-3"]
     assert (first / "report.json").read_text() == "{}"
+
+
+def test_epsilon_refuses_a_schedule_no_accountant_could_finish():
+    """σ = 0.01 at q = 0.5 over 1000 steps once ran 9 minutes at 9.6 GB before being killed."""
+    args = "--noise-multiplier 0.01 --sample-rate 0.5 --steps 1000 --delta 1e-5"
+    for accountant, neighbouring in (("pld", "replace-one"), ("prv", "add-remove")):
+        options = ["--accountant", accountant, "--neighbouring", neighbouring]
+        result = subprocess.run(
+            [FEDLLM, "privacy", "epsilon", *shlex.split(args), *options],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2
+        assert result.stdout == ""
+        message = result.stderr.strip()
+        assert "\n" not in message
+        assert message.startswith("error: noise_multiplier 0.01 at sample_rate 0.5 over 1000")
+        assert f"the {accountant} accountant computes up to" in message
+
+
+def test_loss_grid_estimate_separates_cheap_from_runaway_schedules():
+    readme = SampledGaussianSteps(1.1, 0.01, 1000)
+    assert loss_grid_points(readme) < MAX_LOSS_GRID_POINTS / 10
+    # measured: σ = 0.5 took 6 s and 0.8 GB; σ = 0.4 10 s and 1 GB; σ = 0.2 at q = 1 40 s, 3.9 GB
+    assert loss_grid_points(SampledGaussianSteps(0.5, 0.5, 1000)) < MAX_LOSS_GRID_POINTS
+    assert loss_grid_points(SampledGaussianSteps(0.4, 0.5, 1000)) > MAX_LOSS_GRID_POINTS
+    assert loss_grid_points(SampledGaussianSteps(0.2, 1.0, 1000)) > MAX_LOSS_GRID_POINTS
+    more_steps = [loss_grid_points(SampledGaussianSteps(1.0, 0.1, k)) for k in (10, 1000, 10**5)]
+    assert more_steps == sorted(more_steps)
+    assert loss_grid_points(SampledGaussianSteps(1e-9, 0.5, 1)) > MAX_LOSS_GRID_POINTS

@@ -17,6 +17,7 @@ from fedllm.privacy.accountant import (
     ACCOUNTANTS,
     HOSPITAL_NEIGHBOURING,
     NEIGHBOURING_RELATIONS,
+    check_loss_grid,
     compute_epsilon,
 )
 from fedllm.privacy.calibration import calibrate_noise_multiplier
@@ -84,6 +85,7 @@ def epsilon_command(
     """Print ε after a number of Poisson-sampled Gaussian DP-SGD steps, at δ."""
     try:
         event = SampledGaussianSteps(noise_multiplier, sample_rate, steps)
+        check_loss_grid(event, accountant, neighbouring)
         epsilon = _finite(
             compute_epsilon([event], delta, accountant, neighbouring=neighbouring), accountant
         )
