@@ -39,6 +39,8 @@ CONSENSUS_NOTE = (
 # Response headers must be latin-1; the JSON bodies keep the Unicode ε.
 ASCII_NOTE = POST_PROCESSING_NOTE.replace("ε", "epsilon")
 QUOTA_STATUS = 403
+# Quotas are kept in integer micro-ε (costs round up): a smaller shortfall is left to the ledger.
+QUOTA_ROUNDING = 2e-6
 
 
 def privacy_headers(cost: float) -> dict[str, str]:
@@ -153,6 +155,7 @@ async def consensus_inference(
             f"(δ={budgets.delta:g}), more than privacy_budget={request.privacy_budget:g}; "
             "lower max_tokens or raise privacy_budget",
         )
+    await _refuse_short_quota(state, principal, cost)
     reservation = await _reserve(state, principal, cost)
     run = ConsensusRun(state.pool, state.consensus, choice.voters)
     try:
@@ -209,26 +212,57 @@ async def consensus_inference(
     }
 
 
+async def _quota_refusal(
+    state: RouterState,
+    principal: Principal,
+    error: QuotaExceededError,
+) -> ApiError:
+    """Audit a refusal for quota and return the 403 that reports it."""
+    await state.audit(
+        "quota_exceeded",
+        user=principal.subject,
+        department=principal.department,
+        scope=error.scope,
+        requested=error.requested,
+        remaining=error.remaining,
+    )
+    return ApiError(
+        QUOTA_STATUS,
+        f"privacy quota exceeded ({error.scope} {error.name!r}): this answer costs "
+        f"ε={error.requested:.6g}, remaining ε={error.remaining:.6g} until "
+        f"{error.period_end.isoformat()}",
+    )
+
+
+async def _refuse_short_quota(state: RouterState, principal: Principal, cost: float) -> None:
+    """Refuse from the budget view (cached up to 2 s) when it already shows too little left.
+
+    A user who has run out is refused without a write transaction: a burst of such requests
+    must not queue behind the database's write lock. The view can only be stale by what other
+    routers spent or refunded since it was read; a refusal needs a shortfall beyond the
+    micro-ε rounding, and anything that passes here is decided by the atomic reservation.
+    """
+    try:
+        quota = await state.budget_status(principal.subject, principal.department)
+    except LedgerUnavailableError:
+        return  # the reservation decides, and fails closed
+    shortfalls = [
+        ("user", principal.subject, quota.remaining),
+        ("department", principal.department, quota.department_remaining),
+    ]
+    for scope, name, remaining in shortfalls:
+        if cost > remaining + QUOTA_ROUNDING:
+            error = QuotaExceededError(scope, name, cost, remaining, quota.period_end)
+            raise await _quota_refusal(state, principal, error)
+
+
 async def _reserve(state: RouterState, principal: Principal, cost: float) -> Reservation:
     try:
         reservation = await asyncio.to_thread(
             state.budgets.reserve, principal.subject, principal.department, cost
         )
     except QuotaExceededError as error:
-        await state.audit(
-            "quota_exceeded",
-            user=principal.subject,
-            department=principal.department,
-            scope=error.scope,
-            requested=error.requested,
-            remaining=error.remaining,
-        )
-        raise ApiError(
-            QUOTA_STATUS,
-            f"privacy quota exceeded ({error.scope} {error.name!r}): this answer costs "
-            f"ε={error.requested:.6g}, remaining ε={error.remaining:.6g} until "
-            f"{error.period_end.isoformat()}",
-        ) from None
+        raise await _quota_refusal(state, principal, error) from None
     except LedgerUnavailableError:
         state.metrics.errors.labels(reason="ledger_unavailable").inc()
         raise ApiError(503, "privacy budget ledger unavailable; request refused") from None
