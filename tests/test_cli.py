@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -131,3 +132,37 @@ def test_loss_grid_estimate_separates_cheap_from_runaway_schedules():
     more_steps = [loss_grid_points(SampledGaussianSteps(1.0, 0.1, k)) for k in (10, 1000, 10**5)]
     assert more_steps == sorted(more_steps)
     assert loss_grid_points(SampledGaussianSteps(1e-9, 0.5, 1)) > MAX_LOSS_GRID_POINTS
+
+
+def test_piped_tables_keep_their_width_and_columns_is_honoured(tmp_path):
+    """Rich used to cut any output that is not a terminal at 80 columns."""
+    db = f"sqlite:///{tmp_path / 'users.db'}"
+    username, department = "u" * 60, "cardiology-and-interventional-cardiovascular-medicine"
+    environment = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    add = [FEDLLM, "users", "add", username, "--role", "clinician", "--department", department]
+    subprocess.run(
+        [*add, "--password-stdin", "--db", db],
+        input="correct horse battery\n",
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    def listing(env: dict[str, str]) -> list[str]:
+        result = subprocess.run(
+            [FEDLLM, "users", "list", "--db", db],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return result.stdout.splitlines()
+
+    piped = listing(environment)
+    row = next(line for line in piped if username in line)
+    assert department in row
+    assert len(row) > 80
+    assert all(len(line) <= 60 for line in listing({**environment, "COLUMNS": "60"}))

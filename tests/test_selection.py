@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import typer
 from typer.testing import CliRunner
 
-from fedllm.cli.select import add_select_command
+from fedllm.cli.app import app as fedllm_app
 from fedllm.selection import (
     ALL_SOLVERS,
     DEFAULT_SOLVER,
@@ -317,14 +317,8 @@ def test_instance_round_trips_through_json(tmp_path) -> None:
 
 @pytest.fixture
 def cli() -> typer.Typer:
-    app = typer.Typer()
-    add_select_command(app)
-
-    @app.callback()
-    def _root() -> None:
-        """Make ``select`` a subcommand, as in the real ``fedllm`` app."""
-
-    return app
+    """The real ``fedllm`` app: ``select`` is imported when it is invoked."""
+    return fedllm_app
 
 
 def test_cli_json_output(cli, tmp_path) -> None:
