@@ -31,7 +31,11 @@ class PrivacyGroup(LazyGroup):
         "plan": LazyCommand(
             "fedllm.cli.plan:plan_command",
             "Print each hospital's noise multiplier and projected ε for the whole run.",
-        )
+        ),
+        "audit": LazyCommand(
+            "fedllm.cli.audit_privacy:audit_privacy_command",
+            "Plant canaries, rerun the config in-process and bound ε from the attack's success.",
+        ),
     }
 
 

@@ -17,6 +17,7 @@ that the same stream, and the ``secure`` source when configured, feeds it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,13 @@ class DpSgdSettings:
 
     noise_multiplier: float
     max_grad_norm: float
+
+
+ExtraSamples = Callable[[], torch.Tensor | None]
+"""Audit hook (``fedllm.audit``): per-sample gradients, shape (k, d) over the trainable
+parameters flattened in order, that join a step's batch *before* clipping and noise, or None.
+Never set in training; it lets a privacy audit plant gradient canaries exactly where a real
+patient's gradient enters DP-SGD."""
 
 
 @dataclass(frozen=True)
@@ -98,11 +106,13 @@ def train_locally(
     optimizer_name: str = "adamw",
     dp: DpSgdSettings | None = None,
     stream: RandomStream,
+    extra_samples: ExtraSamples | None = None,
 ) -> LocalTrainingResult:
     """Run ``steps`` Poisson-sampled steps on the model's trainable parameters.
 
     ``stream`` draws the Poisson samples and, with ``dp``, the noise; under DP it must be a
     fresh OS-seeded stream (:func:`~fedllm.privacy.randomness.fresh_stream`).
+    ``extra_samples`` is the privacy audit's hook (:data:`ExtraSamples`); None in training.
     """
     if len(data) == 0:
         raise ValueError("a hospital with no training sequences cannot train")
@@ -128,9 +138,11 @@ def train_locally(
         for _ in range(steps):
             chosen = data.poisson_sample(sample_rate, stream)
             optimizer.zero_grad(set_to_none=True)
+            extra = extra_samples() if extra_samples is not None else None
             if len(chosen) == 0:
                 if dp is not None:
                     _mark_empty_batch(parameters)
+                    _add_samples(parameters, extra, dp=True, batch_size=0)
                     optimizer.step()
                 continue
             batch = data.select(chosen)
@@ -138,6 +150,7 @@ def train_locally(
                 trained, batch.input_ids.to(device), batch.attention_mask.to(device)
             )
             losses.mean().backward()
+            _add_samples(parameters, extra, dp=dp is not None, batch_size=len(chosen))
             optimizer.step()
             loss_sum += float(losses.detach().sum())
             seen += len(chosen)
@@ -162,3 +175,22 @@ def _mark_empty_batch(parameters: list[nn.Parameter]) -> None:
         parameter.grad_sample = torch.zeros(
             (0, *parameter.shape), device=parameter.device, dtype=parameter.dtype
         )
+
+
+def _add_samples(
+    parameters: list[nn.Parameter], extra: torch.Tensor | None, *, dp: bool, batch_size: int
+) -> None:
+    """Join audit gradients to the step's batch: as per-sample rows under DP (Opacus then
+    clips and noises them like any patient's), else into the batch-mean gradient."""
+    if extra is None or len(extra) == 0:
+        return
+    offset = 0
+    for parameter in parameters:
+        rows = extra[:, offset : offset + parameter.numel()].to(parameter.device, parameter.dtype)
+        rows = rows.reshape(len(extra), *parameter.shape)
+        offset += parameter.numel()
+        if dp:
+            parameter.grad_sample = torch.cat((parameter.grad_sample, rows))
+        else:
+            grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+            parameter.grad = (grad * batch_size + rows.sum(dim=0)) / (batch_size + len(extra))

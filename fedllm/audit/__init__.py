@@ -1,0 +1,1 @@
+"""Privacy auditing: empirical ε lower bounds from canaries planted in a federation."""

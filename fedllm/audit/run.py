@@ -1,0 +1,299 @@
+"""Run a config's federation in-process with audit canaries, and measure what an attacker learns.
+
+The audit replays the experiment's training the way its hospitals do it (same data split,
+model, LoRA, σ from the same privacy plan, the same :func:`train_locally` with a fresh
+OS-seeded noise stream each round) in one process, with every hospital in every round (the
+worst case the accountant already assumes) and FedAvg weights n_i. Each audited hospital
+gets m canary slots (:mod:`fedllm.audit.canaries`), which count as units of its dataset, so
+its σ is planned for the dataset it really trains on. Then:
+
+* white-box: the server's view, each round's released update of the hospital, scored by its
+  projection on each gradient canary;
+* black-box: the final global model, scored by the loss gap of each text-canary pair;
+* the one-run bound (:func:`fedllm.audit.bounds.audit_one_run`) on those scores, compared with
+  the ε the hospital's accountant reports for the DP-SGD steps the attacker observed;
+* a loss-threshold membership attack on the hospitals' own records (training patients vs
+  held-out patients), for the DP run and for the same federation without DP.
+
+Nothing here leaves the process or touches a ledger: the audit is an experiment on a
+simulation, not a release.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+import torch
+
+from fedllm.aggregation.rules import weighted_mean
+from fedllm.audit.attacks import auc, loss_threshold_auc
+from fedllm.audit.bounds import audit_one_run
+from fedllm.audit.canaries import GradientCanaries, TextCanaries, sequence_losses
+from fedllm.audit.plots import plot_audit
+from fedllm.config.schema import ExperimentConfig
+from fedllm.federation.hospital import pick_device
+from fedllm.federation.hospital_data import hospital_data, training_texts
+from fedllm.models.adapters import adapter_state, load_adapter_state
+from fedllm.models.loading import load_lora_model, load_tokenizer
+from fedllm.privacy.accountant import compute_epsilon
+from fedllm.privacy.events import SampledGaussianSteps
+from fedllm.privacy.plan import plan_hospital
+from fedllm.privacy.randomness import fresh_stream
+from fedllm.training.local import (
+    DpSgdSettings,
+    LocalTrainingResult,
+    sample_rate_for,
+    train_locally,
+)
+from fedllm.training.sequences import EncodedSequences, encode_texts
+
+AuditMode = Literal["whitebox", "blackbox"]
+AUDIT_MODES: tuple[str, ...] = ("whitebox", "blackbox")
+Trainer = Callable[..., LocalTrainingResult]
+# held-out and training patients scored per hospital by the membership attack
+_MEMBERSHIP_UNITS = 512
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class _Site:
+    """One hospital of the audit simulation: its data, canaries and DP settings."""
+
+    index: int
+    name: str
+    train: EncodedSequences
+    real_units: int
+    held_out: EncodedSequences
+    canaries: GradientCanaries | TextCanaries | None
+    dp: DpSgdSettings | None
+    canary_rate: float
+    reported_epsilon: float
+    deltas: list[torch.Tensor] = field(default_factory=list)
+
+
+def _concat(first: EncodedSequences, second: EncodedSequences) -> EncodedSequences:
+    return EncodedSequences(
+        torch.cat((first.input_ids, second.input_ids)),
+        torch.cat((first.attention_mask, second.attention_mask)),
+    )
+
+
+def _flat(parameters: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).cpu().float() for p in parameters])
+
+
+def audited_indices(config: ExperimentConfig, hospitals: Sequence[str] | None) -> list[int]:
+    """Indices of the hospitals named (all when None); an unknown name is a ValueError."""
+    names = [profile.name for profile in config.federation.profiles()]
+    if not hospitals:
+        return list(range(len(names)))
+    unknown = sorted(set(hospitals) - set(names))
+    if unknown:
+        raise ValueError(f"--hospital {unknown[0]!r} is not in this config; it has {names}")
+    return [names.index(name) for name in hospitals]
+
+
+def simulate(
+    config: ExperimentConfig,
+    *,
+    mode: AuditMode,
+    canaries: int,
+    audited: Sequence[int],
+    confidence: float,
+    trainer: Trainer = train_locally,
+) -> dict[str, Any]:
+    """One federation of ``config`` with canaries at ``audited``; per-hospital attack results.
+
+    ``trainer`` is :func:`train_locally` except in tests, which substitute a deliberately
+    broken one to check that the audit catches it.
+    """
+    started = time.perf_counter()
+    device = pick_device(config.training.device)
+    tokenizer = load_tokenizer(config.model, config.run.seed)
+    model = load_lora_model(config.model, device, config.run.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    dimension = sum(p.numel() for p in trainable)
+    length = config.model.max_seq_length
+    privacy = config.privacy
+    steps = config.training.local_steps * config.run.rounds
+    sites: list[_Site] = []
+    for index in range(config.federation.num_hospitals):
+        data = hospital_data(config, index)
+        train = encode_texts(tokenizer, training_texts(data.train, privacy.unit), length)
+        held_out = encode_texts(tokenizer, training_texts(data.eval, privacy.unit), length)
+        planted: GradientCanaries | TextCanaries | None = None
+        if index in audited and mode == "whitebox":
+            planted = GradientCanaries.draw(canaries, dimension, privacy.max_grad_norm)
+        elif index in audited:
+            planted = TextCanaries.draw(canaries, tokenizer, length)
+        units = len(train) + (canaries if planted is not None else 0)
+        rate = sample_rate_for(config.training.batch_size, units)
+        dp, reported = None, math.inf
+        if privacy.enabled:
+            plan = plan_hospital(config, data.name, units, None)
+            dp = DpSgdSettings(plan.noise_multiplier, privacy.max_grad_norm)
+            reported = compute_epsilon(
+                [SampledGaussianSteps(plan.noise_multiplier, plan.sample_rate, steps)],
+                privacy.delta,
+                privacy.accountant,
+            )
+        real_units = len(train)
+        if isinstance(planted, TextCanaries):
+            train = _concat(train, planted.planted())
+        sites.append(
+            _Site(index, data.name, train, real_units, held_out, planted, dp, rate, reported)
+        )
+    global_state = adapter_state(model)
+    for _ in range(config.run.rounds):
+        states, weights = [], []
+        for site in sites:
+            load_adapter_state(model, global_state)
+            before = _flat(trainable)
+            hook = (
+                site.canaries.sampler(site.canary_rate)
+                if isinstance(site.canaries, GradientCanaries)
+                else None
+            )
+            trainer(
+                model,
+                site.train,
+                steps=config.training.local_steps,
+                expected_batch_size=config.training.batch_size,
+                learning_rate=config.training.learning_rate,
+                optimizer_name=config.training.optimizer,
+                dp=site.dp,
+                stream=fresh_stream(privacy.random_source),
+                extra_samples=hook,
+            )
+            if site.canaries is not None:
+                site.deltas.append(_flat(trainable) - before)
+            states.append(adapter_state(model))
+            weights.append(float(len(site.train)))
+        global_state = weighted_mean(states, weights)
+    load_adapter_state(model, global_state)
+    results = {site.name: _attack(site, model, config.privacy.delta, confidence) for site in sites}
+    log.info("audit.simulated", dp=privacy.enabled, seconds=time.perf_counter() - started)
+    return results
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: an undefined AUC (an empty class) is null."""
+    return value if math.isfinite(value) else None
+
+
+def _attack(site: _Site, model: torch.nn.Module, delta: float, confidence: float) -> dict[str, Any]:
+    """Membership attack on real records, plus the canary audit where canaries were planted."""
+    members = sequence_losses(model, site.train.select(torch.arange(site.real_units)))
+    held_out = sequence_losses(model, site.held_out)
+    result: dict[str, Any] = {
+        "membership_auc": _finite_or_none(
+            loss_threshold_auc(members[:_MEMBERSHIP_UNITS], held_out[:_MEMBERSHIP_UNITS])
+        ),
+        "training_units": site.real_units,
+        "held_out_units": len(site.held_out),
+        "noise_multiplier": site.dp.noise_multiplier if site.dp else None,
+        "reported_epsilon": site.reported_epsilon if math.isfinite(site.reported_epsilon) else None,
+    }
+    if site.canaries is None:
+        return result
+    if isinstance(site.canaries, GradientCanaries):
+        scores = site.canaries.scores(site.deltas)
+    else:
+        scores, planted, unplanted = site.canaries.scores(model)
+        result["exposure"] = {
+            "planted_mean": float(planted.mean()),
+            "unplanted_mean": float(unplanted.mean()),
+            "planted_max": float(planted.max()),
+        }
+    included = site.canaries.included
+    bound = audit_one_run(scores, included, delta, confidence)
+    result |= {
+        "canaries": bound.canaries,
+        "guesses": bound.guesses,
+        "correct_guesses": bound.correct,
+        "epsilon_lower_bound": bound.epsilon,
+        "canary_auc": _finite_or_none(auc(scores, included)),
+        "scores": [float(s) for s in scores],
+        "included": [bool(b) for b in included],
+    }
+    return result
+
+
+def run_audit(
+    config: ExperimentConfig,
+    *,
+    mode: AuditMode = "whitebox",
+    canaries: int = 1000,
+    confidence: float = 0.95,
+    hospitals: Sequence[str] | None = None,
+    baseline: bool = True,
+    trainer: Trainer = train_locally,
+) -> dict[str, Any]:
+    """The audit of ``config``: its DP run and (``baseline``) the same federation without DP.
+
+    Returns the content of ``audit.json``: per audited hospital, the empirical ε lower bound,
+    the reported ε, their ratio and the attacks' AUCs, for each run.
+    """
+    if mode not in AUDIT_MODES:
+        raise ValueError(f"--mode: got {mode!r}; expected one of {', '.join(AUDIT_MODES)}")
+    if canaries < 2:
+        raise ValueError(f"--canaries: got {canaries}; expected at least 2")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"--confidence: got {confidence}; expected a number in (0, 1)")
+    audited = audited_indices(config, hospitals)
+    started = time.perf_counter()
+    runs: dict[str, dict[str, Any]] = {}
+    settings = {"mode": mode, "canaries": canaries, "audited": audited, "confidence": confidence}
+    if config.privacy.enabled:
+        runs["dp"] = simulate(config, **settings, trainer=trainer)
+    if baseline or not config.privacy.enabled:
+        no_dp = config.model_copy(
+            update={"privacy": config.privacy.model_copy(update={"enabled": False})}
+        )
+        runs["no_dp"] = simulate(no_dp, **settings, trainer=trainer)
+    names = [config.federation.profiles()[i].name for i in audited]
+    return {
+        "mode": mode,
+        "canaries": canaries,
+        "confidence": confidence,
+        "delta": config.privacy.delta,
+        "rounds": config.run.rounds,
+        "local_steps": config.training.local_steps,
+        "audited": names,
+        "seconds": round(time.perf_counter() - started, 1),
+        "runs": runs,
+        "summary": {run: _summary(results, names) for run, results in runs.items()},
+    }
+
+
+def _summary(results: dict[str, Any], audited: list[str]) -> dict[str, Any]:
+    """Per hospital: the figures the CLI prints (no per-canary scores)."""
+    rows = {}
+    for name, result in results.items():
+        row = {"membership_auc": result["membership_auc"]}
+        if name in audited:
+            reported = result["reported_epsilon"]
+            bound = result["epsilon_lower_bound"]
+            row |= {
+                "epsilon_lower_bound": bound,
+                "reported_epsilon": reported,
+                "ratio": bound / reported if reported else None,
+                "canary_auc": result["canary_auc"],
+            }
+        rows[name] = row
+    return rows
+
+
+def write_audit(audit: dict[str, Any], run_dir: Path) -> list[Path]:
+    """``audit.json`` and ``audit.png`` in ``run_dir``; returns their paths."""
+    path = run_dir / "audit.json"
+    path.write_text(json.dumps(audit, indent=2, allow_nan=False) + "\n")
+    return [path, plot_audit(audit, run_dir / "audit.png")]
