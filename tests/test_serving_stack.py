@@ -287,6 +287,8 @@ def test_consensus_answer_charges_the_user_and_every_hospital_the_same_mechanism
         assert ledger.events() == [ledger_event(mechanism.noise_multiplier, MAX_TOKENS)]
         assert ledger.spent_epsilon() == pytest.approx(cost, rel=1e-6)
 
-    verified = CliRunner().invoke(cli_app, ["audit", "verify", str(stack["work"] / "audit.jsonl")])
+    audit = str(stack["work"] / "audit.jsonl")
+    key = str(stack["credentials"].audit_key)
+    verified = CliRunner().invoke(cli_app, ["audit", "verify", audit, "--key-file", key])
     assert verified.exit_code == 0, verified.output
     assert "Chest pain" not in (stack["work"] / "audit.jsonl").read_text()
