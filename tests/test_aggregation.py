@@ -10,8 +10,10 @@ import dp_accounting
 import numpy as np
 import pytest
 import scipy.stats
+import structlog
 import torch
 from dp_accounting.pld import PLDAccountant
+from structlog.testing import capture_logs
 
 from fedllm.aggregation import (
     ServerDpConfig,
@@ -111,6 +113,35 @@ def test_coordinate_median_matches_numpy(n: int) -> None:
     result = coordinate_median(updates)
     for key in SHAPES:
         np.testing.assert_allclose(result[key].numpy(), np.median(_stack(updates, key), axis=0))
+
+
+@pytest.mark.parametrize(
+    ("n", "trim", "warned"),
+    [
+        (3, 0.2, True),
+        (4, 0.2, True),
+        (5, 0.2, False),
+        (4, 0.25, False),
+        (2, 0.4, True),
+        (4, 0.0, False),
+    ],
+)
+def test_trimmed_mean_warns_when_it_trims_nothing(n: int, trim: float, warned: bool) -> None:
+    """floor(0.2 · K) = 0 for K <= 4: the default trims nothing and must say so."""
+    structlog.reset_defaults()  # an earlier test may have configured a level that drops it
+    updates = _random_updates(n, seed=n)
+    with capture_logs() as logs:
+        result = trimmed_mean(updates, trim)
+    events = [e for e in logs if e["event"] == "aggregation.trimmed_mean_trims_nothing"]
+    assert bool(events) == warned
+    if warned:
+        assert events[0]["log_level"] == "warning"
+        assert events[0]["updates"] == n
+        assert "unweighted mean" in events[0]["reason"]
+        for key in SHAPES:
+            np.testing.assert_allclose(
+                result[key].numpy(), _stack(updates, key).mean(axis=0), rtol=1e-6, atol=1e-6
+            )
 
 
 def test_trimmed_mean_rejects_bad_fractions() -> None:

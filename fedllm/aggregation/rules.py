@@ -12,7 +12,10 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
+import structlog
 import torch
+
+log = structlog.get_logger(__name__)
 
 AdapterState = Mapping[str, torch.Tensor]
 
@@ -186,12 +189,28 @@ def trimmed_mean(
     """Coordinate-wise mean after dropping the floor(trim_fraction · n) extremes at each end.
 
     Robust to up to that many arbitrary (faulty or adversarial) hospitals per coordinate, at
-    the price of ignoring example counts: every kept update counts equally.
+    the price of ignoring example counts and inclusion probabilities: every kept update counts
+    equally. With few updates the floor is 0 (the default 0.2 trims nothing below n = 5) and
+    the rule silently becomes an unweighted mean, so that case is logged as a warning.
     """
     fraction = float(trim_fraction)
     if not 0 <= fraction < 0.5:
         raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction!r}")
     cut = math.floor(fraction * len(updates))
+    if cut == 0 and fraction > 0:
+        log.warning(
+            "aggregation.trimmed_mean_trims_nothing",
+            updates=len(updates),
+            trim_fraction=fraction,
+            reason=(
+                f"floor({fraction:g} x {len(updates)}) = 0: this is an unweighted mean; "
+                + (
+                    f"trim_fraction >= {1 / len(updates):.3g} trims one update at each end"
+                    if len(updates) >= 3
+                    else "no trim_fraction below 0.5 trims fewer than 3 updates"
+                )
+            ),
+        )
     return _coordinatewise(updates, lambda s: s[cut : s.shape[0] - cut].mean(dim=0))
 
 
