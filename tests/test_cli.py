@@ -166,3 +166,13 @@ def test_piped_tables_keep_their_width_and_columns_is_honoured(tmp_path):
     assert department in row
     assert len(row) > 80
     assert all(len(line) <= 60 for line in listing({**environment, "COLUMNS": "60"}))
+
+
+def test_a_hospital_name_with_a_dot_is_refused_at_validation(tmp_path):
+    """report.json keys values by hospital name; JSON flatteners split keys on '.'."""
+    hospitals = [{"name": "st.mary"}, {"name": "general_2"}]
+    config = {"federation": {"num_hospitals": 2, "cohort_size": 1, "hospitals": hospitals}}
+    result = runner.invoke(app, ["privacy", "plan", _write(tmp_path, config)])
+    assert result.exit_code == 2
+    assert "federation.hospitals.0.name: got 'st.mary'" in result.output
+    assert "Traceback" not in result.output

@@ -41,7 +41,9 @@ class RunConfig(StrictModel):
 class HospitalProfile(StrictModel):
     """One simulated hospital: how much data it holds, what kind, how fast it is, its ε cap."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # No ".": report.json keys per-hospital values by name, and tools that flatten JSON
+    # (pandas.json_normalize) join nested keys with ".", which would merge or split hospitals.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
     data_size: PositiveInt = 200
     specialty_mix: dict[str, PositiveFloat] | None = None
     speed: PositiveFloat = 1.0
