@@ -34,7 +34,7 @@ class PrivacyGroup(LazyGroup):
         ),
         "audit": LazyCommand(
             "fedllm.cli.audit_privacy:audit_privacy_command",
-            "Plant canaries, rerun the config in-process and bound ε from the attack's success.",
+            "Plant canaries, run the config's federation in-process, and bound ε from the attack.",
         ),
     }
 
