@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedllm.security.passwords import (
+    HASHING_NICENESS,
     HashingPool,
     HashingPoolFullError,
     default_hashing_workers,
@@ -236,3 +238,14 @@ def test_hashing_pool_size_follows_the_cpus_and_rejects_nonsense() -> None:
         HashingPool(workers=0)
     with pytest.raises(ValueError, match="queue"):
         HashingPool(workers=1, queue=-1)
+
+
+def test_hashing_threads_yield_the_cpu_to_other_work() -> None:
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    pool = HashingPool(workers=1, queue=0)
+    try:
+        assert pool.submit(niceness).result(timeout=5) == min(19, niceness() + HASHING_NICENESS)
+    finally:
+        pool.shutdown()

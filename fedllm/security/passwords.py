@@ -67,13 +67,31 @@ def default_hashing_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
+# Added to the hashing threads' nice value: under CPU contention the scheduler then gives the
+# event loop and the other threads about nine tenths of a core that argon2 also wants.
+HASHING_NICENESS = 10
+
+
+def _lower_thread_priority() -> None:
+    """Raise this thread's nice value (Linux schedules threads separately); no-op elsewhere."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(
+            os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + HASHING_NICENESS
+        )
+    except (AttributeError, OSError):
+        return
+
+
 class HashingPool:
     """A small, bounded thread pool for password hashing, separate from everything else.
 
     argon2 costs a tenth of a second of CPU per login on purpose. Run on a shared pool, a flood
     of logins (even wrong ones) queues in front of every other blocking task of the process;
     here at most `workers` hashes run and `queue` wait, and any further submission is refused
-    at once with `HashingPoolFullError` instead of queueing without bound.
+    at once with `HashingPoolFullError` instead of queueing without bound. The hashing threads
+    run at a lower CPU priority (`HASHING_NICENESS`), so a saturated pool slows logins, not the
+    requests of users who already hold a token.
     """
 
     def __init__(self, workers: int | None = None, queue: int = 16) -> None:
@@ -84,7 +102,9 @@ class HashingPool:
             raise ValueError(f"queue must be an integer >= 0, got {queue!r}")
         self.workers = workers
         self.capacity = workers + queue
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="argon2")
+        self._executor = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="argon2", initializer=_lower_thread_priority
+        )
         self._lock = threading.Lock()
         self._in_flight = 0
 
