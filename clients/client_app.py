@@ -7,8 +7,11 @@ is comes from the node config (:mod:`fedllm.federation.node_settings`): ``hospit
 ``data-path`` names a deployed hospital's own records file; ``ledger-url`` and
 ``epsilon-cap`` let a hospital keep its accountant where it chooses and impose its own cap;
 ``split-key-file`` holds its secret train/eval split key; ``evaluation: off`` refuses
-evaluation. Every reply is checked against the release inventory
-(:mod:`fedllm.privacy.inventory`) before it leaves: an undeclared key is never sent.
+evaluation. Every message carries the server's base-model hash (``base-model-sha256``); a
+hospital whose own base model hashes differently answers with a one-line error before it
+charges anything (before its ledger is even opened, when that is the first message). Every
+reply is checked against the release inventory (:mod:`fedllm.privacy.inventory`) before it
+leaves: an undeclared key is never sent.
 """
 
 from __future__ import annotations
@@ -78,13 +81,17 @@ def reply_on_failure(handler: Callable[[Message, Context], Message]):
 _SITES: dict[tuple[str, int, str], HospitalSite] = {}
 
 
-def hospital_site(context: Context, run_dir: str) -> HospitalSite:
-    """The cached site for this node and run, built on first use."""
+def hospital_site(context: Context, message: Message) -> HospitalSite:
+    """The cached site for this node and run, built on first use, on the server's base model."""
+    run_dir = _run_dir(message)
+    server_base = str(message.content["config"].get("base-model-sha256", ""))
     config = experiment_from_run_config(context.run_config)
     check_node_count(config, context.node_config)
     settings = node_settings(config, context.node_config, run_dir)
     key = (config.model_dump_json(), settings.index, run_dir)
-    if key not in _SITES:
+    if key in _SITES:
+        _SITES[key].require_base_model(server_base)
+    else:
         configure_logging()
         _SITES[key] = HospitalSite(
             config,
@@ -94,6 +101,7 @@ def hospital_site(context: Context, run_dir: str) -> HospitalSite:
             local_data=settings.local_data,
             split_key=settings.split_key,
             evaluation_allowed=settings.evaluation_allowed,
+            base_model_sha256=server_base,
         )
     return _SITES[key]
 
@@ -116,7 +124,7 @@ def status(message: Message, context: Context) -> Message:
     When asked, also release the noised data profile (once per run; charged to the ledger).
     """
     config = message.content["config"]
-    site = hospital_site(context, _run_dir(message))
+    site = hospital_site(context, message)
     profile = None
     if int(config.get("release-profile", 0)):
         profile = site.release_profile(str(config["run-id"]))
@@ -133,7 +141,7 @@ def status(message: Message, context: Context) -> Message:
 @reply_on_failure
 def train(message: Message, context: Context) -> Message:
     """One round of local DP-SGD on the global adapter."""
-    site = hospital_site(context, _run_dir(message))
+    site = hospital_site(context, message)
     config = message.content["config"]
     outcome = site.train_round(
         message.content["arrays"].to_torch_state_dict(),
@@ -155,7 +163,7 @@ def train(message: Message, context: Context) -> Message:
 @reply_on_failure
 def evaluate(message: Message, context: Context) -> Message:
     """Held-out loss of the global adapter, released as the experiment and hospital allow."""
-    site = hospital_site(context, _run_dir(message))
+    site = hospital_site(context, message)
     config = message.content["config"]
     released = site.evaluate(
         message.content["arrays"].to_torch_state_dict(),

@@ -28,7 +28,7 @@ from fedllm.models.checkpoints import (
     save_adapter_directory,
 )
 from fedllm.models.dp_record import DPRecordError
-from fedllm.models.loading import load_lora_model
+from fedllm.models.loading import base_model, load_lora_model
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.outcome import run_outcome
 from fedllm.report.plots import plot_run
@@ -100,7 +100,12 @@ def run_federation(
     strategy = strategy_class(
         config,
         report,
-        run_context={"run-dir": str(run_dir), "run-id": run_dir.name},
+        # every message carries the base model's hash: a hospital on another model refuses
+        run_context={
+            "run-dir": str(run_dir),
+            "run-id": run_dir.name,
+            "base-model-sha256": base_model(config.model).sha256,
+        },
         ledger=ledger,
         round_offset=completed,
     )
@@ -184,7 +189,6 @@ def publish_final_adapter(
             run_id=run_dir.name,
             privacy=report.data["privacy"],
             model_config=config.model,
-            seed=config.run.seed,
         )
     except PublicationRefusedError as refusal:  # a non-DP run (e.g. federated_no_dp)
         log.warning("adapter.not_published", path=str(target), reason=str(refusal))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from fedllm.models.dp_record import (
     base_model_identity,
     parse_dp_record,
 )
-from fedllm.models.loading import load_lora_model
+from fedllm.models.loading import base_model, load_lora_model
 from fedllm.report.run_report import RunReport
 from fedllm.security.encryption import ENV_VAR, KeyRing
 from fedllm.serving.generation import ModelBackend, read_adapter, read_dp_record
@@ -128,7 +129,6 @@ def test_a_non_dp_run_never_publishes(tmp_path, lora_model, plaintext):
             run_id="x",
             privacy=report.data["privacy"],
             model_config=config.model,
-            seed=config.run.seed,
         )
     assert not (tmp_path / "direct").exists()
     assert not (tmp_path / "direct.staging").exists()
@@ -186,9 +186,11 @@ def test_a_dp_publish_writes_a_record_that_matches_the_report(tmp_path, lora_mod
         "epsilon_confirmed": True,
     }
     assert raw["hospitals"]["south"]["epsilon_confirmed"] is False
-    assert raw["base_model"] == base_model_identity(config.model, config.run.seed)
-    assert (raw["base_model"]["name"], raw["base_model"]["seed"]) == ("tiny", config.run.seed)
-    assert MODEL["tiny"].items() <= raw["base_model"]["tiny"].items()
+    # the base model by content hash, not by name or by the run's seed
+    assert raw["base_model"] == base_model_identity(config.model)
+    assert raw["base_model"]["name"] == "tiny"
+    assert raw["base_model"]["sha256"] == base_model(config.model).sha256
+    assert re.fullmatch(r"[0-9a-f]{64}", raw["base_model"]["sha256"])
     # bound to exactly the weights published next to it (which the node hashes as its version)
     digest = hashlib.sha256((published / WEIGHTS).read_bytes()).hexdigest()
     assert raw["adapter_sha256"] == digest
@@ -215,9 +217,9 @@ def test_a_published_adapter_and_its_record_are_encrypted_with_a_key_ring(
         backend = ModelBackend(TINY, adapter_dir=published, reload_interval_s=0, device="cpu")
     assert backend.served is not None
     assert backend.served.dp_record == record
-    # The run's tiny base model was pretrained from run.seed, this node's from seed 0: said.
-    mismatch = [e for e in logs if e.get("adapter_base") == record.base_model]
-    assert [e["event"] for e in mismatch] == ["node.adapter_base_mismatch"]
+    # run.seed (7) does not shape the base model: the node's own is the run's, by hash
+    assert record.base_model["sha256"] == backend.base_model.sha256
+    assert not [e for e in logs if e["event"] == "adapter.refused"]
 
     # A plaintext record planted next to encrypted weights is not accepted.
     (published / DP_RECORD_FILE).write_bytes(record.to_bytes())

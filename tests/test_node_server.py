@@ -96,7 +96,6 @@ def record_adapter(directory: Path, privacy: dict = DP_PRIVACY, run_id: str = "t
         run_id=run_id,
         privacy=privacy,
         model=TINY,
-        seed=0,
         adapter_sha256=hashlib.sha256(weights).hexdigest(),
     )
     write_artifact(directory / DP_RECORD_FILE, record.to_bytes())

@@ -132,7 +132,6 @@ def stack(tmp_path_factory, keyring) -> Iterator[dict[str, Any]]:
                 },
             },
             model_config=model_config,
-            seed=3,
         )
 
     nodes = []

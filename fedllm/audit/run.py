@@ -117,7 +117,7 @@ def simulate(
     """
     started = time.perf_counter()
     device = pick_device(config.training.device)
-    tokenizer = load_tokenizer(config.model, config.run.seed)
+    tokenizer = load_tokenizer(config.model)
     model = load_lora_model(config.model, device, config.run.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     dimension = sum(p.numel() for p in trainable)

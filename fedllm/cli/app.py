@@ -59,6 +59,10 @@ class FedllmGroup(LazyGroup):
             "fedllm.cli.hospital:hospital_app",
             "Run this hospital's part of the federation (Flower SuperNode, inference server).",
         ),
+        "model": LazyCommand(
+            "fedllm.cli.model:model_app",
+            "Build the embedded base model into a directory to distribute, and verify its hash.",
+        ),
         "superlink": LazyCommand(
             "fedllm.cli.superlink:superlink_app",
             "Run the federation's Flower SuperLink and register hospitals (operator).",

@@ -153,7 +153,7 @@ def execute(
     clock = time.perf_counter()
     phases: dict[str, float] = {}
     with console.status("Preparing the base model (first use pretrains it on public text)..."):
-        resolve_model_path(config.model, config.run.seed)
+        resolve_model_path(config.model)
     phases["base_model_s"] = time.perf_counter() - clock
     federate(config, run_dir, quiet=quiet, target=target)
     phases["federation_s"] = time.perf_counter() - clock - sum(phases.values())

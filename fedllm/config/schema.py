@@ -105,8 +105,14 @@ class LoraConfig(StrictModel):
 
 
 class TinyModelConfig(StrictModel):
-    """The embedded default base model: built from a config, pretrained on public text, cached."""
+    """The embedded default base model: built from a config, pretrained on public text, cached.
 
+    ``build_seed`` seeds its tokenizer corpus, initialisation and pretraining. It is part of
+    this config, never ``run.seed``: a seed sweep must train on one base model, not a new one
+    per seed.
+    """
+
+    build_seed: int = 0
     layers: PositiveInt = 2
     hidden_size: PositiveInt = 128
     heads: PositiveInt = 4

@@ -25,7 +25,7 @@ def run_centralized_baseline(config: ExperimentConfig) -> dict[str, Any]:
     """Train on the pooled training records without DP; return perplexities and timing."""
     started = time.perf_counter()
     device = pick_device(config.training.device)
-    tokenizer = load_tokenizer(config.model, config.run.seed)
+    tokenizer = load_tokenizer(config.model)
     model = load_lora_model(config.model, device, config.run.seed)
     length = config.model.max_seq_length
     hospitals = [hospital_data(config, i) for i in range(config.federation.num_hospitals)]

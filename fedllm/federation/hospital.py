@@ -20,7 +20,7 @@ from fedllm.data import SPECIALTIES, ClinicalRecord
 from fedllm.federation.hospital_data import LocalDataSource, hospital_data, training_texts
 from fedllm.federation.preflight import attach_lora
 from fedllm.models.adapters import AdapterState, adapter_state, load_adapter_state
-from fedllm.models.loading import load_base_model, load_tokenizer
+from fedllm.models.loading import base_model, load_base_model, load_tokenizer
 from fedllm.privacy.events import event_to_dict
 from fedllm.privacy.node_ledger import BudgetExceededError, NodePrivacyLedger
 from fedllm.privacy.plan import HospitalPrivacyPlan, plan_hospital
@@ -88,6 +88,14 @@ class EvaluationRefusedError(RuntimeError):
     """The experiment asks a hospital for an evaluation it must not release."""
 
 
+class BaseModelMismatchError(RuntimeError):
+    """This hospital's base model is not the server's (by content hash): it must not train.
+
+    An update computed on other base weights is meaningless in the aggregate, and its
+    privacy cost would be spent for nothing.
+    """
+
+
 @dataclass(frozen=True)
 class RoundOutcome:
     """A trained adapter and the metrics that travel back to the server with it."""
@@ -109,6 +117,9 @@ class HospitalSite:
     ``local_data`` is a deployed hospital's own records file, split with its own secret
     ``split_key``; without it the records come from the experiment config (simulation).
     ``evaluation_allowed`` is the hospital's own policy: False refuses every evaluation.
+    ``base_model_sha256`` is the server's base-model hash: a site whose own base model hashes
+    differently is refused first of all (see :meth:`require_base_model`); None skips the
+    check, for a site built outside a federation.
     Every random draw a DP guarantee rests on comes from a stream seeded by the OS afresh for
     each release (:mod:`fedllm.privacy.randomness`), never from ``run.seed``.
     """
@@ -122,21 +133,25 @@ class HospitalSite:
         local_data: LocalDataSource | None = None,
         split_key: bytes | None = None,
         evaluation_allowed: bool = True,
+        base_model_sha256: str | None = None,
     ) -> None:
         self.config = config
         self.index = index
         self.profile = config.federation.profiles()[index]
+        self.base_model = base_model(config.model)
+        if base_model_sha256 is not None:
+            self.require_base_model(base_model_sha256)
         self.device = pick_device(config.training.device)
         self.owns_records = local_data is not None
         self.evaluation_allowed = evaluation_allowed
         data = hospital_data(config, index, local_data, split_key)
-        tokenizer = load_tokenizer(config.model, config.run.seed)
+        tokenizer = load_tokenizer(config.model)
         length = config.model.max_seq_length
         unit = config.privacy.unit
         self.train_data = encode_texts(tokenizer, training_texts(data.train, unit), length)
         self.eval_data = encode_texts(tokenizer, evaluation_texts(data.eval, config), length)
         self.specialty_counts = specialty_counts(data.train, config.privacy.unit)
-        base = load_base_model(config.model, self.device, config.run.seed)
+        base = load_base_model(config.model, self.device)
         torch.manual_seed(config.run.seed)
         self.model = attach_lora(base, config.model)
         self.plan: HospitalPrivacyPlan | None = None
@@ -155,6 +170,24 @@ class HospitalSite:
     @property
     def name(self) -> str:
         return self.profile.name
+
+    def require_base_model(self, server_sha256: str | None) -> None:
+        """Refuse (`BaseModelMismatchError`) unless the server's base-model hash is this site's.
+
+        The server sends its hash with every message; a message without one comes from a
+        server that cannot vouch for its base model, and is refused too.
+        """
+        own = self.base_model.sha256
+        if not server_sha256:
+            raise BaseModelMismatchError(
+                f"the server sent no base-model hash; this hospital's base model is {own[:12]}"
+            )
+        if server_sha256 != own:
+            raise BaseModelMismatchError(
+                f"the server's base model is {server_sha256[:12]}, this hospital's "
+                f"({self.base_model.name!r}) is {own[:12]}: install the model the operator "
+                "distributed (fedllm model build)"
+            )
 
     def status(self) -> dict[str, Any]:
         """What the server needs to decide eligibility: spent ε and the next round's ε."""

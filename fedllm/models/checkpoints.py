@@ -153,12 +153,11 @@ def publish_adapter(
     run_id: str,
     privacy: Mapping[str, Any],
     model_config: ModelConfig,
-    seed: int,
 ) -> DPRecord:
     """Publish a DP-trained adapter where inference servers watch, with its ``dp-record.json``.
 
-    ``privacy`` is the run report's privacy section; ``model_config`` and ``seed`` are what the
-    run built its base model from. This is the only way fedllm publishes an
+    ``privacy`` is the run report's privacy section; ``model_config`` names the run's base
+    model, whose content hash the record carries. This is the only way fedllm publishes an
     adapter, and it refuses (`PublicationRefusedError`, nothing written) a run without DP: a
     non-DP adapter in the published directory would be served as a 0 ε answer.
     """
@@ -172,7 +171,6 @@ def publish_adapter(
             run_id=run_id,
             privacy=privacy,
             model=model_config,
-            seed=seed,
             adapter_sha256=digest,
         )
         written.append(record)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedllm.config.schema import ModelConfig
+from fedllm.models.identity import resolve_base_model
 
 DP_RECORD_FILE = "dp-record.json"
 RECORD_FORMAT = "fedllm-dp-record"
@@ -90,6 +91,25 @@ class DPRecord(_Strict):
             )
         return None
 
+    def base_model_refusal(self, loaded_sha256: str) -> str | None:
+        """Why this adapter must not be applied to the base model hashed ``loaded_sha256``.
+
+        An adapter trained on other base weights (or another tokenizer) loads without error
+        and answers nonsense; only the content hash tells them apart, never the name.
+        """
+        recorded = self.base_model.get("sha256")
+        if not isinstance(recorded, str):
+            return (
+                f"the DP record of run {self.run_id!r} names no base-model hash "
+                "(published before base models were hashed); republish it from a current run"
+            )
+        if recorded != loaded_sha256:
+            return (
+                f"it was trained on base model {recorded[:12]} "
+                f"({self.base_model.get('name')!r}), this server loaded {loaded_sha256[:12]}"
+            )
+        return None
+
     def summary(self) -> dict[str, Any]:
         """The guarantee in brief, for health endpoints and log lines."""
         epsilons = [h.epsilon for h in self.hospitals.values() if h.epsilon is not None]
@@ -109,18 +129,15 @@ class DPRecord(_Strict):
         return (json.dumps(self.model_dump(mode="json"), indent=2) + "\n").encode("utf-8")
 
 
-def base_model_identity(model: ModelConfig, seed: int) -> dict[str, Any]:
-    """What identifies the base model an adapter was trained on.
+def base_model_identity(model: ModelConfig) -> dict[str, Any]:
+    """What identifies the base model an adapter was trained on: name, revision, content hash.
 
-    The model's name, plus for the embedded ``tiny`` model the config and the seed it is built
-    and pretrained from (the name alone does not fix its weights). One function so a content
-    hash of the base weights can replace it later without touching writer or reader.
+    The hash (of weights, config and tokenizer files; see fedllm.models.identity) is what an
+    inference server compares with the base model it loaded: a name does not fix the weights.
+    Resolving the model verifies its files against their recorded hash (and builds the tiny
+    model if absent), so the record never vouches for a model that changed on disk.
     """
-    identity: dict[str, Any] = {"name": model.name}
-    if model.name == "tiny":
-        identity["tiny"] = model.tiny.model_dump(mode="json")
-        identity["seed"] = seed
-    return identity
+    return resolve_base_model(model).record()
 
 
 def publication_refusal(privacy: Mapping[str, Any]) -> str | None:
@@ -139,12 +156,11 @@ def record_from_report(
     run_id: str,
     privacy: Mapping[str, Any],
     model: ModelConfig,
-    seed: int,
     adapter_sha256: str,
 ) -> DPRecord:
     """The record of a DP run from its report's ``privacy`` section (``report.data["privacy"]``).
 
-    ``model`` and ``seed`` are what the run built its base model from (``run.seed``).
+    ``model`` is the run's base model; the record carries its content hash.
 
     ε is taken as reported, with ``epsilon_confirmed`` per hospital. Raises `DPRecordError` when
     privacy is disabled (such an adapter is never published) or the section is malformed.
@@ -170,7 +186,7 @@ def record_from_report(
             }
             for name, state in (privacy.get("hospitals") or {}).items()
         },
-        "base_model": base_model_identity(model, seed),
+        "base_model": base_model_identity(model),
     }
     try:
         return DPRecord.model_validate(raw)

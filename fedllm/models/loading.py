@@ -1,13 +1,13 @@
 """Load a base causal LM and its tokenizer, and wrap it with a LoRA adapter.
 
-``model.name`` is ``tiny`` (the embedded default), a local directory, or a Hugging Face id.
-Hub access follows the usual ``HF_HUB_OFFLINE`` switch; a model that is not available locally
-in offline mode is a clear ``ModelLoadError``, not a stack of connection retries.
+``model.name`` is ``tiny`` (the embedded default), a local directory, or a Hugging Face id
+already in the local Hugging Face cache (nothing is downloaded). Every load goes through
+:func:`fedllm.models.identity.resolve_base_model`, so what is loaded is the model whose content
+hash was recorded, and a changed or missing file is a clear ``ModelLoadError`` naming it.
+``run.seed`` plays no part in the base model: only the LoRA initialisation takes a seed.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -16,25 +16,34 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from fedllm.config.schema import ModelConfig
-from fedllm.models.tiny import ensure_tiny_model
-
-TINY_MODEL_NAME = "tiny"
+from fedllm.models.identity import TINY_MODEL_NAME as TINY_MODEL_NAME  # re-exported
+from fedllm.models.identity import (
+    BaseModelIdentity,
+    BaseModelIdentityError,
+    resolve_base_model,
+)
 
 
 class ModelLoadError(RuntimeError):
     """The configured model could not be loaded; the message says which and why."""
 
 
-def resolve_model_path(config: ModelConfig, seed: int = 0) -> str:
-    """The directory or hub id to load: the cached tiny model is built on first use."""
-    if config.name == TINY_MODEL_NAME:
-        return str(ensure_tiny_model(config.tiny, seed))
-    return config.name
+def base_model(config: ModelConfig) -> BaseModelIdentity:
+    """The verified identity of ``config``'s base model (the tiny model is built on first use)."""
+    try:
+        return resolve_base_model(config)
+    except BaseModelIdentityError as error:
+        raise ModelLoadError(str(error)) from None
 
 
-def load_tokenizer(config: ModelConfig, seed: int = 0) -> Tokenizer:
+def resolve_model_path(config: ModelConfig) -> str:
+    """The verified directory to load the base model from."""
+    return base_model(config).path
+
+
+def load_tokenizer(config: ModelConfig) -> Tokenizer:
     """The model's tokenizer, with a pad token (causal LMs often ship without one)."""
-    source = resolve_model_path(config, seed)
+    source = resolve_model_path(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
@@ -44,15 +53,14 @@ def load_tokenizer(config: ModelConfig, seed: int = 0) -> Tokenizer:
     return tokenizer
 
 
-def load_base_model(config: ModelConfig, device: torch.device, seed: int = 0) -> PreTrainedModel:
+def load_base_model(config: ModelConfig, device: torch.device) -> PreTrainedModel:
     """The frozen base model, already on ``device``."""
-    source = resolve_model_path(config, seed)
+    source = resolve_model_path(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load model '{config.name}': {error}") from None
-    if Path(source).is_dir() or config.name == TINY_MODEL_NAME:
-        model.config.name_or_path = config.name
+    model.config.name_or_path = config.name
     return model.to(device)
 
 
@@ -75,7 +83,7 @@ def with_lora(model: PreTrainedModel, config: ModelConfig) -> PeftModel:
 
 
 def load_lora_model(config: ModelConfig, device: torch.device, seed: int = 0) -> PeftModel:
-    """Base model on ``device`` plus a LoRA adapter initialised from ``seed``."""
-    base = load_base_model(config, device, seed)
+    """Base model on ``device`` plus a LoRA adapter initialised from ``seed`` (``run.seed``)."""
+    base = load_base_model(config, device)
     torch.manual_seed(seed)
     return with_lora(base, config)

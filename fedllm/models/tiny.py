@@ -7,15 +7,17 @@ case discussions). The vignettes come from a seed space no hospital draws from a
 uniform specialty mix; clinical *notes* never appear in the public corpus, so what DP
 fine-tuning must learn is the hospitals' note formats and their own mix of specialties.
 Building takes about half a minute on a laptop CPU and is cached under a key derived from
-everything that shapes the result, so each distinct configuration is built exactly once and
-every hospital loads identical weights.
+its own config only (including ``build_seed``; never ``run.seed``), so a seed sweep trains on
+one base model. Weights built on different hardware or thread counts need not be identical,
+so the build also records the model's content hash (``base-model.json``, see
+fedllm.models.identity): a federation compares it, and an operator can build once with
+``fedllm model build`` and ship the directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +28,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from fedllm.config.schema import TinyModelConfig
 from fedllm.data import generate_clinical_records, generate_public_medical_text, vocabulary_corpus
+from fedllm.models.identity import BASE_MODEL_FILE, TINY_MODEL_NAME, cache_root, write_identity
 from fedllm.models.tokenizer import train_tokenizer
 from fedllm.training.loss import per_sequence_loss
 from fedllm.training.sequences import encode_texts
@@ -37,51 +40,54 @@ TINY_MAX_POSITIONS = 512
 PRETRAIN_SEQ_LENGTH = 64
 PRETRAIN_BATCH_SIZE = 32
 PRETRAIN_LEARNING_RATE = 3e-3
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 PUBLIC_CASE_LIBRARY_SEED = 2**20
 
 
-def cache_root() -> Path:
-    """``$FEDLLM_CACHE_DIR``, else ``~/.cache/fedllm``."""
-    return Path(os.environ.get("FEDLLM_CACHE_DIR", Path.home() / ".cache" / "fedllm"))
-
-
-def tiny_model_dir(config: TinyModelConfig, seed: int = 0) -> Path:
-    """Where the model for ``config`` is (or will be) cached."""
-    key = json.dumps({"config": config.model_dump(), "seed": seed, "v": BUILD_VERSION})
+def tiny_model_dir(config: TinyModelConfig) -> Path:
+    """Where the model for ``config`` is (or will be) cached: a key of that config alone."""
+    key = json.dumps({"config": config.model_dump(), "v": BUILD_VERSION}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root() / f"tiny-gpt2-{digest}"
 
 
-def ensure_tiny_model(config: TinyModelConfig, seed: int = 0) -> Path:
+def ensure_tiny_model(config: TinyModelConfig) -> Path:
     """Return the cached model directory, building and pretraining it first if absent.
 
-    The build happens in a temporary directory renamed into place, so concurrent builders
-    (several simulated hospitals starting at once) never see a half-written model.
+    The build, with its ``base-model.json``, happens in a temporary directory renamed into
+    place, so concurrent builders (several simulated hospitals starting at once) never see a
+    half-written model, and a model in the cache always has its recorded hash.
     """
-    target = tiny_model_dir(config, seed)
-    if (target / "config.json").is_file():
+    target = tiny_model_dir(config)
+    if (target / BASE_MODEL_FILE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
-        model, tokenizer = build_pretrained_tiny_model(config, seed)
+        model, tokenizer = build_pretrained_tiny_model(config)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        write_identity(staging, TINY_MODEL_NAME, None)
         try:
             staging.rename(target)
         except OSError:
-            if not (target / "config.json").is_file():
+            if not (target / BASE_MODEL_FILE).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    log.info("tiny_model.built", path=str(target))
     return target
 
 
 def build_pretrained_tiny_model(
-    config: TinyModelConfig, seed: int
+    config: TinyModelConfig,
 ) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
-    """Build the tokenizer and model, then pretrain the model on public synthetic text."""
+    """Build the tokenizer and model, then pretrain the model on public synthetic text.
+
+    Every random choice comes from ``config.build_seed``: the same config builds the same
+    model on the same hardware, whatever experiment asks for it.
+    """
+    seed = config.build_seed
     torch.manual_seed(seed)
     public_texts = public_corpus(config.pretrain_texts, seed)
     tokenizer = train_tokenizer([*vocabulary_corpus(seed), *public_texts], TINY_VOCAB_SIZE)

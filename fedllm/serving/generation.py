@@ -10,7 +10,9 @@ or tampered adapter is logged and the old one kept; the poller retries when the 
 The same path refuses an adapter without a valid DP record (``dp-record.json``, bound to the
 weights by their hash; see fedllm.models.dp_record): answers are presented as 0 ε
 post-processing of a DP release, which only a DP-trained adapter is. ``allow_non_dp_adapters``
-lifts that rule for an operator who knowingly serves a non-DP adapter.
+lifts that rule for an operator who knowingly serves a non-DP adapter. An adapter whose record
+names another base model (by content hash: see fedllm.models.identity) is refused whatever that
+setting: applied to other base weights it loads without error and answers nonsense.
 Every use of the model, and every swap, holds one lock: requests see either the old adapter or
 the new one, never a mix.
 """
@@ -39,10 +41,9 @@ from fedllm.models.dp_record import (
     DP_RECORD_FILE,
     DPRecord,
     DPRecordError,
-    base_model_identity,
     parse_dp_record,
 )
-from fedllm.models.loading import load_base_model, load_tokenizer
+from fedllm.models.loading import base_model, load_base_model, load_tokenizer
 from fedllm.serving.backends import Generation
 
 log = structlog.get_logger(__name__)
@@ -164,18 +165,16 @@ class ModelBackend:
         local_adapter: Path | None = None,
         reload_interval_s: float = 5.0,
         device: str = "auto",
-        seed: int = 0,
         allow_non_dp_adapters: bool = False,
     ) -> None:
         self._lock = threading.RLock()
         self._reload_lock = threading.Lock()
         self._device = pick_device(device)
-        self._tokenizer = load_tokenizer(model_config, seed)
-        self._model: PreTrainedModel | PeftModel = load_base_model(model_config, self._device, seed)
+        self.base_model = base_model(model_config)
+        self._tokenizer = load_tokenizer(model_config)
+        self._model: PreTrainedModel | PeftModel = load_base_model(model_config, self._device)
         self._model.eval()
         self._max_positions = _max_positions(self._model)
-        self._model_name = model_config.name
-        self._base_identity = base_model_identity(model_config, seed)
         self._allow_non_dp = allow_non_dp_adapters
         self._global: str | None = None
         self.served: ServedAdapter | None = None
@@ -198,6 +197,12 @@ class ModelBackend:
                 detail="allow_non_dp_adapters is set: an adapter without a valid DP record "
                 "will be served, and its answers carry no DP guarantee",
             )
+        log.info(
+            "node.base_model",
+            name=self.base_model.name,
+            revision=self.base_model.revision,
+            sha256=self.base_model.sha256,
+        )
         if adapter_dir is None:
             log.warning("node.no_global_adapter", detail="serving the base model only")
             return
@@ -257,16 +262,13 @@ class ModelBackend:
         record = self._check_dp_record(adapter_dir, files)
         if record is None and not self._allow_non_dp:
             return False
+        if record is not None and not self._fits_base_model(record, files):
+            return False
         if files.version == self.model_version:  # same weights (e.g. only the record changed)
             self.served = ServedAdapter(files.version, record)
             if record is not None:
                 self.adapter_issue = None
             return False
-        trained_on = files.config.base_model_name_or_path
-        if trained_on and trained_on != self._model_name:
-            log.warning(
-                "node.adapter_base_mismatch", adapter_base=trained_on, base=self._model_name
-            )
         name = f"global-{files.version}"
         try:
             with self._lock:
@@ -315,13 +317,26 @@ class ModelBackend:
                 )
                 self.adapter_issue = f"adapter {files.version} refused: {error}"
             return None
-        if record.base_model != self._base_identity:
-            log.warning(
-                "node.adapter_base_mismatch",
-                adapter_base=record.base_model,
-                base=self._base_identity,
-            )
         return record
+
+    def _fits_base_model(self, record: DPRecord, files: AdapterFiles) -> bool:
+        """Whether the adapter was trained on the base model loaded here (by content hash).
+
+        False is a refusal (``adapter.refused``, reported as ``adapter_issue``): the adapter
+        being served, or the base model, stays.
+        """
+        reason = record.base_model_refusal(self.base_model.sha256)
+        if reason is None:
+            return True
+        log.error(
+            "adapter.refused",
+            reason=reason,
+            version=files.version,
+            kept=self.model_version,
+            base_model=self.base_model.sha256,
+        )
+        self.adapter_issue = f"adapter {files.version} refused: {reason}"
+        return False
 
     def _peft(self) -> PeftModel:
         if not isinstance(self._model, PeftModel):
