@@ -176,3 +176,29 @@ def test_a_hospital_name_with_a_dot_is_refused_at_validation(tmp_path):
     assert result.exit_code == 2
     assert "federation.hospitals.0.name: got 'st.mary'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_calibrate_refuses_a_target_only_unaccountable_noise_meets():
+    """σ = 0.1 at q = 0.5 over 1000 steps is calibrate's floor, but its PLD never finished."""
+    args = "--target-epsilon 10000 --sample-rate 0.5 --steps 1000 --delta 1e-5"
+    result = subprocess.run(
+        [FEDLLM, "privacy", "calibrate", *shlex.split(args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    message = result.stderr.strip()
+    assert "\n" not in message
+    assert message.startswith("error: target_epsilon 10000 at sample_rate 0.5 over 1000 steps")
+    assert "choose a target below" in message
+
+
+def test_readme_calibrate_command_as_written():
+    command = ".venv/bin/fedllm privacy calibrate --target-epsilon 8 --sample-rate 0.05 --steps 600 --delta 1e-5"  # noqa: E501
+    argv = shlex.split(command)
+    result = subprocess.run(
+        [FEDLLM, *argv[1:]], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.startswith("σ = 1.47787 gives ε = 7.99855 <= 8 at δ = 1e-05")

@@ -16,11 +16,17 @@ from fedllm.cli.lazy import LazyCommand, LazyGroup
 from fedllm.privacy.accountant import (
     ACCOUNTANTS,
     HOSPITAL_NEIGHBOURING,
+    MAX_LOSS_GRID_POINTS,
     NEIGHBOURING_RELATIONS,
+    PLD_VALUE_DISCRETIZATION_INTERVAL,
+    check_accountant,
+    check_delta,
     check_loss_grid,
+    check_neighbouring,
     compute_epsilon,
+    least_tractable_noise,
 )
-from fedllm.privacy.calibration import calibrate_noise_multiplier
+from fedllm.privacy.calibration import MIN_NOISE_MULTIPLIER, calibrate_noise_multiplier
 from fedllm.privacy.events import SampledGaussianSteps
 
 
@@ -115,6 +121,52 @@ def epsilon_command(
     )
 
 
+# A PLD 100 times coarser than reported ones: a cheap, pessimistic ε for the guard below.
+_GUARD_PLD_INTERVAL = 100 * PLD_VALUE_DISCRETIZATION_INTERVAL
+
+
+def _refuse_runaway_calibration(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    neighbouring: str,
+) -> None:
+    """Raise ValueError when only noise too small to account for meets the target.
+
+    Calibration searches σ downward; below `least_tractable_noise` the privacy-loss grid
+    outgrows memory, and if even a pessimistic ε there is within the target, the smallest σ
+    that meets it lies below (σ = 0.1 at q = 0.5 over 1000 steps did not finish in minutes).
+    Invalid arguments are left to the calibration's own one-line errors.
+    """
+    if accountant == "rdp" or not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        return
+    check_accountant(accountant)
+    check_neighbouring(accountant, neighbouring)
+    check_delta(delta)
+    floor = least_tractable_noise(sample_rate, steps, neighbouring, MIN_NOISE_MULTIPLIER)
+    if floor == MIN_NOISE_MULTIPLIER:
+        return
+    if math.isinf(floor):
+        raise ValueError(
+            f"sample_rate {sample_rate:g} over {steps} steps spreads the privacy loss over more "
+            f"than {MAX_LOSS_GRID_POINTS:.0e} grid points even at σ = 1000: take fewer steps"
+        )
+    event = SampledGaussianSteps(floor, sample_rate, steps)
+    bound = compute_epsilon(
+        [event], delta, "pld", pld_interval=_GUARD_PLD_INTERVAL, neighbouring=neighbouring
+    )
+    if bound <= target_epsilon:
+        raise ValueError(
+            f"target_epsilon {target_epsilon:g} at sample_rate {sample_rate:g} over {steps} "
+            f"steps needs less noise than σ = {floor:.3g}, which already gives ε <= "
+            f"{bound:.4g}; below it the privacy loss spreads over more than "
+            f"{MAX_LOSS_GRID_POINTS:.0e} grid points, which the {accountant} accountant cannot "
+            f"compute in reasonable time: choose a target below {bound:.4g}"
+        )
+
+
 @privacy_app.command("calibrate")
 def calibrate_command(
     target_epsilon: Annotated[
@@ -129,6 +181,9 @@ def calibrate_command(
 ) -> None:
     """Print the smallest noise multiplier σ whose ε stays within the target."""
     try:
+        _refuse_runaway_calibration(
+            target_epsilon, delta, sample_rate, steps, accountant, neighbouring
+        )
         sigma = calibrate_noise_multiplier(
             target_epsilon, delta, sample_rate, steps, accountant, neighbouring=neighbouring
         )

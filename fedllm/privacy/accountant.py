@@ -60,7 +60,7 @@ MAX_LOSS_GRID_POINTS = 1e7
 # composed distribution; the estimate below spans the same ranges.
 _GAUSSIAN_TAIL_SIGMAS = 10.0
 _COMPOSED_TAIL_MASS = 1e-15
-_ESTIMATE_GRID = 200_001
+_ESTIMATE_GRID = 20_001
 
 # Composing is the expensive part; reading ε at some δ from a composed accountant is cheap. A
 # few composed accountants are kept so that repeated queries on the same ledger (spent, then
@@ -262,3 +262,28 @@ def check_loss_grid(event: SampledGaussianSteps, accountant: str, neighbouring: 
             f"(the {accountant} accountant computes up to {MAX_LOSS_GRID_POINTS:.0g}, about "
             "10 s and 1 GB); ε would be in the thousands or more: add noise or take fewer steps"
         )
+
+
+def least_tractable_noise(
+    sample_rate: float, steps: int, neighbouring: str, floor: float, ceiling: float = 1e3
+) -> float:
+    """The smallest σ in [floor, ceiling] (within 5 %) whose loss grid fits the limit.
+
+    Noise calibration searches downward, so a target that only a smaller σ meets would run
+    away the way a direct ε query would; callers compare the target with ε at this σ. The
+    grid shrinks as σ grows; ``inf`` means even the ceiling is too little noise.
+    """
+
+    def fits(sigma: float) -> bool:
+        event = SampledGaussianSteps(sigma, sample_rate, steps)
+        return loss_grid_points(event, neighbouring) <= MAX_LOSS_GRID_POINTS
+
+    if fits(floor):
+        return floor
+    if not fits(ceiling):
+        return math.inf
+    low, high = floor, ceiling
+    while high / low > 1.05:
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
