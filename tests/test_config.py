@@ -78,3 +78,27 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match=r"section\.key=value"):
         load_config(CONFIGS[0], ["no-equals-sign"])
+
+
+def test_file_data_refuses_synthetic_only_profile_keys_and_unpaired_column_keys():
+    base = {
+        "federation": {"num_hospitals": 1, "cohort_size": 1, "hospitals": [{"name": "a"}]},
+        "data": {"source": "jsonl", "path": "x.jsonl"},
+    }
+    assert validate_config(base).data.source == "jsonl"
+    sized = {
+        **base,
+        "federation": {**base["federation"], "hospitals": [{"name": "a", "data_size": 5}]},
+    }
+    with pytest.raises(ConfigError, match=r"federation\.hospitals\.0\.data_size shapes synthetic"):
+        validate_config(sized)
+    mixed = {
+        **base,
+        "federation": {**base["federation"], "hospitals": [{"name": "a", "specialty_mix": {}}]},
+    }
+    with pytest.raises(ConfigError, match="specialty_mix shapes synthetic data only"):
+        validate_config(mixed)
+    with pytest.raises(ConfigError, match="hospital_field go together"):
+        validate_config({**base, "data": {**base["data"], "partition": "column"}})
+    with pytest.raises(ConfigError, match="needs file data"):
+        validate_config({"data": {"partition": "column", "hospital_field": "site"}})

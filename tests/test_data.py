@@ -17,6 +17,7 @@ from fedllm.data import (
     SPECIALTIES,
     ClinicalRecord,
     DataError,
+    column_partition,
     dirichlet_partition,
     generate_clinical_records,
     generate_public_medical_text,
@@ -433,3 +434,60 @@ def test_split_train_eval_rejects_bad_input(records: list[ClinicalRecord]) -> No
         split_train_eval(records, 1.0, KEY)
     with pytest.raises(DataError, match="128 bits"):
         split_train_eval(records, 0.2, b"short")
+
+
+def _multi_site_export(path: Path) -> str:
+    """A two-site export: each row names its own site in a ``site`` column."""
+    rows = [
+        {"note": f"note {i}", "pid": f"p{i % 7}", "site": "north" if i % 3 else "south"}
+        for i in range(30)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_partition_by_column_keeps_each_site_together(tmp_path: Path) -> None:
+    from fedllm.config import validate_config
+    from fedllm.federation.hospital_data import hospital_data
+
+    path = _multi_site_export(tmp_path / "sites.jsonl")
+    records = load_records("jsonl", path, text_field="note", hospital_field="site")
+    north, south = column_partition(records, ["north", "south"], "site")
+    assert {r.hospital for r in north} == {"north"}
+    assert {r.hospital for r in south} == {"south"}
+    assert len(north) + len(south) == 30
+    assert len(south) == 10
+    config = validate_config(
+        {
+            "federation": {
+                "num_hospitals": 2,
+                "cohort_size": 2,
+                "hospitals": [{"name": "south"}, {"name": "north"}],
+            },
+            "data": {
+                "source": "jsonl",
+                "path": path,
+                "text_field": "note",
+                "patient_field": "pid",
+                "partition": "column",
+                "hospital_field": "site",
+            },
+            "privacy": {"ledger_dir": str(tmp_path / "ledgers")},
+        }
+    )
+    held = hospital_data(config, 0)  # profile 0 is "south", whatever the file's order
+    assert {r.hospital for r in [*held.train, *held.eval]} == {"south"}
+    assert len(held.train) + len(held.eval) == 10
+
+
+def test_partition_by_column_refuses_unknown_and_missing_sites(tmp_path: Path) -> None:
+    path = _multi_site_export(tmp_path / "sites.jsonl")
+    records = load_records("jsonl", path, text_field="note", hospital_field="site")
+    with pytest.raises(DataError, match=r"'south' \(10 records\)"):
+        column_partition(records, ["north", "east"], "data.hospital_field 'site'")
+    with pytest.raises(DataError, match="no records for hospital"):
+        column_partition(records, ["north", "south", "west"], "site")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text(json.dumps({"note": "x", "site": " "}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="'site' is empty"):
+        load_records("jsonl", str(blank), text_field="note", hospital_field="site")

@@ -56,7 +56,7 @@ def _base(tmp_path: Path) -> dict:
         "federation": {
             "num_hospitals": 2,
             "cohort_size": 1,
-            "hospitals": [{"name": "a", "data_size": 40}, {"name": "b", "data_size": 40}],
+            "hospitals": [{"name": "a"}, {"name": "b"}],
         },
         "training": {"local_steps": 1, "batch_size": 4},
         "privacy": {"ledger_dir": str(tmp_path / "ledgers")},

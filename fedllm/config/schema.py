@@ -138,15 +138,22 @@ class ModelConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    """Where the hospitals' records come from and how they are split between hospitals."""
+    """Where the hospitals' records come from and how they are split between hospitals.
+
+    A shared file is split between the simulated hospitals at random (``partition``:
+    ``dirichlet`` by specialty, or ``iid``), or by its own hospital column (``partition:
+    column`` with ``hospital_field``): each record goes to the hospital it names, so a real
+    multi-site export keeps its sites.
+    """
 
     source: Literal["synthetic", "jsonl", "csv", "huggingface"] = "synthetic"
     path: str | None = None
     text_field: str = "text"
     specialty_field: str | None = None
     patient_field: str | None = None
+    hospital_field: str | None = None
     split: str = "train"
-    partition: Literal["dirichlet", "iid"] = "dirichlet"
+    partition: Literal["dirichlet", "iid", "column"] = "dirichlet"
     dirichlet_alpha: PositiveFloat = 0.5
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
 
@@ -154,6 +161,15 @@ class DataConfig(StrictModel):
     def _path_for_files(self) -> DataConfig:
         if self.source != "synthetic" and not self.path:
             raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        if (self.partition == "column") != (self.hospital_field is not None):
+            raise ValueError(
+                "data.partition: column and data.hospital_field go together (the column that "
+                "names each record's hospital)"
+            )
+        if self.partition == "column" and self.source == "synthetic":
+            raise ValueError(
+                "data.partition: column needs file data (data.source jsonl, csv or huggingface)"
+            )
         return self
 
 
@@ -312,6 +328,21 @@ class ExperimentConfig(StrictModel):
                 f"strategy.min_cohort ({self.strategy.min_cohort}) must be <= "
                 f"federation.cohort_size ({self.federation.cohort_size})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _synthetic_only_profile_keys(self) -> ExperimentConfig:
+        """``data_size`` and ``specialty_mix`` shape generated data; a file decides both itself."""
+        if self.data.source == "synthetic":
+            return self
+        for index, hospital in enumerate(self.federation.hospitals or []):
+            for key in ("data_size", "specialty_mix"):
+                if key in hospital.model_fields_set:
+                    raise ValueError(
+                        f"federation.hospitals.{index}.{key} shapes synthetic data only; with "
+                        f"data.source '{self.data.source}' the file decides what each hospital "
+                        "holds (data.partition): remove it"
+                    )
         return self
 
     @property

@@ -5,7 +5,12 @@ Other packages import from here rather than from the submodules, so the layout i
 """
 
 from fedllm.data.loaders import load_records
-from fedllm.data.partition import dirichlet_partition, iid_partition, split_train_eval
+from fedllm.data.partition import (
+    column_partition,
+    dirichlet_partition,
+    iid_partition,
+    split_train_eval,
+)
 from fedllm.data.records import ClinicalRecord, DataError
 from fedllm.data.synthetic import (
     SPECIALTIES,
@@ -18,6 +23,7 @@ __all__ = [
     "SPECIALTIES",
     "ClinicalRecord",
     "DataError",
+    "column_partition",
     "dirichlet_partition",
     "generate_clinical_records",
     "generate_public_medical_text",

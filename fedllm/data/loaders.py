@@ -120,6 +120,7 @@ def _to_records(
     patient_field: str | None,
     limit: int | None,
     required: Sequence[str],
+    hospital_field: str | None = None,
 ) -> list[ClinicalRecord]:
     """Normalise rows into records; ``index`` counts rows from 0 and seeds default patient ids."""
     records: list[ClinicalRecord] = []
@@ -139,11 +140,20 @@ def _to_records(
             continue
         specialty = row[specialty_field] if specialty_field else None
         patient = row[patient_field] if patient_field else None
+        hospital = None
+        if hospital_field:
+            hospital = _label(row[hospital_field], "")
+            if not hospital:
+                raise DataError(
+                    f"{origin}, row {index}: field {hospital_field!r} is empty; every record "
+                    "needs the hospital it belongs to"
+                )
         records.append(
             ClinicalRecord(
                 text=text,
                 specialty=_label(specialty, _UNKNOWN_SPECIALTY),
                 patient_id=_label(patient, f"row{index}"),
+                hospital=hospital,
             )
         )
     if not records:
@@ -160,6 +170,7 @@ def load_records(
     patient_field: str | None = None,
     split: str = "train",
     limit: int | None = None,
+    hospital_field: str | None = None,
 ) -> list[ClinicalRecord]:
     """Load records from ``source`` ("jsonl", "csv" or "huggingface") at ``path``.
 
@@ -170,7 +181,8 @@ def load_records(
     """
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of records, got {limit}")
-    columns = [text_field, *(name for name in (specialty_field, patient_field) if name)]
+    fields = (specialty_field, patient_field, hospital_field)
+    columns = [text_field, *(name for name in fields if name)]
     rows: Iterable[Mapping[str, Any]]
     if source == "jsonl":
         rows = _jsonl_rows(path)
@@ -181,6 +193,8 @@ def load_records(
     else:
         raise DataError(f"unknown data source {source!r}; expected one of: {', '.join(_SOURCES)}")
     try:
-        return _to_records(rows, path, text_field, specialty_field, patient_field, limit, columns)
+        return _to_records(
+            rows, path, text_field, specialty_field, patient_field, limit, columns, hospital_field
+        )
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error}); re-export it as UTF-8") from error

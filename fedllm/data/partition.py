@@ -77,6 +77,35 @@ def dirichlet_partition(
     return _collect(records, assignment)
 
 
+def column_partition(
+    records: Sequence[ClinicalRecord], names: Sequence[str], column: str
+) -> list[list[ClinicalRecord]]:
+    """Each record to the hospital its own column names; every hospital must have records.
+
+    A value that names no hospital is an error rather than dropped data: a typo in a site
+    name would otherwise silently shrink that site.
+    """
+    by_hospital: dict[str, list[ClinicalRecord]] = {name: [] for name in names}
+    unknown: dict[str, int] = defaultdict(int)
+    for record in records:
+        if record.hospital in by_hospital:
+            by_hospital[record.hospital].append(record)
+        else:
+            unknown[str(record.hospital)] += 1
+    if unknown:
+        listed = ", ".join(
+            f"{value!r} ({count} records)" for value, count in sorted(unknown.items())
+        )
+        raise DataError(
+            f"{column} names hospitals not in federation.hospitals: {listed}; "
+            f"expected one of {', '.join(names)}"
+        )
+    empty = [name for name, held in by_hospital.items() if not held]
+    if empty:
+        raise DataError(f"{column}: no records for hospital(s) {', '.join(empty)}")
+    return [by_hospital[name] for name in names]
+
+
 def iid_partition(
     records: Sequence[ClinicalRecord], num_partitions: int, seed: int
 ) -> list[list[ClinicalRecord]]:

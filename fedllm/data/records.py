@@ -15,12 +15,15 @@ class ClinicalRecord:
 
     ``specialty`` drives non-IID partitioning and per-specialty reporting; ``patient_id``
     lets the privacy layer bound the contribution of a whole patient rather than of a
-    single note, and lets evaluation hold out entire patients.
+    single note, and lets evaluation hold out entire patients. ``hospital`` is the record's
+    own hospital column, when a simulation partitions one file by it (``data.partition:
+    column``).
     """
 
     text: str
     specialty: str
     patient_id: str
+    hospital: str | None = None
 
 
 class DataError(ValueError):

@@ -24,6 +24,7 @@ from typing import Literal
 from fedllm.config.schema import DataConfig, ExperimentConfig
 from fedllm.data import (
     ClinicalRecord,
+    column_partition,
     dirichlet_partition,
     generate_clinical_records,
     iid_partition,
@@ -122,9 +123,8 @@ def hospital_data(
             profile.data_size, profile.specialty_mix, seed=seed, hospital_tag=f"h{index}"
         )
     else:
-        records = _file_partitions(config.data.model_dump_json(), len(profiles), config.run.seed)[
-            index
-        ]
+        names = tuple(p.name for p in profiles)
+        records = _file_partitions(config.data.model_dump_json(), names, config.run.seed)[index]
     train, held_out = split_train_eval(records, config.data.eval_fraction, key)
     return HospitalData(profile.name, train, held_out)
 
@@ -158,21 +158,29 @@ def _shared_records(data_json: str) -> tuple[list[ClinicalRecord], str]:
         specialty_field=data.specialty_field,
         patient_field=data.patient_field,
         split=data.split,
+        hospital_field=data.hospital_field,
     )
     digest = hashlib.sha256()
     for record in records:
-        digest.update(json.dumps([record.text, record.specialty, record.patient_id]).encode())
+        fields = [record.text, record.specialty, record.patient_id]
+        if record.hospital is not None:
+            fields.append(record.hospital)
+        digest.update(json.dumps(fields).encode())
         digest.update(b"\n")
     return records, digest.hexdigest()[:32]
 
 
 @lru_cache(maxsize=4)
 def _file_partitions(
-    data_json: str, num_hospitals: int, seed: int
+    data_json: str, names: tuple[str, ...], seed: int
 ) -> tuple[list[ClinicalRecord], ...]:
-    """Split the shared records between hospitals (the same way in every process)."""
+    """Split the shared records between hospitals `names` (the same way in every process)."""
     data = DataConfig.model_validate_json(data_json)
     records = _shared_records(data_json)[0]
+    if data.partition == "column":
+        return tuple(
+            column_partition(records, names, f"data.hospital_field {data.hospital_field!r}")
+        )
     if data.partition == "iid":
-        return tuple(iid_partition(records, num_hospitals, seed))
-    return tuple(dirichlet_partition(records, num_hospitals, data.dirichlet_alpha, seed))
+        return tuple(iid_partition(records, len(names), seed))
+    return tuple(dirichlet_partition(records, len(names), data.dirichlet_alpha, seed))

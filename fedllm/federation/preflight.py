@@ -126,7 +126,7 @@ def check_simulation_data(config: ExperimentConfig) -> None:
     names = [profile.name for profile in config.federation.profiles()]
     try:
         # the very partitioning every simulated hospital will compute (cached per process)
-        parts = _file_partitions(data.model_dump_json(), len(names), config.run.seed)
+        parts = _file_partitions(data.model_dump_json(), tuple(names), config.run.seed)
     except DataError as error:
         message = _one_line(error)
         raise PreflightError(
@@ -149,7 +149,7 @@ def check_simulation_data(config: ExperimentConfig) -> None:
 
 def _data_key(config: ExperimentConfig, message: str) -> str:
     """The ``data.*`` key a loader's message is about: a named column, else the path."""
-    for key in ("text_field", "specialty_field", "patient_field"):
+    for key in ("text_field", "specialty_field", "patient_field", "hospital_field"):
         column = getattr(config.data, key)
         if column and f"{column!r}" in message and ("column" in message or "field" in message):
             return f"data.{key}"
