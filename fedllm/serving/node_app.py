@@ -1,4 +1,5 @@
-"""The hospital inference server's HTTP API (FastAPI): generation, consensus votes, health.
+"""The hospital inference server's HTTP API (FastAPI): generation, consensus votes, health,
+readiness.
 
 Privacy: generating from the DP-trained global model is post-processing and costs 0 ε, and
 every answer says so. A consensus vote may consult the hospital's private local adapter, so the
@@ -167,6 +168,17 @@ class _NodeState:
             raise _unprocessable(field, f"{count} tokens; this node allows at most {limit}")
 
 
+def create_probe_app(node_app: FastAPI) -> FastAPI:
+    """An app serving only ``GET /v1/ready`` of ``node_app``, for the plain-HTTP probe port.
+
+    It reveals whether the node is ready and why not, nothing else: no generation, no consensus,
+    no remaining ε, so it needs no client certificate.
+    """
+    app = FastAPI(title="fedllm node probes", docs_url=None, redoc_url=None, openapi_url=None)
+    app.get("/v1/ready")(node_app.state.readiness)
+    return app
+
+
 def create_node_app(
     config: NodeServerConfig,
     backend: GenerationBackend,
@@ -232,6 +244,25 @@ def create_node_app(
             top_p=request.top_p if request.top_p is not None else 1.0,
         )
         return _apply_stop(generation, request.stop_sequences())
+
+    def readiness() -> JSONResponse:
+        """503 while a configured global adapter is not loaded (no DP release to serve) or the
+        privacy ledger is unreachable, so no traffic reaches a node that would answer from the
+        bare base model or fail every consensus session."""
+        problems = []
+        if config.adapter_dir is not None and not getattr(backend, "has_global_adapter", True):
+            problems.append("the DP adapter is not loaded")
+        try:
+            state.remaining_epsilon()
+        except Exception as error:  # a readiness probe reports a broken ledger, never raises
+            log.error("node.ledger_unavailable", error=str(error))
+            problems.append("privacy ledger unavailable")
+        return JSONResponse(
+            {"ready": not problems, "problems": problems}, status_code=503 if problems else 200
+        )
+
+    app.state.readiness = readiness
+    app.get("/v1/ready")(readiness)
 
     @app.get("/v1/health")
     def health() -> NodeHealth:

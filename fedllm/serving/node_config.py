@@ -86,6 +86,9 @@ class NodeServerConfig(StrictModel):
     hospital_id: Identifier
     host: str = "127.0.0.1"
     port: int = Field(8081, ge=0, le=65535)
+    # Plain-HTTP port answering only GET /v1/ready, for an orchestrator's probes: a Kubernetes
+    # kubelet cannot present a client certificate to the mutual-TLS port. Off when null.
+    probe_port: int | None = Field(None, ge=1, le=65535)
     backend: Literal["model", "constant"] = "model"
     model: ModelConfig = ModelConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -15,6 +15,7 @@ import socket
 import ssl
 import threading
 import time
+from contextlib import ExitStack
 from types import TracebackType
 from typing import Any
 
@@ -24,7 +25,7 @@ from fastapi import FastAPI
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.serving.backends import ConstantBackend, GenerationBackend
 from fedllm.serving.http_limits import uvicorn_options
-from fedllm.serving.node_app import create_node_app
+from fedllm.serving.node_app import create_node_app, create_probe_app
 from fedllm.serving.node_config import NodeServerConfig
 
 LOOPBACK = "127.0.0.1"
@@ -50,6 +51,7 @@ class BackgroundServer:
         ssl_ca_certs: str | None = None,
         ssl_cert_reqs: int = ssl.CERT_NONE,
         port: int = 0,
+        host: str = LOOPBACK,
     ) -> None:
         self._app = app
         self._ssl = {
@@ -61,7 +63,7 @@ class BackgroundServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
-        self.host = LOOPBACK
+        self.host = host
         self.port = port
 
     @property
@@ -77,12 +79,12 @@ class BackgroundServer:
         """Bind, start uvicorn in its thread and wait until it serves."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((LOOPBACK, self.port))
+        sock.bind((self.host, self.port))
         self._socket = sock
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             self._app,
-            host=LOOPBACK,
+            host=self.host,
             port=self.port,
             log_level="warning",
             access_log=False,
@@ -188,13 +190,18 @@ def tls_options(config: NodeServerConfig) -> dict[str, Any]:
 def serve_node(config: NodeServerConfig, app: FastAPI | None = None) -> None:
     """Serve a node until interrupted (blocking); ``app`` defaults to `build_node_app`."""
     app = app if app is not None else build_node_app(config)
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level="warning",
-        access_log=False,
-        ws="none",
-        **tls_options(config),
-        **uvicorn_options(app),
-    )
+    with ExitStack() as probes:
+        if config.probe_port is not None:
+            probes.enter_context(
+                BackgroundServer(create_probe_app(app), host=config.host, port=config.probe_port)
+            )
+        uvicorn.run(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            access_log=False,
+            ws="none",
+            **tls_options(config),
+            **uvicorn_options(app),
+        )

@@ -7,6 +7,7 @@ Endpoints (all JSON; errors are ``{"detail": ...}``):
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: OpenAI-compatible, 0 ε.
 - ``GET /v1/privacy/budget/{user_id}``: own budget (admins: anyone's).
 - ``GET /v1/health``, ``GET /metrics``: unauthenticated, for load balancers and Prometheus.
+- ``GET /v1/ready``: unauthenticated readiness, 503 while the database or every node is down.
 - ``POST /v1/admin/nodes``, ``DELETE /v1/admin/nodes/{node_id}``, ``PUT /v1/admin/config``:
   admins only, audited whether they succeed or are refused.
 """
@@ -54,6 +55,8 @@ from fedllm.serving.schemas import ChatCompletionRequest, CompletionRequest, Inf
 log = structlog.get_logger(__name__)
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
+# The names /v1/ready reads a budget status for: a read-only query through the quota tables.
+READINESS_PROBE = "readiness-probe"
 
 
 def client_address(request: Request) -> str:
@@ -342,6 +345,21 @@ def _info_routes(app: FastAPI, state: RouterState) -> None:
                 "nodes": nodes,
             }
         )
+
+    @app.get("/v1/ready")
+    async def ready() -> Response:
+        """Readiness (Kubernetes, load balancers): 503 while this replica cannot answer, i.e.
+        its database is unreachable or no node is healthy, so traffic and rollouts wait for a
+        replica that can. Liveness stays on /v1/health: an outage elsewhere is no reason to
+        restart the router."""
+        problems = []
+        try:
+            await asyncio.to_thread(state.budgets.status, READINESS_PROBE, READINESS_PROBE)
+        except LedgerUnavailableError:
+            problems.append("database unreachable")
+        if not any(node.healthy for node in state.pool.nodes):
+            problems.append("no healthy node")
+        return _json({"ready": not problems, "problems": problems}, 503 if problems else 200)
 
     @app.get("/metrics")
     async def metrics() -> Response:

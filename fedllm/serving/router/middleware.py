@@ -20,6 +20,7 @@ ENDPOINTS = frozenset(
         "/v1/completions",
         "/v1/chat/completions",
         "/v1/health",
+        "/v1/ready",
         "/v1/admin/nodes",
         "/v1/admin/config",
         "/metrics",
