@@ -221,8 +221,17 @@ def test_a_valid_experiment_passes_every_check(tmp_path, local_model_dir):
             },
         )
     )
-    preflight(config, simulation=True, app_root=APP_ROOT)
+    assert preflight(config, simulation=True, app_root=APP_ROOT) == config
     assert not (tmp_path / "ledgers").exists()
+
+
+def test_preflight_records_the_lora_modules_peft_picks(tmp_path):
+    """`target_modules: null` comes back as what peft adapts, so the run directory says it."""
+    config = validate_config(_base(tmp_path))
+    assert config.model.lora.target_modules is None
+    resolved = preflight(config, simulation=True, app_root=APP_ROOT)
+    assert resolved.model.lora.target_modules == ["c_attn"]
+    assert resolved.model_copy(update={"model": config.model}) == config
 
 
 def test_unreachable_target_names_the_releases_and_their_cost(tmp_path):

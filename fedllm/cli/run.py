@@ -70,7 +70,7 @@ def run_command(
         fail(str(error))
     try:
         # before any process starts or any hospital releases anything (docs/configuration.md)
-        preflight(config, simulation=target is None, app_root=APP_ROOT)
+        config = preflight(config, simulation=target is None, app_root=APP_ROOT)
     except ValueError as error:
         fail(str(error))
     if target is None:

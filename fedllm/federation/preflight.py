@@ -41,13 +41,16 @@ class PreflightError(ValueError):
         super().__init__(f"{key}: got {value!r}; expected {expected}")
 
 
-def preflight(config: ExperimentConfig, *, simulation: bool, app_root: Path) -> None:
+def preflight(
+    config: ExperimentConfig, *, simulation: bool, app_root: Path
+) -> ExperimentConfig:
     """Every check that needs no private data, cheapest first; raises :class:`PreflightError`.
 
     ``simulation``: the hospitals are simulated from this config, so their data files are
     checked too (a deployed hospital checks its own before it charges anything).
     ``app_root`` is the Flower app's directory, from which the ServerApp imports a strategy
-    class.
+    class. Returns `config` as it will run: ``model.lora.target_modules`` filled in with the
+    modules peft picks when the YAML leaves them ``null``, so the run directory records them.
     """
     check_solver(config)
     if simulation:
@@ -55,7 +58,9 @@ def preflight(config: ExperimentConfig, *, simulation: bool, app_root: Path) -> 
     check_target_epsilon(config)
     if config.strategy.strategy_class:
         check_strategy_class(config.strategy.strategy_class, app_root)
-    check_model(config.model, config.run.seed)
+    modules = check_model(config.model)
+    lora = config.model.lora.model_copy(update={"target_modules": modules})
+    return config.model_copy(update={"model": config.model.model_copy(update={"lora": lora})})
 
 
 def check_node_count(config: ExperimentConfig, node_config: Mapping[str, object]) -> None:
@@ -248,23 +253,24 @@ def _importable_from(app_root: Path) -> Iterator[None]:
         sys.path.remove(root)
 
 
-def check_model(model: ModelConfig, seed: int) -> None:
+def check_model(model: ModelConfig) -> list[str]:
     """The base model resolves locally and ``lora.target_modules`` match its layers.
 
     The embedded tiny model is checked from its config (it is built, before Flower starts,
     only if the check passes); a directory or Hugging Face id must already be on disk or in
     the local Hugging Face cache: nothing is downloaded here. The model is built on the meta
-    device, so even a large one costs milliseconds.
+    device, so even a large one costs milliseconds. Returns the adapted modules' names.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(_model_config(model, seed))
-    attach_lora(base, model)
+        base = AutoModelForCausalLM.from_config(_model_config(model))
+    adapted = attach_lora(base, model)
+    return sorted(adapted.peft_config["default"].target_modules)
 
 
-def _model_config(model: ModelConfig, seed: int) -> Any:
+def _model_config(model: ModelConfig) -> Any:
     """The transformers config of the base model, without downloading or building it."""
     from transformers import AutoConfig, AutoTokenizer, GPT2Config
 
