@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -196,6 +200,13 @@ def test_unknown_usernames_are_digested_and_strings_capped(cluster):
     for username in (TYPED_PASSWORD, huge_name):
         answer = client.post("/v1/auth/token", json={"username": username, "password": "x"})
         assert answer.status_code == 401
+    # Lone surrogates are valid JSON but not UTF-8: still a plain 401, and the log stays valid.
+    odd = client.post(
+        "/v1/auth/token",
+        content=b'{"username": "x\\ud800", "password": "\\udfff"}',
+        headers={"content-type": "application/json"},
+    )
+    assert odd.status_code == 401, odd.text
     long_target = "t" * 12_000  # under the 16 KiB request-line limit, far over the cap
     denied = client.get(f"/v1/privacy/budget/{long_target}", headers=bearer(token))
     assert denied.status_code == 403
@@ -259,3 +270,20 @@ def test_shipped_config_and_docs_match_the_code(cluster):
     # The example audience in docs/security.md is the one configs/router.yaml sets.
     security_doc = (root / "docs" / "security.md").read_text()
     assert f"| `aud` | audience, e.g. `{config.auth.audience}` " in security_doc
+
+
+def test_documented_flood_benchmark_runs():
+    """The commands docs/benchmarks.md quotes, with a small --requests so the test stays short:
+    real `fedllm serve` and `fedllm router` processes, a real flood process, a report."""
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "benchmarks.md").read_text()
+    commands = re.findall(r"`(\.venv/bin/python benchmarks/auth_flood\.py[^`]*)`", doc)
+    assert len(commands) == 2
+    for command in commands:
+        argv = [sys.executable, *shlex.split(command)[1:], "--requests", "20"]
+        result = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert re.search(
+            r"\| p99 \| [\d.]+ ms \| [\d.]+ ms \| < 50 ms \| (yes|no) \|", result.stdout
+        )
+        assert re.search(r"login 503: \d+|login 429: \d+", result.stdout)

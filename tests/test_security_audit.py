@@ -377,3 +377,15 @@ def test_distinct_clients_per_window_are_bounded(tmp_path: Path) -> None:
     entries = [json.loads(line)["fields"] for line in path.read_text().splitlines()]
     assert len(entries) == 1025
     assert sum(entry["count"] for entry in entries) == 3000
+
+
+def test_lone_surrogates_from_json_cannot_break_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    odd = json.loads('"x\\ud800y"')  # valid JSON, not encodable as UTF-8
+    with AuditLog(path, KEY, failure_window_s=3600) as log:
+        log.record("budget_read_denied", target=odd, prompt=odd)
+        log.count_failure("unknown_user", "10.0.0.1", unknown_user=odd)
+    first, second = (fields_of(line) for line in path.read_text().splitlines())
+    assert first["target"] == "x?y"
+    assert first["prompt"] == second["users"][0] == redaction_digest(KEY, odd)
+    assert verify_audit_log(path, KEY).ok

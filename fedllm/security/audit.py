@@ -41,6 +41,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+logger = structlog.get_logger(__name__)
+
 SENSITIVE_FIELDS = frozenset({"prompt", "response", "messages", "password", "text"})
 GENESIS_HASH = "0" * 64
 REDACTION_PREFIX = "hmac-sha256:"
@@ -105,7 +109,11 @@ def redaction_digest(redaction_key: bytes, value: Any) -> str:
     Auditors holding the key use this to check whether a given prompt (or a username that
     failed to log in) appears in the log.
     """
-    data = value.encode("utf-8") if isinstance(value, str) else canonical_json(value)
+    data = (
+        value.encode("utf-8", "surrogatepass")
+        if isinstance(value, str)
+        else canonical_json(_bounded(value, b"", cap=False))
+    )
     return REDACTION_PREFIX + hmac.new(redaction_key, data, hashlib.sha256).hexdigest()
 
 
@@ -131,31 +139,37 @@ def read_audit_key(*, file: Path | None = None, env: str | None = None) -> bytes
     return key
 
 
-def _cap(text: str) -> str:
-    """`text`, cut to MAX_STRING_CHARS with a marker saying how much was dropped."""
-    if len(text) <= MAX_STRING_CHARS:
+def _cap(text: str, cap: bool = True) -> str:
+    """`text` as valid UTF-8 (a lone surrogate from JSON becomes "?"), cut to MAX_STRING_CHARS
+    with a marker saying how much was dropped."""
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    if not cap or len(text) <= MAX_STRING_CHARS:
         return text
     return f"{text[:MAX_STRING_CHARS]}…[+{len(text) - MAX_STRING_CHARS} chars]"
 
 
-def _bounded(value: Any, redaction_key: bytes) -> Any:
-    """`value` with sensitive keys' values digested, strings capped and lists shortened."""
+def _bounded(value: Any, redaction_key: bytes, *, cap: bool = True) -> Any:
+    """`value` with sensitive keys' values digested, strings made valid UTF-8 and (with `cap`)
+    capped, and lists shortened; ``cap=False`` only cleans, for digesting whole values."""
     if isinstance(value, dict):
         return {
-            _cap(str(key)): (
+            _cap(str(key), cap): (
                 redaction_digest(redaction_key, item)
-                if key in SENSITIVE_FIELDS
-                else _bounded(item, redaction_key)
+                if key in SENSITIVE_FIELDS and cap
+                else _bounded(item, redaction_key, cap=cap)
             )
             for key, item in value.items()
         }
     if isinstance(value, list | tuple):
+        if not cap:
+            return [_bounded(item, redaction_key, cap=False) for item in value]
         items = [_bounded(item, redaction_key) for item in value[:MAX_LIST_ITEMS]]
         if len(value) > MAX_LIST_ITEMS:
             items.append(f"…[+{len(value) - MAX_LIST_ITEMS} items]")
         return items
     if isinstance(value, str):
-        return _cap(value)
+        return _cap(value, cap)
     return value
 
 
@@ -362,7 +376,10 @@ class AuditLog:
     def _flush_periodically(self) -> None:
         """Daemon loop: write aggregated failures every window until the log closes."""
         while not self._stop.wait(self._window_s):
-            self.flush_failures()
+            try:
+                self.flush_failures()
+            except (OSError, AuditLogError) as error:  # disk full, log closed meanwhile
+                logger.error("audit_failures_not_written", path=str(self._path), error=str(error))
 
 
 def _last_entry(fd: int, path: Path, key: bytes) -> tuple[int, str]:

@@ -43,6 +43,8 @@ def verify_password(password_hash: str, password: str) -> bool:
         return _HASHER.verify(password_hash, password)
     except (VerificationError, InvalidHashError):
         return False
+    except UnicodeEncodeError:  # a lone surrogate from JSON: no stored password can match it
+        return False
 
 
 def needs_rehash(password_hash: str) -> bool:
