@@ -49,13 +49,22 @@ def main(grid: Grid, context: Context) -> None:
     config = experiment_from_run_config(context.run_config)
     try:
         # before any hospital is asked anything (fedllm run has already checked, with data)
-        preflight(config, simulation=False, app_root=APP_ROOT)
+        config = preflight(config, simulation=False, app_root=APP_ROOT)
     except ValueError as error:
         log.error("run.refused", reason=str(error))
         raise
     given = str(context.run_config.get("run-dir", ""))
     run_dir = Path(given) if given else allocate_run_dir(config.run.output_dir, config.run.name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # under `flwr run` this is the only way to learn where the run is written
+    log.info("run.started", run_dir=str(run_dir.resolve()))
+    if not given and config.evaluation.baselines:
+        log.warning(
+            "run.baselines_skipped",
+            baselines=list(config.evaluation.baselines),
+            detail="evaluation.baselines run in `fedllm run`'s own process, not under flwr run; "
+            "run `fedllm run` for them, or `fedllm run --no-baselines` to match this run",
+        )
     if not (run_dir / "config.yaml").exists():
         dump_config(config, run_dir / "config.yaml")
     ledger = ServerLedger(config.strategy.ledger_url or f"sqlite:///{run_dir / 'server.db'}")

@@ -4,6 +4,11 @@
 against the app's own directory, which is where a deployed Flower App Bundle unpacks it), and
 ``overrides`` carries ``section.key=value`` pairs separated by ``;`` so that
 ``flwr run . -c "overrides='training.local_steps=2'"`` works like ``fedllm run --set``.
+
+The common hyper-parameters also have keys of their own, as Flower apps usually do
+(``flwr run . -c "num-server-rounds=5 learning-rate=0.01"``): :data:`FLOWER_KEYS`. Their
+defaults in ``pyproject.toml`` are 0, a value no experiment accepts, meaning "as the YAML says";
+any other value overrides the YAML (and ``overrides``). The YAML stays the full experiment.
 """
 
 from __future__ import annotations
@@ -24,6 +29,27 @@ def resolve_config_path(path: str, app_root: Path = APP_ROOT) -> Path:
     return app_root / candidate
 
 
+# Flower run-config key -> the experiment key it sets (0 in pyproject.toml: keep the YAML's).
+FLOWER_KEYS = {
+    "num-server-rounds": "run.rounds",
+    "local-steps": "training.local_steps",
+    "learning-rate": "training.learning_rate",
+    "target-epsilon": "privacy.target_epsilon",
+    "cohort-size": "federation.cohort_size",
+}
+
+
+def flower_key_overrides(run_config: Mapping[str, object]) -> list[str]:
+    """``section.key=value`` for every Flower key set to something other than its 0 default."""
+    overrides = []
+    for key, target in FLOWER_KEYS.items():
+        value = run_config.get(key, 0)
+        if isinstance(value, bool) or value in (0, 0.0, ""):
+            continue
+        overrides.append(f"{target}={value}")
+    return overrides
+
+
 def split_overrides(text: str) -> list[str]:
     """``a.b=1; c.d=x`` -> ``["a.b=1", "c.d=x"]``."""
     return [part.strip() for part in text.split(";") if part.strip()]
@@ -34,4 +60,5 @@ def experiment_from_run_config(
 ) -> ExperimentConfig:
     """Load the experiment both the ServerApp and every ClientApp of a run agree on."""
     path = resolve_config_path(str(run_config.get("config-file", "configs/default.yaml")), app_root)
-    return load_config(path, split_overrides(str(run_config.get("overrides", ""))))
+    overrides = split_overrides(str(run_config.get("overrides", "")))
+    return load_config(path, [*overrides, *flower_key_overrides(run_config)])
