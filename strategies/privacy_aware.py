@@ -52,7 +52,7 @@ from fedllm.aggregation.rules import (
 )
 from fedllm.aggregation.server_dp import ServerDpConfig, ServerSideDp
 from fedllm.config.schema import ExperimentConfig
-from fedllm.models.checkpoints import save_adapter_state
+from fedllm.models.checkpoints import AdapterWriter
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport
 from fedllm.selection.cohort import Cohort, draw_cohort
@@ -107,6 +107,10 @@ class Contribution:
 
 class PrivacyAwareStrategy(FedAvg):
     """Budget-aware, utility- and redundancy-aware cohort selection with unbiased aggregation."""
+
+    # Set by the ServerApp after construction (so subclass constructors need not pass it on):
+    # writes each round's global adapter, see save_round_checkpoint.
+    checkpoint_writer: AdapterWriter | None = None
 
     def __init__(
         self,
@@ -515,22 +519,24 @@ class PrivacyAwareStrategy(FedAvg):
             ineligible=row["ineligible"],
             hospital_events=events,
             reported_epsilon={k: v for k, v in row["epsilon"].items() if v is not None},
-            checkpoint=str(checkpoint),
+            checkpoint=None if checkpoint is None else str(checkpoint),
         )
         self.report.add_round(row)
         if row["eval_loss"] is None:
             return None
         return MetricRecord({"eval-loss": row["eval_loss"]})
 
-    def save_round_checkpoint(self, server_round: int, arrays: ArrayRecord) -> Path:
-        """The global adapter after ``server_round``, so a restarted server can resume.
+    def save_round_checkpoint(self, server_round: int, arrays: ArrayRecord) -> Path | None:
+        """The global adapter after ``server_round`` as a peft directory, so a restarted server
+        can resume; None when no `checkpoint_writer` was given (the round is not resumable).
 
-        Written atomically, and encrypted at rest when the server has a key ring.
+        ``checkpoint_writer`` (set by the ServerApp, which holds the model peft needs) writes
+        it atomically, and encrypted at rest when the server has a key ring.
         """
-        folder = Path(self.run_context["run-dir"]) / "checkpoints"
-        folder.mkdir(exist_ok=True)
-        path = folder / f"round-{server_round:04d}.pt"
-        save_adapter_state(arrays.to_torch_state_dict(), path)
+        if self.checkpoint_writer is None:
+            return None
+        path = Path(self.run_context["run-dir"]) / "checkpoints" / f"round-{server_round:04d}"
+        self.checkpoint_writer(arrays.to_torch_state_dict(), path)
         return path
 
     def summarise_evaluation(self, replies: Iterable[Message]) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from fedllm.federation.preflight import preflight
 from fedllm.models.adapters import adapter_state, load_adapter_state
 from fedllm.models.checkpoints import (
     PublicationRefusedError,
-    load_adapter_state_file,
+    adapter_directory_writer,
+    load_round_checkpoint,
     publish_adapter,
     save_adapter_directory,
 )
@@ -118,8 +119,11 @@ def run_federation(
         ledger=ledger,
         round_offset=completed,
     )
+    # peft writes from a model: the writer overwrites `model`'s adapter with each round's,
+    # and the final adapter is loaded into it again before `checkpoint/` is written
+    strategy.checkpoint_writer = adapter_directory_writer(model)
     if completed:
-        load_adapter_state(model, load_adapter_state_file(Path(ledger.checkpoint(run_dir.name))))
+        load_adapter_state(model, load_round_checkpoint(Path(ledger.checkpoint(run_dir.name))))
         log.info("run.resumed", run_dir=str(run_dir), after_round=completed)
     arrays = ArrayRecord(adapter_state(model))
     strategy.query_status(grid)

@@ -169,12 +169,19 @@ def _run(tmp_path, config, **behaviour):
     strategy = PrivacyAwareStrategy(
         config, report, {"run-dir": str(tmp_path), "run-id": "t"}, ledger
     )
+    strategy.checkpoint_writer = _save_state
     initial = {"w": torch.zeros(3)}
     strategy.query_status(grid)
     result = strategy.start(
         grid, ArrayRecord(initial), num_rounds=2, timeout=config.strategy.round_timeout_s
     )
     return grid, report.data["rounds"], ledger, {h.name: h for h in hospitals}, result
+
+
+def _save_state(state, directory):
+    """The round-checkpoint writer for these plain tensors (the ServerApp's needs a PeftModel)."""
+    directory.mkdir(parents=True)
+    torch.save(dict(state), directory / "state.pt")
 
 
 def _dicts(events):
@@ -219,8 +226,9 @@ def test_round_below_min_cohort_is_skipped_and_keeps_the_model(tmp_path):
     assert [row["skipped"] for row in rows] == [True, True]
     assert rows[0]["lost"] == ["gamma"]
     for round_id in (1, 2):
-        saved = torch.load(tmp_path / "checkpoints" / f"round-{round_id:04d}.pt")
+        saved = torch.load(tmp_path / "checkpoints" / f"round-{round_id:04d}" / "state.pt")
         assert torch.equal(saved["w"], torch.zeros(3))
+    assert ledger.checkpoint("t") == str(tmp_path / "checkpoints" / "round-0002")
     assert len(result.arrays) == 0  # Flower never received an aggregate
     # skipping aggregation does not un-spend privacy: alpha and beta trained in both rounds
     for name, hospital in hospitals.items():

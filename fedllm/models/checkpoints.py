@@ -1,11 +1,12 @@
 """Adapter checkpoints on disk, encrypted at rest (AES-256-GCM) when a key ring is configured.
 
-The server writes a per-round adapter state (``checkpoints/round-NNNN.pt``, for resuming) and
-the final adapter as a peft directory (``checkpoint/``, which hospital inference servers
-serve). With ``FEDLLM_ENCRYPTION_KEYS`` or ``FEDLLM_ENCRYPTION_KEY_FILE`` set, every one of
-these files is written as ciphertext bound to its file name, and reading refuses a file that
-was altered, swapped with another, or replaced by plaintext. Without a key ring they are plain
-files, as before.
+The server writes the global adapter after every round (``checkpoints/round-NNNN/``, for
+resuming) and at the end (``checkpoint/``, which hospital inference servers serve), both as
+peft adapter directories written the same way (`save_adapter_directory`). With
+``FEDLLM_ENCRYPTION_KEYS`` or ``FEDLLM_ENCRYPTION_KEY_FILE`` set, every one of these files is
+written as ciphertext bound to its file name, and reading refuses a file that was altered,
+swapped with another of the same name, or replaced by plaintext. Without a key ring they are
+plain files that ``PeftModel.from_pretrained`` loads.
 
 Only DP-trained adapters are published for inference servers (`publish_adapter`): the
 published directory also holds ``dp-record.json`` (see fedllm.models.dp_record), encrypted like
@@ -24,8 +25,10 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from safetensors.torch import load as load_safetensors
 
 from fedllm.config.schema import ModelConfig
+from fedllm.models.adapters import load_adapter_state
 from fedllm.models.dp_record import (
     DP_RECORD_FILE,
     DPRecord,
@@ -40,7 +43,6 @@ from fedllm.security.encryption import (
     decrypt_file,
     environment_keyring,
     is_encrypted,
-    save_torch_encrypted,
     write_atomic,
     write_encrypted,
 )
@@ -76,21 +78,41 @@ def read_artifact(path: Path, keyring: KeyRing | None = None) -> bytes:
     return data
 
 
-def save_adapter_state(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write an adapter state dict (a round checkpoint), encrypted when a key ring is set."""
+AdapterWriter = Callable[[Mapping[str, torch.Tensor], Path], str]
+
+
+def adapter_directory_writer(model: PeftModel) -> AdapterWriter:
+    """A writer of adapter states as peft directories, for code that holds no PeftModel.
+
+    The strategy only sees the global adapter as tensors; peft needs the model (its LoRA
+    config) to write ``adapter_config.json``. The writer loads each state into ``model`` and
+    saves it with `save_adapter_directory`, so ``model``'s adapter weights are overwritten:
+    give it a model whose adapter is not otherwise in use.
+    """
+
+    def write(state: Mapping[str, torch.Tensor], directory: Path) -> str:
+        load_adapter_state(model, dict(state))
+        return save_adapter_directory(model, directory)
+
+    return write
+
+
+def load_round_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The adapter state saved after a round, decrypted when a key ring is configured.
+
+    ``path`` is a peft directory (``round-NNNN/``) or, from runs before those, a
+    ``round-NNNN.pt`` state dict, which is still read (tensors only: no pickled code runs).
+    """
     path = Path(path)
-    ring = environment_keyring()
-    if ring is not None:
-        save_torch_encrypted(state, path, ring)
-        return
-    staging = path.with_name(path.name + STAGING_SUFFIX)
-    torch.save(state, staging)
-    staging.replace(path)
-
-
-def load_adapter_state_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict written by :func:`save_adapter_state` (no pickled code runs)."""
-    return torch.load(io.BytesIO(read_artifact(path)), map_location="cpu", weights_only=True)
+    if path.is_dir():
+        weights = path / ADAPTER_WEIGHTS[0]
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path}: no {ADAPTER_WEIGHTS[0]} (not a round checkpoint)")
+        return load_safetensors(read_artifact(weights))
+    if path.suffix == ".pt" and path.is_file():
+        data = read_artifact(path)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no round checkpoint there (moved or deleted?)")
 
 
 def write_artifact(path: Path, data: bytes) -> None:
