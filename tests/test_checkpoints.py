@@ -8,7 +8,7 @@ from federation_helpers import TINY_TEST_MODEL, randomised_lora_model
 from peft import PeftModel, get_peft_model_state_dict
 
 from fedllm.config.schema import ModelConfig
-from fedllm.models.adapters import adapter_state
+from fedllm.models.adapters import adapter_state, load_adapter_state
 from fedllm.models.checkpoints import (
     adapter_directory_writer,
     load_round_checkpoint,
@@ -66,8 +66,12 @@ def test_round_checkpoint_is_a_peft_directory_without_a_key_ring(tmp_path, write
     writer(state, directory)
     assert sorted(p.name for p in directory.iterdir()) == ROUND_FILES
     assert sorted(p.name for p in directory.parent.iterdir()) == ["round-0001"]  # no staging
-    # what resume reads back is bit-identical to what the strategy handed over
+    # what resume reads back is bit-identical to what the strategy handed over, and so is the
+    # global adapter it restarts from (as run_federation loads it into a fresh model)
     _assert_same(load_round_checkpoint(directory), state)
+    resumed = load_lora_model(MODEL, torch.device("cpu"), seed=5)
+    load_adapter_state(resumed, load_round_checkpoint(directory))
+    _assert_same(adapter_state(resumed), state)
     # and it is an ordinary peft adapter
     loaded = PeftModel.from_pretrained(load_base_model(MODEL, torch.device("cpu")), directory)
     _assert_same(adapter_state(loaded), state)
