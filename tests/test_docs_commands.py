@@ -678,6 +678,7 @@ def _stop_group(process: subprocess.Popen, port: int) -> None:
     with suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=15)
+    assert _port_free(port), f"port {port} still bound after its server was stopped"
 
 
 def _token(sandbox: Path) -> str:
