@@ -3,14 +3,17 @@
 pysqlite defers BEGIN until the first write, so a read-check-insert sequence in two processes
 could both pass a budget check. Taking over transaction control (SQLAlchemy's documented
 pysqlite recipe) and issuing BEGIN IMMEDIATE for writers serialises them; other databases get
-the same guarantee from ``SELECT ... FOR UPDATE`` in the ledgers.
+the same guarantee from ``SELECT ... FOR UPDATE`` and conditional UPDATEs in the ledgers.
+
+Several processes (router replicas, federation servers) may open one PostgreSQL database at
+the same moment; `create_schema` serialises their CREATE TABLEs so none fails on the race.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 # SQLite waits this long for another process's write lock before failing a write; a charge
@@ -19,6 +22,9 @@ SQLITE_BUSY_TIMEOUT_S = 120.0
 
 # Execution option marking transactions that must hold SQLite's write lock from their start.
 WRITE_LOCK_OPTION = "fedllm_sqlite_write_lock"
+
+# PostgreSQL advisory lock key under which processes create tables one at a time ("fedllm").
+SCHEMA_LOCK_KEY = 0x666564_6C6C6D
 
 
 def ledger_engines(url: str) -> tuple[Engine, Engine]:
@@ -29,6 +35,21 @@ def ledger_engines(url: str) -> tuple[Engine, Engine]:
     if is_sqlite:
         _enable_sqlite_write_locks(engine)
     return engine, engine.execution_options(**{WRITE_LOCK_OPTION: True})
+
+
+def create_schema(metadata: MetaData, writer: Engine) -> None:
+    """Create `metadata`'s missing tables, safely when several processes start at once.
+
+    ``create_all`` checks for each table and then creates it; two PostgreSQL sessions doing
+    that at once both see it missing and one fails on the duplicate. A transaction-scoped
+    advisory lock makes them take turns, and PostgreSQL's transactional DDL means the second
+    one's check sees the first one's committed tables. SQLite's BEGIN IMMEDIATE already
+    serialises the whole transaction.
+    """
+    with writer.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        metadata.create_all(connection)
 
 
 def _enable_sqlite_write_locks(engine: Engine) -> None:

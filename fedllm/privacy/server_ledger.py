@@ -32,10 +32,11 @@ from sqlalchemy import (
     Text,
     select,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedllm.privacy.accountant import compute_epsilon
-from fedllm.privacy.database import ledger_engines
+from fedllm.privacy.database import create_schema, ledger_engines
 from fedllm.privacy.events import PrivacyEvent, event_from_dict, event_to_dict
 from fedllm.security.encryption import EncryptedJSON, environment_keyring
 
@@ -219,16 +220,24 @@ class ServerLedger:
 
     def __init__(self, url: str) -> None:
         self._engine, self._writer = ledger_engines(url)
-        _Base.metadata.create_all(self._writer)
+        create_schema(_Base.metadata, self._writer)
 
     def start_run(self, run_id: str, config_json: str) -> None:
         """Register a run, or accept it again unchanged (a restarted server calls this too).
 
         Raises ValueError if `run_id` exists with a different configuration: resuming a run
         under other settings would mix two experiments (and two privacy plans) in one history.
+        Two servers registering the same new run at once (PostgreSQL: FOR UPDATE cannot lock
+        a row that does not exist yet) race on its insert; the loser retries and then finds it.
         """
         _check_name("run_id", run_id)
         config = _parse_config(config_json)
+        try:
+            self._start_run(run_id, config_json, config)
+        except IntegrityError:
+            self._start_run(run_id, config_json, config)
+
+    def _start_run(self, run_id: str, config_json: str, config: Any) -> None:
         with Session(self._writer) as session, session.begin():
             row = session.get(_Run, run_id, with_for_update=True)
             if row is None:
@@ -300,6 +309,10 @@ class ServerLedger:
                     checkpoint=checkpoint,
                 )
             )
+            # The round row first: nothing maps the foreign keys as relationships, so the unit
+            # of work would not order the inserts, and PostgreSQL (unlike SQLite by default)
+            # enforces the keys.
+            session.flush()
             session.add_all(
                 _RoundHospital(
                     run_id=run_id,

@@ -23,7 +23,7 @@ from sqlalchemy import DateTime, Float, Integer, String, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fedllm.privacy.database import ledger_engines
+from fedllm.privacy.database import create_schema, ledger_engines
 from fedllm.security.passwords import hash_password, needs_rehash, verify_password
 
 logger = structlog.get_logger(__name__)
@@ -175,7 +175,7 @@ class UserStore:
         self._lockout_s = float(lockout_s)
         self._clock = clock
         self._engine, self._writer = ledger_engines(url)
-        _Base.metadata.create_all(self._writer)
+        create_schema(_Base.metadata, self._writer)
 
     def close(self) -> None:
         """Release the database connections."""

@@ -41,7 +41,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fedllm.privacy.database import ledger_engines
+from fedllm.privacy.database import create_schema, ledger_engines
 
 log = structlog.get_logger(__name__)
 
@@ -242,7 +242,7 @@ class BudgetLedger:
             return
         with self._schema_lock, self._unavailable_on_error():
             if not self._schema_ready:
-                _Base.metadata.create_all(self._writer)
+                create_schema(_Base.metadata, self._writer)
                 self._schema_ready = True
 
     @contextmanager

@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fedllm.privacy.database import ledger_engines
+from fedllm.privacy.database import create_schema, ledger_engines
 from fedllm.serving.router.config import NodeConfig
 
 log = structlog.get_logger(__name__)
@@ -51,7 +51,7 @@ class NodeStore:
         try:
             make_url(url)
             self._engine, self._writer = ledger_engines(url)
-            _Base.metadata.create_all(self._writer)
+            create_schema(_Base.metadata, self._writer)
         except (ArgumentError, SQLAlchemyError, ImportError) as error:
             raise ValueError(f"cannot open the node table: {error}") from None
 
