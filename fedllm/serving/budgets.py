@@ -19,6 +19,9 @@ Design choices, each for a failure mode:
   quota; every database error raises :class:`LedgerUnavailableError` so callers fail closed.
 - **Refresh periods.** Usage is kept per period, ``floor(unix_time / period_s)``; a new period
   starts at zero without any reset job. A reservation settles in the period it was made in.
+- **History.** Every settlement (charge or refund) is appended to ``budget_events`` in the same
+  transaction that moves the ε, so the history can never disagree with the usage rows; it is
+  what the history, department-usage and unusual-spending queries read.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from numbers import Real
 from typing import Literal
 
 import structlog
-from sqlalchemy import BigInteger, DateTime, String, update
+from sqlalchemy import BigInteger, DateTime, Integer, String, func, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -53,6 +56,12 @@ MICRO = Decimal("0.000001")
 STATE_RESERVED = "reserved"
 STATE_COMMITTED = "committed"
 STATE_REFUNDED = "refunded"
+
+# What a reservation pays for unless the caller says otherwise (the only charged mechanism today).
+DEFAULT_MECHANISM = "gnmax-consensus"
+EVENT_CHARGE = "charge"
+EVENT_REFUND = "refund"
+MAX_HISTORY_PAGE = 500
 
 
 class QuotaExceededError(Exception):
@@ -84,6 +93,43 @@ class Reservation:
     user_id: str
     department: str
     epsilon: float
+    mechanism: str = DEFAULT_MECHANISM
+
+
+@dataclass(frozen=True)
+class BudgetEvent:
+    """One settlement in a user's history: ε charged or refunded for one request."""
+
+    id: int
+    kind: str  # EVENT_CHARGE or EVENT_REFUND
+    user_id: str
+    department: str
+    epsilon: float
+    mechanism: str
+    request_id: str  # the reservation id, also in the request's audit entry
+    at: datetime
+
+
+@dataclass(frozen=True)
+class UserUsage:
+    """A user's quota use in the current period, as a fraction of the quota in force."""
+
+    user_id: str
+    quota: float
+    used: float  # spent + reserved
+    fraction: float  # used / quota; 1.0 for a zero quota
+
+
+@dataclass(frozen=True)
+class DepartmentUsage:
+    """ε charged and refunded for one department's users over a time range."""
+
+    department: str
+    charged: float
+    charges: int
+    refunded: float
+    refunds: int
+    users: int
 
 
 @dataclass(frozen=True)
@@ -140,6 +186,28 @@ class _ReservationRow(_Base):
     state: Mapped[str] = mapped_column(String(16), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class _EventRow(_Base):
+    """One settlement, appended in the transaction that moves the ε (a table of its own, so
+    databases created before it need no migration: ``create_all`` adds it)."""
+
+    __tablename__ = "budget_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    reservation_id: Mapped[str] = mapped_column(String(36))
+    kind: Mapped[str] = mapped_column(String(16))
+    user_id: Mapped[str] = mapped_column(String(255), index=True)
+    department: Mapped[str] = mapped_column(String(255), index=True)
+    amount_micro: Mapped[int] = mapped_column(BigInteger)
+    mechanism: Mapped[str] = mapped_column(String(64))
+    # Unix time in microseconds: exact, and compared the same way by every database.
+    at_us: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+def _to_us(moment: datetime) -> int:
+    """An aware datetime as Unix microseconds."""
+    return int(moment.timestamp() * 1_000_000)
 
 
 def _check_amount(name: str, value: object, *, allow_zero: bool) -> Decimal:
@@ -316,8 +384,16 @@ class BudgetLedger:
                 scope, name, _epsilon(cost), _epsilon(remaining), self._period_end(period)
             )
 
-    def reserve(self, user_id: str, department: str, epsilon: float) -> Reservation:
+    def reserve(
+        self,
+        user_id: str,
+        department: str,
+        epsilon: float,
+        mechanism: str = DEFAULT_MECHANISM,
+    ) -> Reservation:
         """Hold `epsilon` against both the user's and the department's quota, atomically.
+
+        `mechanism` names what the ε pays for; it is recorded with the settlement.
 
         Raises:
             QuotaExceededError: if either quota would be exceeded; nothing is held.
@@ -349,7 +425,7 @@ class BudgetLedger:
             department=department,
             epsilon=_epsilon(cost),
         )
-        return Reservation(reservation_id, user_id, department, _epsilon(cost))
+        return Reservation(reservation_id, user_id, department, _epsilon(cost), mechanism)
 
     def _settle(self, reservation: Reservation, target: str) -> str:
         """Move a reservation from "reserved" to `target` once; return its state afterwards.
@@ -373,6 +449,17 @@ class BudgetLedger:
             if moved.rowcount != 1:
                 return row.state
             spent = row.amount_micro if target == STATE_COMMITTED else 0
+            session.add(
+                _EventRow(
+                    reservation_id=row.id,
+                    kind=EVENT_CHARGE if target == STATE_COMMITTED else EVENT_REFUND,
+                    user_id=row.user_id,
+                    department=row.department,
+                    amount_micro=row.amount_micro,
+                    mechanism=reservation.mechanism,
+                    at_us=int(self._clock() * 1_000_000),
+                )
+            )
             for scope, name in (("user", row.user_id), ("department", row.department)):
                 session.execute(
                     update(_Usage)
@@ -483,3 +570,116 @@ class BudgetLedger:
     def set_department_quota(self, department: str, epsilon: float) -> None:
         """Set a department's ε quota per period (overrides configuration, persisted)."""
         self._set_quota("department", _check_name("department", department), epsilon)
+
+    def history(
+        self, user_id: str, *, limit: int = 100, before: int | None = None
+    ) -> tuple[list[BudgetEvent], int | None]:
+        """A user's charges and refunds, newest first, one page at a time.
+
+        `before` is the cursor returned with the previous page (an event id); the second value
+        returned is the cursor of the next page, or None after the last one. Keyset paging, so
+        events settled meanwhile never shift or repeat a page.
+        """
+        _check_name("user_id", user_id)
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 1 <= limit <= MAX_HISTORY_PAGE
+        ):
+            raise ValueError(
+                f"limit must be an integer from 1 to {MAX_HISTORY_PAGE}, got {limit!r}"
+            )
+        query = select(_EventRow).where(_EventRow.user_id == user_id)
+        if before is not None:
+            query = query.where(_EventRow.id < before)
+        query = query.order_by(_EventRow.id.desc()).limit(limit + 1)
+        self._ensure_schema()
+        with self._unavailable_on_error(), Session(self._engine) as session:
+            rows = list(session.scalars(query))
+        page = [_event(row) for row in rows[:limit]]
+        return page, (page[-1].id if len(rows) > limit else None)
+
+    def users_above(self, fraction: float) -> list[UserUsage]:
+        """Users whose use this period (spent + reserved) is above `fraction` of their quota,
+        highest first. Users with no use this period are never listed."""
+        threshold = float(_check_amount("fraction", fraction, allow_zero=True))
+        period = self._period()
+        self._ensure_schema()
+        with self._unavailable_on_error(), Session(self._engine) as session:
+            rows = session.scalars(
+                select(_Usage).where(_Usage.scope == "user", _Usage.period == period)
+            ).all()
+            usages = []
+            for row in rows:
+                quota = self._quota(session, "user", row.name)
+                used = row.spent_micro + row.reserved_micro
+                share = used / quota if quota > 0 else 1.0
+                if used > 0 and share > threshold:
+                    usages.append(UserUsage(row.name, _epsilon(quota), _epsilon(used), share))
+        return sorted(usages, key=lambda usage: (-usage.fraction, usage.user_id))
+
+    def department_usage(self, since: datetime, until: datetime) -> list[DepartmentUsage]:
+        """ε charged and refunded per department for settlements in [since, until)."""
+        if until <= since:
+            raise ValueError("until must be after since")
+        query = (
+            select(
+                _EventRow.department,
+                _EventRow.kind,
+                func.sum(_EventRow.amount_micro),
+                func.count(_EventRow.id),
+            )
+            .where(_EventRow.at_us >= _to_us(since), _EventRow.at_us < _to_us(until))
+            .group_by(_EventRow.department, _EventRow.kind)
+        )
+        users_query = (
+            select(_EventRow.department, func.count(func.distinct(_EventRow.user_id)))
+            .where(_EventRow.at_us >= _to_us(since), _EventRow.at_us < _to_us(until))
+            .group_by(_EventRow.department)
+        )
+        self._ensure_schema()
+        with self._unavailable_on_error(), Session(self._engine) as session:
+            sums = session.execute(query).all()
+            users = dict(session.execute(users_query).all())
+        totals: dict[str, dict[str, tuple[int, int]]] = {}
+        for department, kind, micro, count in sums:
+            totals.setdefault(department, {})[kind] = (int(micro), int(count))
+        return [
+            DepartmentUsage(
+                department=department,
+                charged=_epsilon(kinds.get(EVENT_CHARGE, (0, 0))[0]),
+                charges=kinds.get(EVENT_CHARGE, (0, 0))[1],
+                refunded=_epsilon(kinds.get(EVENT_REFUND, (0, 0))[0]),
+                refunds=kinds.get(EVENT_REFUND, (0, 0))[1],
+                users=int(users.get(department, 0)),
+            )
+            for department, kinds in sorted(totals.items())
+        ]
+
+    def charged_by_user(self, since_s: float, until_s: float) -> dict[str, float]:
+        """ε charged per user for settlements in [since_s, until_s) (Unix seconds)."""
+        query = (
+            select(_EventRow.user_id, func.sum(_EventRow.amount_micro))
+            .where(
+                _EventRow.kind == EVENT_CHARGE,
+                _EventRow.at_us >= int(since_s * 1_000_000),
+                _EventRow.at_us < int(until_s * 1_000_000),
+            )
+            .group_by(_EventRow.user_id)
+        )
+        self._ensure_schema()
+        with self._unavailable_on_error(), Session(self._engine) as session:
+            return {user: _epsilon(int(micro)) for user, micro in session.execute(query).all()}
+
+
+def _event(row: _EventRow) -> BudgetEvent:
+    return BudgetEvent(
+        id=row.id,
+        kind=row.kind,
+        user_id=row.user_id,
+        department=row.department,
+        epsilon=_epsilon(row.amount_micro),
+        mechanism=row.mechanism,
+        request_id=row.reservation_id,
+        at=datetime.fromtimestamp(row.at_us / 1_000_000, tz=UTC),
+    )

@@ -6,6 +6,10 @@ Endpoints (all JSON; errors are ``{"detail": ...}``):
 - ``POST /v1/inference``: the seed contract; plain (0 ε) or consensus (charged) answers.
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: OpenAI-compatible, 0 ε.
 - ``GET /v1/privacy/budget/{user_id}``: own budget (admins: anyone's).
+- ``GET /v1/privacy/budget/{user_id}/history``: own charges and refunds, paginated (admins:
+  anyone's).
+- ``GET /v1/admin/budget/users?above=``, ``GET /v1/admin/budget/departments?since=&until=``:
+  admins only; users near their quota, department usage over a period.
 - ``GET /v1/health``, ``GET /metrics``: unauthenticated, for load balancers and Prometheus.
 - ``GET /v1/ready``: unauthenticated readiness, 503 while the database or every node is down.
 - ``POST /v1/admin/nodes``, ``DELETE /v1/admin/nodes/{node_id}``, ``PUT /v1/admin/config``:
@@ -15,9 +19,11 @@ Endpoints (all JSON; errors are ``{"detail": ...}``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
@@ -32,6 +38,7 @@ from fedllm.security.users import Role
 from fedllm.serving.budgets import LedgerUnavailableError
 from fedllm.serving.http_limits import install_http_guard
 from fedllm.serving.router.admin import AdminConfigUpdate, apply_quotas, apply_runtime
+from fedllm.serving.router.alerts import AlertMonitor
 from fedllm.serving.router.cache import cache_key
 from fedllm.serving.router.config import NodeConfig, RouterConfig
 from fedllm.serving.router.errors import (
@@ -156,16 +163,22 @@ def create_router_app(config: RouterConfig) -> FastAPI:
         store.close()
         raise
     state = RouterState.build(config)
+    alerts = AlertMonitor(config.alerts, state.budgets, state.metrics, state.audit)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await state.pool.start()
         for node in state.pool.nodes:
             state.metrics.observe_node(node)
+        watcher = asyncio.create_task(alerts.run()) if config.alerts.enabled else None
         log.info("router_started", nodes=len(state.pool.nodes), policy=config.routing.policy)
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             await state.pool.stop()
             state.close()
             store.close()
@@ -185,6 +198,7 @@ def create_router_app(config: RouterConfig) -> FastAPI:
     _inference_routes(app, state)
     _info_routes(app, state)
     _admin_routes(app, state, store)
+    _budget_report_routes(app, state)
     return app
 
 
@@ -460,3 +474,112 @@ def _problems(detail: list[dict[str, Any]]) -> str:
         f"{'.'.join(str(part) for part in item.get('loc', ()))}: {item.get('msg')}"
         for item in detail
     )
+
+
+def _parse_time(name: str, value: str | None, default: datetime) -> datetime:
+    """An ISO 8601 query parameter as an aware UTC datetime (naive means UTC); 422 if invalid."""
+    if value is None:
+        return default
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ApiError(422, f"{name} must be an ISO 8601 time, e.g. 2026-01-31T00:00:00Z") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _budget_report_routes(app: FastAPI, state: RouterState) -> None:
+    """Budget history (own or admin) and the admins' quota and department reports."""
+
+    @app.get("/v1/privacy/budget/{user_id}/history")
+    async def budget_history(
+        user_id: str, principal: UserPrincipal, limit: int = 100, cursor: int | None = None
+    ) -> Response:
+        """A user's charges and refunds, newest first; pass ``next_cursor`` back as ``cursor``."""
+        if user_id != principal.subject and principal.role != Role.ADMIN:
+            await state.audit("budget_history_denied", user=principal.subject, target=user_id)
+            raise ApiError(403, "you may only read your own privacy budget history")
+        try:
+            events, next_cursor = await asyncio.to_thread(
+                state.budgets.history, user_id, limit=limit, before=cursor
+            )
+        except LedgerUnavailableError:
+            raise ApiError(503, "privacy budget ledger unavailable") from None
+        except ValueError as error:
+            raise ApiError(422, str(error)) from None
+        return _json(
+            {
+                "user_id": user_id,
+                "events": [
+                    {
+                        "kind": event.kind,
+                        "epsilon": event.epsilon,
+                        "mechanism": event.mechanism,
+                        "request_id": event.request_id,
+                        "department": event.department,
+                        "time": event.at.isoformat(),
+                    }
+                    for event in events
+                ],
+                "next_cursor": next_cursor,
+            }
+        )
+
+    @app.get("/v1/admin/budget/users")
+    async def users_near_quota(principal: AdminPrincipal, above: float = 0.8) -> Response:
+        """Users whose use this period is above ``above`` (a fraction) of their quota."""
+        try:
+            usages = await asyncio.to_thread(state.budgets.users_above, above)
+        except LedgerUnavailableError:
+            raise ApiError(503, "privacy budget ledger unavailable") from None
+        except ValueError as error:
+            raise ApiError(422, str(error)) from None
+        return _json(
+            {
+                "above": above,
+                "users": [
+                    {
+                        "user_id": usage.user_id,
+                        "quota": usage.quota,
+                        "used": usage.used,
+                        "fraction": usage.fraction,
+                    }
+                    for usage in usages
+                ],
+            }
+        )
+
+    @app.get("/v1/admin/budget/departments")
+    async def department_usage(
+        principal: AdminPrincipal, since: str | None = None, until: str | None = None
+    ) -> Response:
+        """ε charged and refunded per department in [since, until) (ISO 8601; default: the
+        current refresh period up to now)."""
+        now = datetime.now(UTC)
+        period_start = datetime.fromtimestamp(
+            (now.timestamp() // state.budgets.period_s) * state.budgets.period_s, tz=UTC
+        )
+        start = _parse_time("since", since, period_start)
+        end = _parse_time("until", until, now)
+        try:
+            usages = await asyncio.to_thread(state.budgets.department_usage, start, end)
+        except LedgerUnavailableError:
+            raise ApiError(503, "privacy budget ledger unavailable") from None
+        except ValueError as error:
+            raise ApiError(422, str(error)) from None
+        return _json(
+            {
+                "since": start.isoformat(),
+                "until": end.isoformat(),
+                "departments": [
+                    {
+                        "department": usage.department,
+                        "charged": usage.charged,
+                        "charges": usage.charges,
+                        "refunded": usage.refunded,
+                        "refunds": usage.refunds,
+                        "users": usage.users,
+                    }
+                    for usage in usages
+                ],
+            }
+        )

@@ -231,6 +231,33 @@ class LimitsConfig(ServerLimits):
     max_keepalive_connections: int = Field(50, ge=1, le=10_000)
 
 
+class AlertsConfig(StrictModel):
+    """Unusual-consumption alert conditions, evaluated every ``interval_s`` by each replica and
+    exported as ``fedllm_router_alert_*`` gauges (1 while the condition holds) with an audit
+    entry each time one starts to hold.
+
+    - unusual spending: a user charged at least ``spending_min_epsilon`` in the last
+      ``spending_window_s`` and more than ``spending_factor`` times their own average per
+      window over the ``spending_baseline_windows`` windows before (read from the shared
+      budget database, so every replica sees every replica's charges);
+    - refused burst: more than ``refused_threshold`` consensus requests refused for quota
+      (HTTP 403) by this replica within ``refused_window_s``;
+    - auth failures: more than ``auth_failures_threshold`` refused logins or tokens at this
+      replica within ``auth_failures_window_s``.
+    """
+
+    enabled: bool = True
+    interval_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    spending_window_s: float = Field(86_400.0, gt=0, le=MAX_PERIOD_S, allow_inf_nan=False)
+    spending_baseline_windows: int = Field(7, ge=1, le=365)
+    spending_factor: float = Field(5.0, gt=0, le=1e6, allow_inf_nan=False)
+    spending_min_epsilon: Quota = 0.5
+    refused_window_s: float = Field(300.0, gt=0, le=MAX_PERIOD_S, allow_inf_nan=False)
+    refused_threshold: int = Field(20, ge=0, le=1_000_000)
+    auth_failures_window_s: float = Field(300.0, gt=0, le=MAX_PERIOD_S, allow_inf_nan=False)
+    auth_failures_threshold: int = Field(20, ge=0, le=1_000_000)
+
+
 class RouterConfig(StrictModel):
     """Everything `fedllm router` needs."""
 
@@ -248,6 +275,7 @@ class RouterConfig(StrictModel):
     consensus: ConsensusConfig = Field(default_factory=ConsensusConfig)
     audit: AuditConfig
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     @model_validator(mode="after")
     def _tls_or_insecure(self) -> RouterConfig:

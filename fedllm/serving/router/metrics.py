@@ -69,6 +69,29 @@ class RouterMetrics:
             registry=self.registry,
         )
 
+        # Alert conditions (see fedllm/serving/router/alerts.py): 1 while the condition holds.
+        self.alert_unusual_spending = Gauge(
+            "fedllm_router_alert_unusual_spending",
+            "1 while some user spends far above their own average (alerts.spending_*).",
+            registry=self.registry,
+        )
+        self.alert_unusual_spending_users = Gauge(
+            "fedllm_router_alert_unusual_spending_users",
+            "How many users currently spend far above their own average.",
+            registry=self.registry,
+        )
+        self.alert_refused_burst = Gauge(
+            "fedllm_router_alert_refused_burst",
+            "1 while quota refusals at this replica exceed alerts.refused_threshold per window.",
+            registry=self.registry,
+        )
+        self.alert_auth_failures = Gauge(
+            "fedllm_router_alert_auth_failures",
+            "1 while refused logins and tokens at this replica exceed "
+            "alerts.auth_failures_threshold per window.",
+            registry=self.registry,
+        )
+
     def observe_node(self, node: NodeState) -> None:
         """Mirror a node's health into the gauge."""
         self.node_healthy.labels(node_id=node.node_id).set(1 if node.healthy else 0)
