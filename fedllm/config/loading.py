@@ -97,4 +97,8 @@ def describe_error(item: Mapping[str, Any]) -> str:
     if item["type"] == "extra_forbidden":
         return f"{key}: unknown key (value {item['input']!r}); check the spelling"
     message = str(item["msg"]).removeprefix("Value error, ")
+    if item["type"] == "value_error" and isinstance(item["input"], Mapping):
+        # a section's own cross-key check: its message names the keys, echoing the whole
+        # section (or the whole file) would bury it
+        return message if not item["loc"] else f"{key}: {message}"
     return f"{key}: got {item['input']!r}; expected: {message}"
