@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from router_helpers import (
     CONSENSUS_TOKENS,
     PASSWORD,
@@ -179,8 +182,8 @@ def _wait_for(router, name: str, value: float) -> None:
 
 def test_unusual_spending_raises_a_gauge_and_an_audit_entry(router):
     # Everyone spent today and nobody before: above 2x a zero average, min 0 ε.
-    _wait_for(router, "fedllm_router_alert_unusual_spending", 1.0)
-    assert _metric(router, "fedllm_router_alert_unusual_spending_users") == 3.0
+    _wait_for(router, "fedllm_router_alert_unusual_spending_users", 3.0)
+    assert _metric(router, "fedllm_router_alert_unusual_spending") == 1.0
     audit = router["creds"].directory / "audit.jsonl"
     raised = [
         json.loads(line)["fields"]
@@ -210,3 +213,17 @@ def test_refused_burst_and_auth_failures_raise_alerts(router):
     assert "auth_failures" in conditions
     key = router["creds"].consortium.audit_key.read_bytes().strip()
     assert verify_audit_log(audit, key).ok
+
+
+def test_shipped_alert_rules_use_metrics_the_router_exports(router):
+    rules = yaml.safe_load(Path("deploy/prometheus/alerts.yml").read_text())
+    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    referenced = {name for expr in exprs for name in re.findall(r"fedllm_router_\w+", expr)}
+    assert {
+        "fedllm_router_alert_unusual_spending",
+        "fedllm_router_alert_refused_burst",
+        "fedllm_router_alert_auth_failures",
+    } <= referenced
+    exported = router["client"].get("/metrics").text
+    for name in referenced:
+        assert re.search(rf"^{name}(\{{| )", exported, re.MULTILINE), name
