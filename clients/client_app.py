@@ -1,17 +1,19 @@
 """The Flower ClientApp run at each hospital: answers status queries, trains and evaluates.
 
 It adapts Flower messages to :class:`fedllm.federation.hospital.HospitalSite`. A site (data,
-model, ledger) is built once per process and reused across rounds. Which hospital this node
-is comes from the node config (:mod:`fedllm.federation.node_settings`): ``hospital-name`` or
+model, ledger) is built once per process and reused across rounds. Which hospital this node is
+comes from the node config (:mod:`fedllm.federation.node_settings`): ``hospital-name`` or
 ``hospital-index`` when the operator set one, else Flower's simulation ``partition-id``;
-``data-path`` names a deployed hospital's own records file; ``ledger-url`` and
-``epsilon-cap`` let a hospital keep its accountant where it chooses and impose its own cap;
-``split-key-file`` holds its secret train/eval split key; ``evaluation: off`` refuses
-evaluation. Every message carries the server's base-model hash (``base-model-sha256``); a
-hospital whose own base model hashes differently answers with a one-line error before it
-charges anything (before its ledger is even opened, when that is the first message). Every
-reply is checked against the release inventory (:mod:`fedllm.privacy.inventory`) before it
-leaves: an undeclared key is never sent.
+``data-path`` names a deployed hospital's own records file; ``ledger-url`` and ``epsilon-cap``
+let a hospital keep its accountant where it chooses and impose its own cap; ``split-key-file``
+holds its secret train/eval split key; ``evaluation: off`` refuses evaluation; ``adapter-dir``
+is where its inference server hot-reloads the federation's adapter, which the last message of a
+run (``query.deliver``) installs there after checking it (:mod:`fedllm.federation.delivery`).
+Every message carries the server's base-model hash (``base-model-sha256``); a hospital whose
+own base model hashes differently answers with a one-line error before it charges anything
+(before its ledger is even opened, when that is the first message). Every reply is checked
+against the release inventory (:mod:`fedllm.privacy.inventory`) before it leaves: an undeclared
+key is never sent.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from fedllm.federation.delivery import ACK_RECORD, ADAPTER_RECORD, DELIVER_ACTION, install_delivery
 from fedllm.federation.experiment import experiment_from_run_config
-from fedllm.federation.hospital import HospitalSite
-from fedllm.federation.node_settings import hospital_index, node_settings
+from fedllm.federation.hospital import BaseModelMismatchError, HospitalSite
+from fedllm.federation.node_settings import adapter_dir, hospital_index, node_settings
 from fedllm.federation.preflight import check_node_count
+from fedllm.models.loading import base_model
 from fedllm.privacy.events import event_to_dict
 from fedllm.privacy.inventory import check_reply
 from fedllm.telemetry.logging import configure_logging
@@ -187,4 +191,31 @@ def evaluate(message: Message, context: Context) -> Message:
             "metrics": MetricRecord(metrics),
             "privacy": ConfigRecord({"events": json.dumps(events)}),
         },
+    )
+
+
+@app.query(DELIVER_ACTION)
+@reply_on_failure
+def deliver(message: Message, context: Context) -> Message:
+    """Install the run's published DP adapter where this hospital's inference server reloads it.
+
+    The hospital checks the adapter against its own base model (not the server's word for it),
+    so no site, data or ledger is needed: nothing is charged and nothing about patients leaves.
+    """
+    config = experiment_from_run_config(context.run_config)
+    own = base_model(config.model)
+    server_base = str(message.content["config"].get("base-model-sha256", ""))
+    if server_base != own.sha256:
+        raise BaseModelMismatchError(
+            f"the server's base model is {server_base[:12] or 'not stated'}, this hospital's "
+            f"({own.name!r}) is {own.sha256[:12]}"
+        )
+    digest = install_delivery(
+        message.content[ADAPTER_RECORD], adapter_dir(context.node_config), own.sha256
+    )
+    label = config.federation.profiles()[hospital_index(config, context.node_config)].name
+    return _reply(
+        message,
+        "deliver",
+        {ACK_RECORD: ConfigRecord({"hospital": label, "adapter-sha256": digest})},
     )

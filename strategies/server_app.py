@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 
 from fedllm.config import ExperimentConfig, dump_config
+from fedllm.federation.delivery import deliver_adapter
 from fedllm.federation.experiment import APP_ROOT, experiment_from_run_config
 from fedllm.federation.preflight import preflight
 from fedllm.models.adapters import adapter_state, load_adapter_state
@@ -163,6 +164,14 @@ def run_federation(
         if outcome.status == "failed"
         else publish_final_adapter(model, config, run_dir, report)
     )
+    # the federation brings the published adapter to every hospital's inference server
+    delivery = (
+        None
+        if published is None
+        else deliver_adapter(
+            grid, published, strategy.run_context, config.strategy.round_timeout_s
+        ).summary()
+    )
     final = (
         {key: rows[-1][key] for key in ("eval_loss", "perplexity", "perplexity_per_hospital")}
         if rows
@@ -175,6 +184,7 @@ def run_federation(
         final=final,
         checkpoint=str(checkpoint.relative_to(run_dir)),
         published_adapter=None if published is None else str(published),
+        adapter_delivery=delivery,
         timing={
             "rounds_s": round(sum(row["duration_s"] for row in rows), 3),
         },

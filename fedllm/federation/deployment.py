@@ -192,6 +192,9 @@ def hospital_node_config(config: HospitalConfig) -> dict[str, NodeValue]:
         values[keys.DATA_PATIENT_FIELD] = config.data.patient_field
     if config.privacy.epsilon_cap is not None:
         values[keys.EPSILON_CAP] = config.privacy.epsilon_cap
+    if config.inference is not None and config.inference.adapter_dir is not None:
+        # where the federation delivers its published adapter, for this node's server to serve
+        values[keys.ADAPTER_DIR] = str(config.inference.adapter_dir)
     return values
 
 

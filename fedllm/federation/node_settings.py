@@ -4,9 +4,10 @@ A simulated hospital is identified by Flower's ``partition-id`` and its records 
 follow from the experiment config and the run directory. A deployed hospital's operator sets
 the node config instead (``fedllm hospital start`` writes it from ``hospital.yaml``): which
 hospital of the experiment this node is, its own records file, where its privacy ledger lives,
-its own ε cap, the file holding its secret train/eval split key, and whether it lets the
-server evaluate on its held-out patients at all. The keys are defined here once, for both the
-writer and the reader.
+its own ε cap, the file holding its secret train/eval split key, whether it lets the server
+evaluate on its held-out patients at all, and the directory its inference server hot-reloads
+the federation's published adapter from (``adapter-dir``, where a run delivers it). The keys
+are defined here once, for both the writer and the reader.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ DATA_SPECIALTY_FIELD = "data-specialty-field"
 DATA_PATIENT_FIELD = "data-patient-field"
 SPLIT_KEY_FILE = "split-key-file"
 EVALUATION = "evaluation"
+ADAPTER_DIR = "adapter-dir"
 EVALUATION_VALUES = ("dp", "off")
 
 
@@ -138,3 +140,13 @@ def node_settings(
         ledger_scope=scope,
         evaluation_allowed=evaluation == "dp",
     )
+
+
+def adapter_dir(node: Mapping[str, object]) -> Path:
+    """Where this hospital's inference server hot-reloads the published adapter from."""
+    if ADAPTER_DIR not in node:
+        raise NodeConfigError(
+            f"{ADAPTER_DIR}: this node has no adapter directory to deliver the adapter to "
+            "(set inference.adapter_dir in hospital.yaml)"
+        )
+    return Path(str(node[ADAPTER_DIR])).expanduser()

@@ -19,7 +19,7 @@ import hashlib
 import io
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -150,22 +150,56 @@ def save_adapter_directory(
         extra = dict(sidecars(digest)) if sidecars is not None else {}
         for name, data in extra.items():
             (staging / name).write_bytes(data)
-        ring = environment_keyring()
-        files = sorted(
-            (p for p in staging.rglob("*") if p.is_file()),
-            key=lambda p: (p.name not in extra, p),
-        )
-        if ring is not None:
-            for file in files:
-                write_encrypted(file, file.read_bytes(), ring)
-        directory.mkdir(parents=True, exist_ok=True)
-        for file in files:
-            target = directory / file.relative_to(staging)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(file, target)
+        _install_staged(staging, directory, first=set(extra))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return digest
+
+
+def write_adapter_files(
+    directory: Path, files: Mapping[str, bytes], sidecars: Collection[str]
+) -> None:
+    """Write an adapter directory received as plaintext files (a delivered published adapter)
+    exactly as `save_adapter_directory` writes one: staged, encrypted with this machine's key
+    ring when one is configured, then moved in one rename per file, the ``sidecars`` (the DP
+    record) first, so a server hot-reloading ``directory`` never sees weights before their
+    description. ``files`` maps plain file names (no directories) to their contents.
+    """
+    directory = Path(directory)
+    staging = directory.with_name(directory.name + STAGING_SUFFIX)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        for name, data in files.items():
+            if Path(name).name != name:
+                raise ValueError(f"adapter file name {name!r} is not a plain file name")
+            (staging / name).write_bytes(data)
+        _install_staged(staging, directory, first=set(sidecars))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_adapter_files(directory: Path, names: Collection[str]) -> dict[str, bytes]:
+    """The plaintext of the named files of an adapter directory (decrypted when encrypted)."""
+    return {name: read_artifact(Path(directory) / name) for name in names}
+
+
+def _install_staged(staging: Path, directory: Path, first: Collection[str]) -> None:
+    """Encrypt the staged files in place (with a key ring), then move them into ``directory``
+    one rename each, the files named in ``first`` before the others."""
+    ring = environment_keyring()
+    files = sorted(
+        (p for p in staging.rglob("*") if p.is_file()),
+        key=lambda p: (p.name not in first, p),
+    )
+    if ring is not None:
+        for file in files:
+            write_encrypted(file, file.read_bytes(), ring)
+    directory.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        target = directory / file.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(file, target)
 
 
 def publish_adapter(

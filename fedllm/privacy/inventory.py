@@ -82,6 +82,14 @@ def _entries() -> tuple[InventoryEntry, ...]:
         ("evaluate", "metrics", "epsilon", "public", public_ledger),
         ("evaluate", "metrics", "epsilon-cap", "public", "the hospital's cap (policy)"),
         ("evaluate", "privacy", "events", "public", "the evaluation's events (public parameters)"),
+        ("deliver", "delivery", "hospital", "public", "hospital name, from the experiment config"),
+        (
+            "deliver",
+            "delivery",
+            "adapter-sha256",
+            "public",
+            "the server's own adapter hash, echoed as acknowledgement",
+        ),
     ]
     return tuple(InventoryEntry(*row) for row in rows)
 

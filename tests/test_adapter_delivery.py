@@ -1,0 +1,247 @@
+"""The federation delivers its published DP adapter to every hospital's inference server.
+
+A real (simulated-transport) run: the ServerApp's federation loop drives the real ClientApp
+handlers of two hospitals (query, train, evaluate, then ``query.deliver``) through a grid that
+calls them in-process, each hospital with its own ``adapter-dir``. Both install the adapter,
+a real inference server (the node app on loopback) serves it, and a hospital refuses an
+adapter of another base model or with tampered weights, in one line, writing nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from test_node_server import TINY, node_config
+from test_preflight import _base
+
+from clients.client_app import deliver, evaluate, status, train
+from fedllm.config import load_config, validate_config
+from fedllm.config.hospital import HospitalConfig
+from fedllm.federation.delivery import (
+    ADAPTER_RECORD,
+    ADAPTER_WEIGHTS,
+    DELIVER_MESSAGE,
+    delivery_content,
+)
+from fedllm.federation.deployment import hospital_node_config
+from fedllm.federation.node_settings import ADAPTER_DIR
+from fedllm.models.checkpoints import read_artifact, write_artifact
+from fedllm.models.dp_record import DP_RECORD_FILE, parse_dp_record
+from fedllm.models.loading import base_model
+from fedllm.privacy.server_ledger import ServerLedger
+from fedllm.report.run_report import RunReport
+from fedllm.serving.generation import ModelBackend
+from fedllm.serving.node_app import create_node_app
+from fedllm.serving.server import BackgroundServer
+from strategies.server_app import run_federation
+
+HANDLERS = {"query": status, "train": train, "evaluate": evaluate, DELIVER_MESSAGE: deliver}
+
+
+class HandlerGrid:
+    """Flower's Grid as the ServerApp uses it, delivering every message to the real ClientApp
+    handler its type routes to, in a context with that node's own node config."""
+
+    def __init__(self, run_config: dict, node_configs: dict[int, dict]) -> None:
+        self.nodes = node_configs
+        self.contexts = {
+            node_id: Context(1, node_id, node_config, RecordDict(), run_config)
+            for node_id, node_config in node_configs.items()
+        }
+        self.sent: list[str] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            kind = message.metadata.message_type
+            self.sent.append(kind)
+            context = self.contexts[message.metadata.dst_node_id]
+            replies.append(HANDLERS[kind](message, context))
+        return replies
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _server_identity():
+    """Flower stamps messages with the running task's identity; give this module one."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TaskIdentity, "_run_id", 1)
+        patch.setattr(TaskIdentity, "_task_id", 1)
+        patch.setattr(TaskIdentity, "_node_id", 0)
+        yield
+
+
+@pytest.fixture(scope="module")
+def delivered(tmp_path_factory):
+    """One DP run of two hospitals that publishes its adapter and delivers it to both."""
+    root = tmp_path_factory.mktemp("delivery")
+    raw = _base(root)
+    raw["run"] |= {"name": "delivered", "rounds": 1, "publish_adapter_dir": "published"}
+    config = validate_config({**raw, "model": TINY.model_dump(mode="json")})
+    config_file = root / "experiment.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
+    run_dir = root / "runs" / "delivered"
+    run_dir.mkdir(parents=True)
+    adapter_dirs = {name: root / name / "adapter" for name in ("a", "b")}
+    nodes = {
+        11 + index: {"partition-id": index, "num-partitions": 2, ADAPTER_DIR: str(directory)}
+        for index, directory in enumerate(adapter_dirs.values())
+    }
+    grid = HandlerGrid({"config-file": str(config_file)}, nodes)
+    ledger = ServerLedger(f"sqlite:///{run_dir / 'server.db'}")
+    ledger.start_run(run_dir.name, config.model_dump_json())
+    run_federation(grid, config, run_dir, RunReport(run_dir, config), ledger, completed=0)
+    return {
+        "grid": grid,
+        "run_dir": run_dir,
+        "published": root / "runs" / "published",
+        "adapter_dirs": adapter_dirs,
+        "report": RunReport.load(run_dir),
+        "config_file": config_file,
+    }
+
+
+def _weights_sha(directory: Path) -> str:
+    return hashlib.sha256(read_artifact(directory / ADAPTER_WEIGHTS)).hexdigest()
+
+
+def test_a_dp_run_delivers_its_published_adapter_to_both_hospitals(delivered):
+    assert delivered["grid"].sent[-2:] == [DELIVER_MESSAGE, DELIVER_MESSAGE]
+    published = delivered["published"]
+    digest = _weights_sha(published)
+    record = parse_dp_record(read_artifact(published / DP_RECORD_FILE))
+    assert record.adapter_sha256 == digest
+    for directory in delivered["adapter_dirs"].values():
+        assert _weights_sha(directory) == digest
+        assert read_artifact(directory / DP_RECORD_FILE) == read_artifact(
+            published / DP_RECORD_FILE
+        )
+        assert not directory.with_name("adapter.staging").exists()
+    report = delivered["report"]
+    assert report["status"] == "completed"
+    assert report["adapter_delivery"] == {
+        "adapter_sha256": digest,
+        "delivered": ["a", "b"],
+        "refused": [],
+    }
+
+
+def test_a_real_inference_server_serves_the_delivered_adapter(delivered):
+    directory = delivered["adapter_dirs"]["a"]
+    backend = ModelBackend(TINY, adapter_dir=directory, reload_interval_s=0, device="cpu")
+    app = create_node_app(node_config(backend="model", adapter_dir=str(directory)), backend)
+    with BackgroundServer(app) as server:
+        health = httpx.get(f"{server.url}/v1/health", timeout=10).json()
+        assert health["model_version"] == _weights_sha(directory)[:12]
+        answer = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"prompt": "Question: chest pain. Answer:", "max_tokens": 2},
+            timeout=30,
+        )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"] or answer.json()["system_fingerprint"]
+
+
+def _delivery(delivered, content: RecordDict, node: dict) -> Message:
+    context = Context(1, 21, node, RecordDict(), {"config-file": str(delivered["config_file"])})
+    return deliver(Message(content, dst_node_id=21, message_type=DELIVER_MESSAGE), context)
+
+
+def _context(delivered) -> dict[str, str]:
+    run_dir = delivered["run_dir"]
+    sha = base_model(TINY).sha256
+    return {"run-dir": str(run_dir), "run-id": run_dir.name, "base-model-sha256": sha}
+
+
+def test_a_hospital_on_another_base_model_refuses_in_one_line(delivered, tmp_path):
+    published = tmp_path / "published"
+    published.mkdir()
+    for name in ("adapter_config.json", ADAPTER_WEIGHTS, DP_RECORD_FILE):
+        write_artifact(published / name, read_artifact(delivered["published"] / name))
+    record = parse_dp_record(read_artifact(published / DP_RECORD_FILE))
+    foreign = {**record.base_model, "sha256": "c" * 64}
+    write_artifact(
+        published / DP_RECORD_FILE, record.model_copy(update={"base_model": foreign}).to_bytes()
+    )
+    target = tmp_path / "adapter"
+    node = {"partition-id": 0, "num-partitions": 2, ADAPTER_DIR: str(target)}
+    reply = _delivery(delivered, delivery_content(published, _context(delivered)), node)
+    assert reply.has_error()
+    reason = reply.error.reason
+    assert reason.startswith("hospital a: DeliveryRefusedError: refused the delivered adapter: ")
+    assert "trained on base model cccccccccccc" in reason
+    assert "\n" not in reason
+    assert not target.exists()
+
+    # the server's own hash differs from this hospital's: refused before anything is read
+    other_server = {**_context(delivered), "base-model-sha256": "d" * 64}
+    reply = _delivery(delivered, delivery_content(delivered["published"], other_server), node)
+    assert reply.error.reason.startswith(
+        "hospital a: BaseModelMismatchError: the server's base model is dddddddddddd"
+    )
+    assert not target.exists()
+
+
+def test_tampered_weights_are_refused_and_nothing_is_written(delivered, tmp_path):
+    content = delivery_content(delivered["published"], _context(delivered))
+    weights = bytearray(content[ADAPTER_RECORD][ADAPTER_WEIGHTS])
+    weights[-1] ^= 0x01
+    content[ADAPTER_RECORD][ADAPTER_WEIGHTS] = bytes(weights)
+    target = tmp_path / "adapter"
+    node = {"partition-id": 1, "num-partitions": 2, ADAPTER_DIR: str(target)}
+    reply = _delivery(delivered, content, node)
+    assert reply.has_error()
+    assert "describes other weights" in reply.error.reason
+    assert reply.error.reason.startswith("hospital b: DeliveryRefusedError:")
+    assert not target.exists()
+
+
+def test_a_hospital_without_an_adapter_dir_says_how_to_set_one(delivered):
+    content = delivery_content(delivered["published"], _context(delivered))
+    reply = _delivery(delivered, content, {"partition-id": 0, "num-partitions": 2})
+    assert reply.error.reason == (
+        "hospital a: NodeConfigError: adapter-dir: this node has no adapter directory to "
+        "deliver the adapter to (set inference.adapter_dir in hospital.yaml)"
+    )
+
+
+def test_hospital_yaml_inference_adapter_dir_reaches_the_node_config(tmp_path):
+    hospital = HospitalConfig.model_validate(
+        {
+            "hospital": "a",
+            "superlink": {"address": "127.0.0.1:9092", "insecure": True},
+            "data": {"path": str(tmp_path / "a.jsonl")},
+            "privacy": {"ledger_url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+            "inference": node_config(
+                hospital_id="a", adapter_dir=str(tmp_path / "adapter")
+            ).model_dump(mode="json"),
+        }
+    )
+    assert hospital_node_config(hospital)[ADAPTER_DIR] == str(tmp_path / "adapter")
+
+
+def test_resuming_a_finished_run_trains_nothing_and_delivers_again(delivered):
+    """On demand: starting a finished run again on its run directory (what ``fedllm resume``
+    does) skips every round and delivers the published adapter once more."""
+    run_dir = delivered["run_dir"]
+    config = load_config(delivered["config_file"])
+    target = delivered["adapter_dirs"]["b"]
+    shutil.rmtree(target)
+    grid = HandlerGrid({"config-file": str(delivered["config_file"])}, delivered["grid"].nodes)
+    ledger = ServerLedger(f"sqlite:///{run_dir / 'server.db'}")
+    completed = ledger.resume_state(run_dir.name).last_completed_round
+    assert completed == config.run.rounds
+    report = RunReport.resume(run_dir, config, completed)
+    run_federation(grid, config, run_dir, report, ledger, completed=completed)
+    assert grid.sent == ["query", "query", DELIVER_MESSAGE, DELIVER_MESSAGE]
+    assert _weights_sha(target) == _weights_sha(delivered["published"])
+    assert RunReport.load(run_dir)["adapter_delivery"]["delivered"] == ["a", "b"]
