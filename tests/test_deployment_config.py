@@ -245,3 +245,16 @@ def test_shipped_hospital_template_is_valid_and_names_what_to_fill_in():
     missing = missing_hospital_files(config)
     assert any(line.startswith("superlink.ca_cert:") for line in missing)
     assert any(line.startswith("data.path:") for line in missing)
+
+
+def test_flower_connection_records_an_absolute_ca_path(tmp_path, monkeypatch):
+    """`clients/start_superlink.sh credentials` passes a relative directory; Flower needs an
+    absolute root-certificates path (it refused: 'expected absolute path')."""
+    (tmp_path / "credentials" / "ca").mkdir(parents=True)
+    (tmp_path / "credentials" / "ca" / "ca.crt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    config = write_flower_connection(
+        tmp_path / "flwr", "op", "127.0.0.1:9092", Path("credentials/ca/ca.crt")
+    )
+    written = tomllib.loads(config.read_text())["superlink"]["op"]["root-certificates"]
+    assert written == str(tmp_path / "credentials" / "ca" / "ca.crt")

@@ -40,7 +40,9 @@ def write_flower_connection(
     security = (
         "insecure = true"
         if insecure
-        else f"root-certificates = {json.dumps(str(root_certificates))}"
+        # Flower refuses a relative path ("expected absolute path"), and a relative one would
+        # also depend on the directory the Flower CLI happens to run in
+        else f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}"
     )
     path = flwr_home / "config.toml"
     path.write_text(
