@@ -357,3 +357,57 @@ def test_cli_init_and_check(tmp_path: Path) -> None:
     result = runner.invoke(certs_app, ["check", "--out", str(out), "--json"])
     assert result.exit_code == 1
     assert json.loads(result.stdout)["problems"][0]["kind"] == "permissions"
+
+
+def test_one_bundle_holds_what_a_hospital_needs_named_as_its_template_expects(tmp_path):
+    import yaml
+
+    out = tmp_path / "credentials"
+    runner = CliRunner()
+    made = runner.invoke(
+        certs_app, ["init", "--out", str(out), "--hospital", "st-mary", "--hospital", "north"]
+    )
+    assert made.exit_code == 0, made.output
+    target = tmp_path / "st-mary-bundle"
+    bundled = runner.invoke(
+        certs_app, ["bundle", "--out", str(out), "--hospital", "st-mary", "--to", str(target)]
+    )
+    assert bundled.exit_code == 0, bundled.output
+    assert sorted(p.name for p in target.iterdir()) == [
+        "auth_key",
+        "auth_key.pub",
+        "ca.crt",
+        "node.crt",
+        "node.key",
+    ]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert stat.S_IMODE((target / "auth_key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((target / "node.key").stat().st_mode) == 0o600
+    assert (target / "auth_key").read_bytes() == (out / "supernodes/st-mary/auth_key").read_bytes()
+    assert (target / "node.crt").read_bytes() == (out / "nodes/st-mary/server.crt").read_bytes()
+    # every credentials/ file the hospital template names is in the bundle
+    template = yaml.safe_load((Path(__file__).parents[1] / "configs/hospital.yaml").read_text())
+    named = {value for value in _strings(template) if value.startswith("credentials/")}
+    assert {Path(value).name for value in named} <= {p.name for p in target.iterdir()}
+    # no silent overwrite
+    again = runner.invoke(
+        certs_app, ["bundle", "--out", str(out), "--hospital", "st-mary", "--to", str(target)]
+    )
+    assert again.exit_code == 2
+    assert "already exists" in again.output
+    unknown = runner.invoke(
+        certs_app, ["bundle", "--out", str(out), "--hospital", "west", "--to", str(tmp_path / "w")]
+    )
+    assert unknown.exit_code == 2
+    assert "no credentials for hospital 'west'" in unknown.output
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value

@@ -20,6 +20,7 @@ from fedllm.security.certs import (
     add_hospital,
     certificate_expiry,
     check_credentials,
+    hospital_bundle,
     init_credentials,
     renew_certificates,
 )
@@ -95,6 +96,27 @@ def add_hospital_command(
     except CredentialsError as err:
         fail(str(err))
     _print_written(creds, only=hospital)
+
+
+@certs_app.command("bundle")
+def bundle_command(
+    hospital: Annotated[str, typer.Option("--hospital", help="The hospital to bundle for.")],
+    to: Annotated[Path, typer.Option("--to", help="Directory to write the bundle into.")],
+    out: Out = Path("credentials"),
+    force: Force = False,
+) -> None:
+    """Write what one hospital needs (CA certificate, SuperNode key pair, inference server TLS)
+    into one directory, named as configs/hospital.yaml expects."""
+    try:
+        written = hospital_bundle(out, hospital, to, force=force)
+    except CredentialsError as err:
+        fail(str(err))
+    for path in written:
+        console.print(f"  {path}", highlight=False)
+    console.print(
+        f"Send {to} to {hospital}'s IT over a trusted channel: it holds their private keys.",
+        highlight=False,
+    )
 
 
 @certs_app.command("renew")

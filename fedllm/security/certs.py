@@ -283,6 +283,58 @@ def load_credentials(out: Path) -> Credentials:
     return layout(root, sorted(hospitals))
 
 
+# What one hospital's IT needs, under the names configs/hospital.yaml expects: (file in the
+# bundle, its mode). The SuperNode's key pair and the inference server's TLS pair are private.
+HOSPITAL_BUNDLE_MODES = {
+    "ca.crt": 0o644,
+    "auth_key": 0o600,
+    "auth_key.pub": 0o644,
+    "node.crt": 0o644,
+    "node.key": 0o600,
+}
+
+
+def hospital_bundle(out: Path, hospital: str, target: Path, *, force: bool = False) -> list[Path]:
+    """Copy everything `hospital` needs from the operator's credentials into `target` (0700).
+
+    The names are the ones the hospital template (``configs/hospital.yaml``) expects, so the
+    operator sends one directory and hospital IT points ``credentials/`` at it. The CA key, the
+    router's keys and other hospitals' files never go in. Refuses to overwrite unless `force`.
+    """
+    creds = load_credentials(out)
+    (name,) = _validate_hospitals([hospital])
+    if name not in creds.supernode_keys or name not in creds.node_server_certs:
+        raise CredentialsError(
+            f"no credentials for hospital {name!r} in {creds.root}; issue them with "
+            "`fedllm certs add-hospital`"
+        )
+    private_key, public_key = creds.supernode_keys[name]
+    server_cert, server_key = creds.node_server_certs[name]
+    sources = {
+        "ca.crt": creds.ca_cert,
+        "auth_key": private_key,
+        "auth_key.pub": public_key,
+        "node.crt": server_cert,
+        "node.key": server_key,
+    }
+    missing = [str(path) for path in sources.values() if not path.is_file()]
+    if missing:
+        raise CredentialsError(f"missing in {creds.root}: {', '.join(missing)}")
+    target = Path(target)
+    existing = [target / file for file in sources if (target / file).exists()]
+    if existing and not force:
+        raise CredentialsError(
+            f"{existing[0]} already exists; pass --force to replace the bundle in {target}"
+        )
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(target, 0o700)
+    written = []
+    for file, source in sources.items():
+        write_atomic(target / file, source.read_bytes(), mode=HOSPITAL_BUNDLE_MODES[file])
+        written.append(target / file)
+    return written
+
+
 def certificate_expiry(path: Path) -> datetime:
     """When the PEM certificate at ``path`` stops being valid (timezone-aware, UTC)."""
     return _read_cert(Path(path)).not_valid_after_utc
