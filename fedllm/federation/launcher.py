@@ -149,21 +149,45 @@ def stop_process_tree(process: subprocess.Popen[bytes], grace_s: float = 10.0) -
     Flower's SuperExec starts the ServerApp and the simulation runtime in sessions of their
     own, and Ray's daemons hang below those, so signalling the process group is not enough:
     the whole tree of descendants is collected first (before parents die and orphans are
-    re-parented), asked to terminate, and killed after ``grace_s``.
+    re-parented), asked to terminate, and killed after ``grace_s``. A process that already died
+    (``kill -9``) has no descendants left to find, but its orphans (a SuperNode's
+    ``flwr-clientapp``, retrying for minutes) are still in its process group: those are
+    collected too, with their descendants.
     """
-    try:
-        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    for member in tree:
+    tree: dict[int, psutil.Process] = {}
+    roots = [*_living([process.pid]), *_group_members(process.pid)]
+    for root in roots:
+        tree[root.pid] = root
+        with suppress(psutil.Error):
+            tree.update((child.pid, child) for child in root.children(recursive=True))
+    tree.pop(os.getpid(), None)
+    for member in tree.values():
         with suppress(psutil.NoSuchProcess):
             member.terminate()
-    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    _, alive = psutil.wait_procs(list(tree.values()), timeout=grace_s)
     for member in alive:
         with suppress(psutil.NoSuchProcess):
             member.kill()
     psutil.wait_procs(alive, timeout=grace_s)
     process.wait()
+
+
+def _living(pids: list[int]) -> list[psutil.Process]:
+    found = []
+    for pid in pids:
+        with suppress(psutil.Error):
+            found.append(psutil.Process(pid))
+    return found
+
+
+def _group_members(group: int) -> list[psutil.Process]:
+    """Every process still in process group `group` (the group a new session's leader made)."""
+    members = []
+    for candidate in psutil.process_iter():
+        with suppress(psutil.Error, OSError):
+            if candidate.pid != os.getpid() and os.getpgid(candidate.pid) == group:
+                members.append(candidate)
+    return members
 
 
 def wait_until_healthy(
