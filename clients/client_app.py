@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -46,6 +47,8 @@ from fedllm.privacy.inventory import check_reply
 from fedllm.telemetry.logging import configure_logging
 
 app = ClientApp()
+# The app bundle this ClientApp runs from: relative experiment paths resolve here first.
+APP_DIRECTORY = Path(__file__).resolve().parents[1]
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +59,7 @@ HOSPITAL_FAILED = 1
 def _hospital_label(context: Context) -> str:
     """This node's hospital name when the config says it, else its Flower node id."""
     try:
-        config = experiment_from_run_config(context.run_config)
+        config = experiment_from_run_config(context.run_config, APP_DIRECTORY)
         return config.federation.profiles()[hospital_index(config, context.node_config)].name
     except Exception:  # the label of a failure must never fail itself
         return f"node {context.node_id}"
@@ -89,7 +92,7 @@ def hospital_site(context: Context, message: Message) -> HospitalSite:
     """The cached site for this node and run, built on first use, on the server's base model."""
     run_dir = _run_dir(message)
     server_base = str(message.content["config"].get("base-model-sha256", ""))
-    config = experiment_from_run_config(context.run_config)
+    config = experiment_from_run_config(context.run_config, APP_DIRECTORY)
     check_node_count(config, context.node_config)
     settings = node_settings(config, context.node_config, run_dir)
     key = (config.model_dump_json(), settings.index, run_dir)
@@ -202,7 +205,7 @@ def deliver(message: Message, context: Context) -> Message:
     The hospital checks the adapter against its own base model (not the server's word for it),
     so no site, data or ledger is needed: nothing is charged and nothing about patients leaves.
     """
-    config = experiment_from_run_config(context.run_config)
+    config = experiment_from_run_config(context.run_config, APP_DIRECTORY)
     own = base_model(config.model)
     server_base = str(message.content["config"].get("base-model-sha256", ""))
     if server_base != own.sha256:

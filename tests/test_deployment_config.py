@@ -258,3 +258,22 @@ def test_flower_connection_records_an_absolute_ca_path(tmp_path, monkeypatch):
     )
     written = tomllib.loads(config.read_text())["superlink"]["op"]["root-certificates"]
     assert written == str(tmp_path / "credentials" / "ca" / "ca.crt")
+
+
+def test_the_submitted_bundle_beats_a_same_named_config_in_the_working_directory(
+    tmp_path, monkeypatch
+):
+    """A `configs/x.yaml` next to a hospital's SuperNode must not replace the researcher's."""
+    from fedllm.federation.experiment import experiment_from_run_config
+
+    bundle, workdir = tmp_path / "bundle", tmp_path / "hospital"
+    for root, steps in ((bundle, 3), (workdir, 99)):
+        (root / "configs").mkdir(parents=True)
+        (root / "configs" / "x.yaml").write_text(f"training:\n  local_steps: {steps}\n")
+    (workdir / "configs" / "only-here.yaml").write_text("training:\n  local_steps: 7\n")
+    monkeypatch.chdir(workdir)
+    chosen = experiment_from_run_config({"config-file": "configs/x.yaml"}, bundle)
+    assert chosen.training.local_steps == 3
+    # a file only the working directory has is still found (fedllm's own CLI paths)
+    fallback = experiment_from_run_config({"config-file": "configs/only-here.yaml"}, bundle)
+    assert fallback.training.local_steps == 7

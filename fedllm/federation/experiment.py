@@ -1,7 +1,9 @@
 """How a Flower app finds its experiment: the ``run_config`` keys shared by server and clients.
 
-``config-file`` names the YAML (relative paths resolve against the working directory, then
-against the app's own directory, which is where a deployed Flower App Bundle unpacks it), and
+``config-file`` names the YAML (a relative path resolves against the app's own directory first,
+which is where a Flower App Bundle unpacks what the researcher submitted, then against the
+working directory: a same-named file next to a hospital's SuperNode or the SuperLink can never
+replace the researcher's), and
 ``overrides`` carries ``section.key=value`` pairs separated by ``;`` so that
 ``flwr run . -c "overrides='training.local_steps=2'"`` works like ``fedllm run --set``.
 
@@ -22,11 +24,18 @@ APP_ROOT = Path(__file__).resolve().parents[2]
 
 
 def resolve_config_path(path: str, app_root: Path = APP_ROOT) -> Path:
-    """The config file as given if it exists, else relative to the app's root."""
+    """An absolute path as given; a relative one in the app's bundle, else the working directory.
+
+    ``app_root`` is the directory of the running Flower app (its FAB), which ServerApp and
+    ClientApp pass in; the default is this package's own checkout.
+    """
     candidate = Path(path).expanduser()
-    if candidate.is_absolute() or candidate.exists():
+    if candidate.is_absolute():
         return candidate
-    return app_root / candidate
+    bundled = app_root / candidate
+    if bundled.exists() or not candidate.exists():
+        return bundled
+    return candidate
 
 
 # Flower run-config key -> the experiment key it sets (0 in pyproject.toml: keep the YAML's).
