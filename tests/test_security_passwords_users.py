@@ -68,7 +68,7 @@ def test_add_get_list_remove(url: str) -> None:
     store.add_user("bob", PASSWORD, "researcher", "oncology")
     assert added == User("alice@hospital-a", Role.CLINICIAN, "cardiology")
     assert store.get("bob") == User("bob", Role.RESEARCHER, "oncology")
-    assert [u.username for u in store.list_users()] == ["alice@hospital-a", "bob"]
+    assert [a.user.username for a in store.accounts()] == ["alice@hospital-a", "bob"]
     store.remove_user("bob")
     assert store.get("bob") is None
     with pytest.raises(ValueError, match="no user"):
@@ -94,7 +94,7 @@ def test_add_user_rejects_invalid_values(
     store = UserStore(url)
     with pytest.raises(ValueError, match=message):
         store.add_user(username, password, role, department)
-    assert store.list_users() == []
+    assert store.accounts() == []
 
 
 def test_duplicate_user_is_refused(url: str) -> None:

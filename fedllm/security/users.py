@@ -233,10 +233,6 @@ class UserStore:
             row = session.get(_UserRow, username)
             return None if row is None else row.to_user()
 
-    def list_users(self) -> list[User]:
-        """Every user, by username."""
-        return [status.user for status in self.accounts()]
-
     def accounts(self) -> list[AccountStatus]:
         """Every user with its failure count and lockout end (None once it has passed)."""
         now = self._clock()

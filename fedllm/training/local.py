@@ -54,7 +54,6 @@ class LocalTrainingResult:
     sample_rate: float
     noise_multiplier: float | None
     mean_loss: float
-    sequences_seen: int
     seconds: float
 
 
@@ -164,7 +163,6 @@ def train_locally(
         sample_rate=sample_rate,
         noise_multiplier=dp.noise_multiplier if dp else None,
         mean_loss=loss_sum / seen if seen else float("nan"),
-        sequences_seen=seen,
         seconds=time.perf_counter() - started,
     )
 

@@ -35,11 +35,6 @@ class EncodedSequences:
         """Indices of a Poisson sample: each sequence independently with probability q."""
         return torch.nonzero(stream.poisson_mask(len(self), sample_rate)).squeeze(1)
 
-    @property
-    def num_tokens(self) -> int:
-        """Tokens that are predicted (every real token but the first of each sequence)."""
-        return int(self.attention_mask[:, 1:].sum())
-
 
 def encode_texts(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
