@@ -2,7 +2,8 @@
 
 ``FairnessFirstStrategy`` boosts the utility of hospitals that have trained least, so small
 rural hospitals are not crowded out by large ones; eligibility (privacy budgets), the cohort
-QUBO, inclusion-weighted aggregation, ledgers and reports are inherited unchanged.
+QUBO, inclusion-weighted aggregation and the Flower round protocol are inherited unchanged, and
+the ServerApp builds it with ``from_config`` and records its rounds as for the default one.
 
 Use it from any experiment YAML:
 

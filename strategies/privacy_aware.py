@@ -1,61 +1,34 @@
-"""The privacy-aware strategy: eligibility, utility, cohort QUBO, inclusion-weighted aggregation.
+"""The privacy-aware strategy: the five hooks an ML engineer overrides, and their defaults.
 
-Each round:
-
-1. **query**: every hospital reports its privacy status from its own ledger (spent ε, the ε
-   it would reach after one more round, its cap) and, once per run, a noised data profile;
-2. **eligibility** (hook :meth:`is_eligible`): only hospitals that can afford the round;
-3. **utility** (hook :meth:`utility`): Oort-style statistical utility from the noised loss
-   statistic each hospital released with its last update, times a straggler factor, plus an
-   exploration bonus for rarely selected hospitals;
-4. **cohort** (hook :meth:`solve_cohort`): ``random``, ``oort`` (top-K utility), or the cohort
-   QUBO ``Σ u_i x_i − λ Σ s_ij x_i x_j, Σ x_i = K`` solved by the quantum-inspired sampler
-   (``quantum``; the cohort is drawn from its low-energy ensemble) or exactly (``exact``);
-5. **aggregate** (hook :meth:`aggregation_weights`): by default ``n_i / π_i`` normalised, with
-   π_i the cohort's inclusion probability, or a robust rule, optionally with server-side DP.
-
-Hospitals may drop out: every wait is bounded by ``strategy.round_timeout_s``, a round with
-fewer than ``strategy.min_cohort`` successful replies is recorded as skipped (the global
-adapter stays unchanged), and a hospital that was sent a train message but did not reply
-(``lost``) or replied with an error (``failed``) has the round's planned privacy events
-mirrored anyway: it charges its own ledger *before* training, so the server cannot know it
-did not, and an over-estimate is the only safe error for a privacy ledger.
-
-ML engineers subclass and override one hook; the Flower plumbing stays here. Every round is
-recorded in the server's ledger (one transaction) and in ``report.json``.
+Eligibility from each hospital's own privacy ledger (:meth:`~PrivacyAwareStrategy.is_eligible`),
+Oort utility (:meth:`~PrivacyAwareStrategy.utility`), redundancy and the cohort QUBO
+(:meth:`~PrivacyAwareStrategy.redundancy`, :meth:`~PrivacyAwareStrategy.solve_cohort`; the draw
+and uniform mix are ``fedllm.selection.cohort``'s), inclusion-weighted aggregation
+(:meth:`~PrivacyAwareStrategy.aggregation_weights`) or server-side DP
+(``fedllm.aggregation.server_dp.HospitalLevelDp``). The Flower round protocol is
+``strategies.cohort_rounds``; what is written down, the injected ``strategies.recorder``.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import random
-import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Self
 
 import numpy as np
 import structlog
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from fedllm.aggregation.rules import (
-    apply_delta,
     coordinate_median,
     inclusion_weights,
     trimmed_mean,
-    update_delta,
     weighted_mean,
 )
-from fedllm.aggregation.server_dp import ServerDpConfig, ServerSideDp
+from fedllm.aggregation.server_dp import HospitalLevelDp, ServerDpConfig, server_side_delta
 from fedllm.config.schema import ExperimentConfig
-from fedllm.models.checkpoints import AdapterWriter
-from fedllm.privacy.server_ledger import ServerLedger
-from fedllm.report.run_report import RunReport
-from fedllm.selection.cohort import Cohort, draw_cohort
+from fedllm.selection import cohort as cohorts
 from fedllm.selection.instance import CohortInstance
 from fedllm.selection.solvers import DEFAULT_SOLVER, SelectionResult, solve
 from fedllm.selection.utility import (
@@ -64,98 +37,128 @@ from fedllm.selection.utility import (
     statistical_utility,
     straggler_factor,
 )
-from fedllm.training.evaluation import EvaluationResult, combine
+from strategies.cohort_rounds import CohortRounds
+from strategies.recorder import RunRecorder
+from strategies.rounds import Contribution, HospitalView
 
 QUBO_SOLVERS = {"quantum": DEFAULT_SOLVER, "exact": "exact"}
-
 log = structlog.get_logger(__name__)
+__all__ = ["Contribution", "HospitalView", "PrivacyAwareStrategy", "strategy_keywords"]
 
 
-@dataclass
-class HospitalView:
-    """Everything the server knows about one hospital: released statistics and observations."""
+class PrivacyAwareStrategy(CohortRounds):
+    """Budget-aware, utility- and redundancy-aware cohort selection with unbiased aggregation.
 
-    node_id: int
-    name: str
-    status: dict[str, Any] = field(default_factory=dict)
-    profile: list[float] | None = None
-    square_loss_sum: float | None = None
-    sample_size: float | None = None
-    times_selected: int = 0
-    unmirrored_events: list[dict[str, Any]] = field(default_factory=list)
-    planned_events: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def num_units(self) -> int:
-        return int(self.status.get("num-units", 0))
-
-    @property
-    def speed(self) -> float:
-        return float(self.status.get("speed", 1.0))
-
-
-@dataclass
-class Contribution:
-    """One hospital's reply to a train message, as aggregation sees it."""
-
-    hospital: str
-    adapter: dict[str, torch.Tensor]
-    num_examples: float
-    inclusion_probability: float
-    metrics: dict[str, Any]
-
-
-class PrivacyAwareStrategy(FedAvg):
-    """Budget-aware, utility- and redundancy-aware cohort selection with unbiased aggregation."""
-
-    # Set by the ServerApp after construction (so subclass constructors need not pass it on):
-    # writes each round's global adapter, see save_round_checkpoint.
-    checkpoint_writer: AdapterWriter | None = None
+    Keywords mirror ``strategy.*`` of the experiment YAML (:meth:`from_config` maps them):
+    ``cohort_size`` (K), ``selection`` (random, oort, quantum, exact), ``solver`` and
+    ``solver_options`` (QUBO solver; None: by selection), ``redundancy_weight`` (λ),
+    ``uniform_mix`` (m), ``aggregation`` and ``trim_fraction``, ``exploration_weight``,
+    ``straggler_penalty`` and ``loss_clip`` (Oort utility), ``planned_work`` (local steps ×
+    batch size, public), ``server_dp`` (None, or the hospital-level DP that replaces the
+    weighted aggregation), ``seed`` (selection only; never DP noise). The round's wiring
+    (``recorder``, ``run_context``, ``min_cohort``, ``round_timeout_s``, ...) goes to
+    :class:`~strategies.cohort_rounds.CohortRounds`.
+    """
 
     def __init__(
         self,
+        *,
+        cohort_size: int,
+        selection: str = "quantum",
+        solver: str | None = None,
+        solver_options: Mapping[str, Any] | None = None,
+        redundancy_weight: float = 0.5,
+        uniform_mix: float = 0.1,
+        aggregation: str = "inclusion-weighted",
+        trim_fraction: float = 0.2,
+        exploration_weight: float = 0.5,
+        straggler_penalty: float = 2.0,
+        loss_clip: float = 5.0,
+        planned_work: float = 1.0,
+        server_dp: HospitalLevelDp | None = None,
+        seed: int = 0,
+        **round_settings: Any,
+    ) -> None:
+        super().__init__(**round_settings)
+        self.cohort_size, self.selection = cohort_size, selection
+        self.solver, self.solver_options = solver, dict(solver_options or {})
+        self.redundancy_weight, self.uniform_mix = redundancy_weight, uniform_mix
+        self.aggregation, self.trim_fraction = aggregation, trim_fraction
+        self.exploration_weight, self.straggler_penalty = exploration_weight, straggler_penalty
+        self.loss_clip, self.planned_work = loss_clip, planned_work
+        self.server_dp, self.seed = server_dp, seed
+        self.rng = random.Random(seed + self.round_offset)
+        self.ensemble_rng = np.random.default_rng(seed + self.round_offset)
+
+    @classmethod
+    def from_config(
+        cls,
         config: ExperimentConfig,
-        report: RunReport,
+        *,
+        recorder: RunRecorder,
         run_context: dict[str, str],
-        ledger: ServerLedger,
         round_offset: int = 0,
         query_timeout: float | None = None,
-    ) -> None:
-        super().__init__(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
-        self.config = config
-        self.settings = config.strategy
-        self.report = report
-        self.run_context = run_context
-        self.run_id = run_context["run-id"]
-        self.ledger = ledger
-        self.round_offset = round_offset
-        self.query_timeout = (
-            query_timeout if query_timeout is not None else config.strategy.round_timeout_s
-        )
-        self.rng = random.Random(config.run.seed + round_offset)
-        self.ensemble_rng = np.random.default_rng(config.run.seed + round_offset)
-        self.views: dict[int, HospitalView] = {}
-        # node id -> one line saying why that hospital failed (its error reply, or lost)
-        self.problems: dict[int, str] = {}
-        self.server_dp = (
-            ServerSideDp(
-                ServerDpConfig(
-                    mode=self.settings.server_dp.mode,
-                    noise_multiplier=self.settings.server_dp.noise_multiplier,
-                    clip_norm=self.settings.server_dp.clip_norm,
-                    target_quantile=self.settings.server_dp.target_quantile,
-                    clip_learning_rate=self.settings.server_dp.clip_learning_rate,
-                )
+    ) -> Self:
+        """The strategy an experiment YAML describes (``strategy``, ``federation``, ...)."""
+        s, federation = config.strategy, config.federation
+        server_dp = None
+        if s.server_dp.mode != "off":
+            delta, source = server_side_delta(config.privacy.enabled, config.privacy.delta)
+            server_dp = HospitalLevelDp(
+                ServerDpConfig(**s.server_dp.model_dump()),
+                cohort_size=federation.cohort_size,
+                num_hospitals=federation.num_hospitals,
+                delta=delta,
+                delta_source=source,
             )
-            if self.settings.server_dp.mode != "off"
-            else None
+        dp_evaluation = config.evaluation.release == "dp"
+        return cls(
+            recorder=recorder,
+            run_context=run_context,
+            round_offset=round_offset,
+            query_timeout=query_timeout,
+            min_cohort=s.min_cohort,
+            round_timeout_s=s.round_timeout_s,
+            release_profiles=config.needs_profiles,
+            evaluation_loss_clip=config.evaluation.loss_clip if dp_evaluation else None,
+            cohort_size=federation.cohort_size,
+            selection=s.selection,
+            solver=s.solver,
+            solver_options=s.solver_options,
+            redundancy_weight=s.redundancy_weight,
+            uniform_mix=s.uniform_mix,
+            aggregation=s.aggregation,
+            trim_fraction=s.trim_fraction,
+            exploration_weight=s.exploration_weight,
+            straggler_penalty=s.straggler_penalty,
+            loss_clip=s.loss_clip,
+            planned_work=config.training.local_steps * config.training.batch_size,
+            server_dp=server_dp,
+            seed=config.run.seed,
         )
-        self._round: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- hooks to override
 
     def is_eligible(self, view: HospitalView, server_round: int) -> tuple[bool, str]:
-        """A hospital may train if its own ledger says the next round fits under its cap."""
+        """Whether a hospital may train in ``server_round``, and if not, why.
+
+        Parameters
+        ----------
+        view : HospitalView
+            The hospital; read ``view.status`` only (``{}`` when it did not answer this
+            round's query; keys ``can-afford`` (0/1), ``epsilon``, ``epsilon-next`` and
+            ``epsilon-cap`` (ε, from the hospital's own ledger) with ``privacy.enabled``).
+        server_round : int
+            The run's round, 1-based, counting rounds of a resumed run's earlier servers.
+
+        Returns
+        -------
+        (bool, str)
+            ``(True, "")``, or ``(False, reason)``: one line, recorded in ``rounds[].ineligible``.
+            Invariant: a hospital whose next round would exceed its cap is never eligible.
+            Overriding it makes server-side DP account the selection as data-dependent.
+        """
         status = view.status
         if not status:
             return False, "did not answer the status query"
@@ -167,124 +170,107 @@ class PrivacyAwareStrategy(FedAvg):
         return True, ""
 
     def utility(self, view: HospitalView, server_round: int) -> float:
-        """Statistical utility × straggler factor + exploration bonus (Oort), scaled to O(1)."""
-        if view.square_loss_sum is None or view.sample_size is None:
-            statistical = max((v.num_units for v in self.views.values()), default=1) * (
-                self.settings.loss_clip
-            )
-        else:
-            statistical = statistical_utility(
-                view.num_units, view.square_loss_sum, view.sample_size
-            )
-        scale = sum(v.num_units for v in self.views.values()) or 1
-        durations = [self.planned_duration(v) for v in self.views.values()]
-        preferred = float(np.median(durations)) if durations else 0.0
-        factor = straggler_factor(
-            self.planned_duration(view), preferred, self.settings.straggler_penalty
+        """How much training ``view``'s hospital in ``server_round`` is worth (Oort).
+
+        Parameters
+        ----------
+        view : HospitalView
+            An eligible hospital: ``square_loss_sum`` and ``sample_size`` (its last noised
+            loss statistic, None before one), ``times_selected``, ``num_units`` and ``speed``
+            (``view.status`` keys ``num-units``, ``speed``). ``self.views`` holds every
+            hospital, for normalising.
+        server_round : int
+            The run's round, 1-based.
+
+        Returns
+        -------
+        float
+            Unitless, O(1): statistical utility / Σ num_units × straggler factor (≤ 1, from
+            planned work over declared speed, never measured time) + exploration bonus.
+            Finite; higher is better. Recorded in ``rounds[].utility``.
+        """
+        everyone = list(self.views.values())
+        statistical = (
+            max((v.num_units for v in everyone), default=1) * self.loss_clip
+            if view.square_loss_sum is None or view.sample_size is None
+            else statistical_utility(view.num_units, view.square_loss_sum, view.sample_size)
         )
-        bonus = exploration_bonus(
-            server_round, view.times_selected, self.settings.exploration_weight
-        )
+        scale = sum(v.num_units for v in everyone) or 1
+        preferred = float(np.median([self.planned_duration(v) for v in everyone] or [0.0]))
+        planned = self.planned_duration(view)
+        factor = straggler_factor(planned, preferred, self.straggler_penalty)
+        bonus = exploration_bonus(server_round, view.times_selected, self.exploration_weight)
         return statistical / scale * factor + bonus
 
     def planned_duration(self, view: HospitalView) -> float:
-        """A round's expected work over the hospital's declared speed (public values only).
-
-        Measured durations depend on the Poisson batch sizes, a function of the private data,
-        so stragglers are judged by the planned steps × expected batch and the declared speed.
-        """
-        training = self.config.training
-        return training.local_steps * training.batch_size / max(view.speed, 1e-9)
+        """Planned work over declared speed: public, unlike measured (data-dependent) time."""
+        return self.planned_work / max(view.speed, 1e-9)
 
     def redundancy(self, views: Sequence[HospitalView]) -> np.ndarray:
-        """s_ij: cosine similarity of the hospitals' noised specialty profiles."""
+        """How much each pair of hospitals would teach the model the same thing.
+
+        Parameters
+        ----------
+        views : sequence of HospitalView
+            Every hospital the round knows of, eligible or not, sorted by name; read
+            ``view.profile`` (noised specialty counts, None when not released) and, if
+            needed, ``view.status`` keys ``num-units``, ``hospital-index``.
+
+        Returns
+        -------
+        numpy.ndarray
+            N × N, symmetric, unitless, finite, ≥ 0 off the diagonal, in the order of
+            ``views``; the QUBO subtracts ``redundancy_weight``·s_ij for every selected pair.
+            Default: cosine similarity of the profiles (0 for a hospital without one).
+        """
         return profile_similarity([view.profile for view in views])
 
     def solve_cohort(self, instance: CohortInstance, server_round: int) -> SelectionResult:
-        """Solve the cohort QUBO with the configured solver."""
-        name = self.settings.solver or QUBO_SOLVERS[self.settings.selection]
-        seed = self.config.run.seed * 100_003 + server_round
-        return solve(instance, solver=name, seed=seed, **self.settings.solver_options)
+        """Solve the round's cohort QUBO (``selection`` quantum or exact only).
+
+        Parameters
+        ----------
+        instance : CohortInstance
+            ``utility`` (N,), ``similarity`` (N × N, from :meth:`redundancy`), ``k`` (the
+            cohort size, ≤ eligible hospitals), ``lam`` (λ) and ``eligible`` (N booleans).
+        server_round : int
+            The run's round, 1-based (the default seeds the solver with it).
+
+        Returns
+        -------
+        SelectionResult
+            An ensemble of cohorts of exactly ``k`` eligible hospitals with weights; its
+            ``inclusion_probabilities`` π_i lie in [0, 1], sum to ``k`` and are 0 for
+            ineligible hospitals. The cohort is drawn from it, then mixed with a uniform draw.
+        """
+        name = self.solver or QUBO_SOLVERS[self.selection]
+        seed = self.seed * 100_003 + server_round
+        return solve(instance, solver=name, seed=seed, **self.solver_options)
 
     def aggregation_weights(self, contributions: Sequence[Contribution]) -> list[float]:
-        """Weights for the weighted rules: n_i, or n_i / π_i (unbiased under selection)."""
+        """The weight of each hospital's adapter in the weighted mean.
+
+        Parameters
+        ----------
+        contributions : sequence of Contribution
+            The round's successful replies: ``hospital``, ``num_examples`` (units trained
+            on, as released), ``inclusion_probability`` (π_i > 0, from the cohort draw),
+            ``metrics`` (the reply's released metrics) and ``adapter``.
+
+        Returns
+        -------
+        list of float
+            One finite weight ≥ 0 per contribution, same order, not all 0; normalised by the
+            caller. Default: n_i/π_i (``inclusion-weighted``: unbiased over the random
+            cohort) or n_i (``weighted``). Not called by ``trimmed-mean``, ``median`` or
+            server-side DP (equal weights: its sensitivity needs them).
+        """
         sizes = [c.num_examples for c in contributions]
-        if self.settings.aggregation == "inclusion-weighted":
+        if self.aggregation == "inclusion-weighted":
             return inclusion_weights(sizes, [c.inclusion_probability for c in contributions])
         return sizes
 
-    # ----------------------------------------------------------------- Flower plumbing
-
-    def query_status(self, grid: Grid, release_profile: bool = False) -> None:
-        """Refresh every hospital's status (and, once per run, its noised profile)."""
-        content = {**self.run_context, "release-profile": int(release_profile)}
-        messages = [
-            Message(
-                RecordDict({"config": ConfigRecord(content)}),
-                message_type=MessageType.QUERY,
-                dst_node_id=node_id,
-            )
-            for node_id in grid.get_node_ids()
-        ]
-        for view in self.views.values():
-            view.status = {}
-        for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
-            if reply.has_error():
-                self.problems[reply.metadata.src_node_id] = reply.error.reason
-                continue
-            self.report.observe_release("query", reply.content)
-            status = dict(reply.content["status"])
-            node_id = reply.metadata.src_node_id
-            view = self.views.setdefault(node_id, HospitalView(node_id, str(status["hospital"])))
-            view.status = status
-            if "profile" in status:
-                view.profile = [float(x) for x in status.pop("profile")]
-                view.unmirrored_events += json.loads(str(status.pop("profile-events")))
-            if "round-events" in status:
-                view.planned_events = json.loads(str(status.pop("round-events")))
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Eligibility, utilities, cohort; then the global adapter to the cohort."""
-        current = server_round + self.round_offset
-        started = time.monotonic()
-        self.query_status(grid, release_profile=self.config.needs_profiles)
-        views = sorted(self.views.values(), key=lambda v: v.name)
-        eligible, ineligible = [], {}
-        for view in views:
-            if not view.status and view.node_id not in self.problems:
-                self.problems[view.node_id] = (
-                    f"hospital {view.name}: did not answer the status query of round {current}"
-                )
-            ok, reason = self.is_eligible(view, current)
-            if ok:
-                eligible.append(view)
-            else:
-                ineligible[view.name] = reason
-        utilities = {v.name: self.utility(v, current) for v in eligible}
-        cohort = self.select(views, eligible, utilities, current)
-        for view in views:
-            if view.name in cohort.members:
-                view.times_selected += 1
-        nodes = [v.node_id for v in views if v.name in cohort.members]
-        self._round = {
-            "started": started,
-            "global": arrays.to_torch_state_dict(),
-            "cohort": cohort,
-            "sent": {v.node_id: v.name for v in views if v.name in cohort.members},
-            "row": {
-                "round": current,
-                "selected": sorted(cohort.members),
-                "ineligible": ineligible,
-                "utility": utilities,
-                "inclusion_probability": cohort.inclusion_probabilities,
-                "solver": cohort.solver,
-            },
-        }
-        content = {**dict(config), **self.run_context, "server-round": current}
-        record = RecordDict({"arrays": arrays, "config": ConfigRecord(content)})
-        return self._construct_messages(record, nodes, MessageType.TRAIN)
+    # ----------------------------------------------------------------- selection and aggregation
 
     def select(
         self,
@@ -292,289 +278,75 @@ class PrivacyAwareStrategy(FedAvg):
         eligible: Sequence[HospitalView],
         utilities: dict[str, float],
         server_round: int,
-    ) -> Cohort:
+    ) -> cohorts.Cohort:
         """The round's cohort and every hospital's probability of having been in it."""
-        size = min(self.config.federation.cohort_size, len(eligible))
-        names = [v.name for v in eligible]
+        size, names = min(self.cohort_size, len(eligible)), [v.name for v in eligible]
+        everyone = [v.name for v in views]
         if size == 0:
-            return Cohort(frozenset(), {v.name: 0.0 for v in views}, "none")
-        mode = self.settings.selection
-        if mode == "random":
-            chosen = self.rng.sample(names, size)
-            probability = size / len(names)
-            return Cohort(
-                frozenset(chosen),
-                {v.name: (probability if v.name in names else 0.0) for v in views},
-                "uniform",
-            )
-        if mode == "oort":
-            ranked = sorted(names, key=lambda n: utilities[n], reverse=True)[:size]
-            return Cohort(
-                frozenset(ranked), {v.name: float(v.name in ranked) for v in views}, "top-k"
-            )
-        eligible_names = set(names)
+            return cohorts.no_cohort(everyone)
+        if self.selection == "random":
+            return cohorts.uniform_cohort(names, everyone, size, self.rng)
+        if self.selection == "oort":
+            return cohorts.top_k_cohort(utilities, everyone, size)
         instance = CohortInstance(
-            utility=np.array([utilities.get(v.name, 0.0) for v in views]),
+            utility=np.array([utilities.get(name, 0.0) for name in everyone]),
             similarity=self.redundancy(views),
             k=size,
-            lam=self.settings.redundancy_weight,
-            eligible=np.array([v.name in eligible_names for v in views]),
+            lam=self.redundancy_weight,
+            eligible=np.array([name in set(names) for name in everyone]),
         )
         result = self.solve_cohort(instance, server_round)
-        cohort = draw_cohort(result, [v.name for v in views], self.ensemble_rng)
-        return self.mix_with_uniform(cohort, names, size)
+        drawn = cohorts.draw_cohort(result, everyone, self.ensemble_rng)
+        return cohorts.mix_with_uniform(drawn, names, size, self.uniform_mix, self.rng)
 
-    def mix_with_uniform(self, cohort: Cohort, eligible: Sequence[str], size: int) -> Cohort:
-        """With probability ``uniform_mix`` replace the cohort by a uniform one; exact π.
-
-        π_i = (1 − m)·π_i(ensemble) + m·K/|eligible|: the mixture is still a known
-        distribution, so n_i/π_i aggregation stays unbiased, and no eligible hospital's π
-        falls below m·K/|eligible|, which bounds its weight.
-        """
-        mix = self.settings.uniform_mix
-        if mix == 0:
-            return cohort
-        members = cohort.members
-        if self.rng.random() < mix:
-            members = frozenset(self.rng.sample(list(eligible), size))
-        uniform = size / len(eligible)
-        probabilities = {
-            name: (1 - mix) * p + (mix * uniform if name in eligible else 0.0)
-            for name, p in cohort.inclusion_probabilities.items()
-        }
-        return Cohort(members, probabilities, cohort.solver)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the cohort's adapters and mirror their privacy spending.
-
-        Replies are matched to the hospitals the round was sent to; anything else (an error
-        the SuperLink generates for an unavailable node, a stray reply) is ignored, and a
-        hospital without a reply of its own is ``lost``.
-        """
-        row, cohort, sent = self._round["row"], self._round["cohort"], self._round["sent"]
-        contributions, events, failed = [], {}, []
-        for reply in replies:
-            name = sent.get(reply.metadata.src_node_id)
-            if name is None or name in events or name in failed:
-                continue
-            view = self.views[reply.metadata.src_node_id]
-            if reply.has_error():
-                failed.append(name)
-                self.problems[reply.metadata.src_node_id] = reply.error.reason
-                continue
-            self.report.observe_release("train", reply.content)
-            metrics = dict(reply.content["metrics"])
-            self._observe(view, metrics)
-            events[name] = json.loads(str(reply.content["privacy"]["events"]))
-            contributions.append(
-                Contribution(
-                    name,
-                    reply.content["arrays"].to_torch_state_dict(),
-                    float(metrics["num-examples"]),
-                    cohort.inclusion_probabilities[name],
-                    metrics,
-                )
-            )
-        lost = sorted(set(sent.values()) - set(events) - set(failed))
-        for node_id, name in sent.items():
-            if name in lost:
-                self.problems[node_id] = (
-                    f"hospital {name}: lost in round {row['round']} (no reply within "
-                    f"{self.settings.round_timeout_s:g} s)"
-                )
-        for view in self.views.values():
-            if view.name in failed or view.name in lost:
-                events[view.name] = list(view.planned_events)
-                self.report.record_unconfirmed_round(view.name, view.status)
-        row["failed"] = sorted(failed)
-        row["lost"] = lost
-        row["hospital_events"] = events
-        row["skipped"] = len(contributions) < self.settings.min_cohort
-        if row["skipped"]:
-            log.warning(
-                "round.skipped",
-                round=row["round"],
-                replies=len(contributions),
-                min_cohort=self.settings.min_cohort,
-                lost=lost,
-                failed=row["failed"],
-            )
-            return None, None
-        aggregated = self.aggregate(contributions, self._round["global"])
-        return ArrayRecord(aggregated), MetricRecord({"contributions": len(contributions)})
+    def selection_is_data_independent(self) -> bool:
+        """Only the built-in uniform draw, with neither ``select`` nor ``is_eligible``
+        overridden, ignores every hospital's statistics (server-side DP's sensitivity)."""
+        cls, base = type(self), PrivacyAwareStrategy
+        return (
+            self.selection == "random"
+            and cls.select is base.select
+            and cls.is_eligible is base.is_eligible
+        )
 
     def aggregate(
-        self, contributions: Sequence[Contribution], current: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """The new global adapter from the cohort's adapters."""
+        self, contributions: Sequence[Contribution], current: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+        """The new global adapter, and the round's server-DP record (None without it)."""
         adapters = [c.adapter for c in contributions]
         if self.server_dp is not None:
-            deltas = [update_delta(a, current) for a in adapters]
-            noised, record = self.server_dp.aggregate(
-                deltas, None, cohort_size=self.config.federation.cohort_size
+            dependent = not self.selection_is_data_independent()
+            merged, record = self.server_dp.aggregate(
+                adapters, current, data_dependent_selection=dependent
             )
-            accounting = self._account_server_dp(self.server_dp.config)
-            self._round["row"]["server_dp"] = record | accounting
-            return apply_delta(current, noised)
-        rule = self.settings.aggregation
-        if rule == "trimmed-mean":
-            return trimmed_mean(adapters, self.settings.trim_fraction)
-        if rule == "median":
-            return coordinate_median(adapters)
-        return weighted_mean(adapters, self.aggregation_weights(contributions))
+            guarantee = self.server_dp.guarantee_after(self.recorder.server_side_guarantee, record)
+            self.recorder.server_side_privacy(guarantee)
+            return merged, record
+        if self.aggregation == "trimmed-mean":
+            return trimmed_mean(adapters, self.trim_fraction), None
+        if self.aggregation == "median":
+            return coordinate_median(adapters), None
+        return weighted_mean(adapters, self.aggregation_weights(contributions)), None
 
-    def _account_server_dp(self, server_dp: ServerDpConfig) -> dict[str, Any]:
-        """This round's hospital-level DP cost; also updates the report's composed ε.
-
-        The cost depends on how the cohort was chosen (`selection_sensitivity`). Only the
-        built-in uniform draw (selection ``random``, with neither ``select`` nor
-        ``is_eligible`` overridden) counts as data-independent: any other choice, including a
-        subclass's, may look at every hospital's statistics, so it gets the conservative bound.
-        """
-        from fedllm.aggregation.server_dp import (
-            compose_server_side_guarantee,
-            server_dp_accounting,
-            server_side_delta,
+    def summary(self) -> None:
+        """Log the settings that decide a round (Flower calls this once, before round 1)."""
+        log.info(
+            "strategy.summary",
+            strategy=type(self).__name__,
+            selection=self.selection,
+            cohort_size=self.cohort_size,
+            aggregation=self.aggregation,
+            server_dp=self.server_dp is not None,
+            uniform_mix=self.uniform_mix,
+            min_cohort=self.min_cohort,
+            round_timeout_s=self.round_timeout_s,
         )
 
-        cls = type(self)
-        uniform = (
-            self.settings.selection == "random"
-            and cls.select is PrivacyAwareStrategy.select
-            and cls.is_eligible is PrivacyAwareStrategy.is_eligible
-        )
-        accounting = server_dp_accounting(
-            server_dp,
-            self.config.federation.cohort_size,
-            self.config.federation.num_hospitals,
-            data_dependent_selection=not uniform,
-        )
-        delta, source = server_side_delta(self.config.privacy.enabled, self.config.privacy.delta)
-        previous = self.report.data["privacy"].get("server_side")
-        guarantee = compose_server_side_guarantee(previous, accounting, delta, source)
-        self.report.update_server_side_privacy(guarantee)
-        return accounting
 
-    def _observe(self, view: HospitalView, metrics: dict[str, Any]) -> None:
-        """Keep the released (noised) utility statistic and the hospital's privacy state."""
-        if "utility-square-loss-sum" in metrics:
-            view.square_loss_sum = float(metrics["utility-square-loss-sum"])
-            view.sample_size = float(metrics["utility-sample-size"])
-        if "epsilon" in metrics:
-            self.report.update_hospital_privacy(view.name, metrics)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Every reachable hospital evaluates the new global adapter on its held-out split.
-
-        Reachable: it answered this round's status query and did not drop out of training,
-        so a hospital known to be gone does not cost the round another timeout.
-        """
-        current = server_round + self.round_offset
-        content = {**dict(config), **self.run_context, "server-round": current}
-        record = RecordDict({"arrays": arrays, "config": ConfigRecord(content)})
-        self._round["arrays"] = arrays
-        gone = set(self._round.get("row", {}).get("lost", []))
-        nodes = [
-            node_id
-            for node_id in grid.get_node_ids()
-            if node_id in self.views
-            and self.views[node_id].status
-            and self.views[node_id].name not in gone
-        ]
-        return self._construct_messages(record, nodes, MessageType.EVALUATE)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Close the round: perplexities, ε, ledger row (atomic), report row, checkpoint."""
-        row = self._round["row"]
-        # released before this round trained (profile, the initial evaluation): mirrored first,
-        # then the round's events, then this evaluation's, in the order hospitals charged them
-        earlier = {view.name: view.unmirrored_events for view in self.views.values()}
-        for view in self.views.values():
-            view.unmirrored_events = []
-        row |= self.summarise_evaluation(replies)
-        row["epsilon"] = {
-            name: state["epsilon"]
-            for name, state in self.report.data["privacy"]["hospitals"].items()
-        }
-        row["duration_s"] = round(time.monotonic() - self._round["started"], 3)
-        checkpoint = self.save_round_checkpoint(row["round"], self._round["arrays"])
-        events = row.pop("hospital_events")
-        for view in self.views.values():
-            merged = earlier[view.name] + events.get(view.name, []) + view.unmirrored_events
-            if merged:
-                events[view.name] = merged
-            view.unmirrored_events = []
-        self.ledger.record_round(
-            self.run_id,
-            row["round"],
-            cohort=row["selected"],
-            utilities=row["utility"],
-            inclusion_probabilities=row["inclusion_probability"],
-            ineligible=row["ineligible"],
-            hospital_events=events,
-            reported_epsilon={k: v for k, v in row["epsilon"].items() if v is not None},
-            checkpoint=None if checkpoint is None else str(checkpoint),
-        )
-        self.report.add_round(row)
-        if row["eval_loss"] is None:
-            return None
-        return MetricRecord({"eval-loss": row["eval_loss"]})
-
-    def save_round_checkpoint(self, server_round: int, arrays: ArrayRecord) -> Path | None:
-        """The global adapter after ``server_round`` as a peft directory, so a restarted server
-        can resume; None when no `checkpoint_writer` was given (the round is not resumable).
-
-        ``checkpoint_writer`` (set by the ServerApp, which holds the model peft needs) writes
-        it atomically, and encrypted at rest when the server has a key ring.
-        """
-        if self.checkpoint_writer is None:
-            return None
-        path = Path(self.run_context["run-dir"]) / "checkpoints" / f"round-{server_round:04d}"
-        self.checkpoint_writer(arrays.to_torch_state_dict(), path)
-        return path
-
-    def summarise_evaluation(self, replies: Iterable[Message]) -> dict[str, Any]:
-        """Global (token-weighted) and per-hospital held-out loss and perplexity."""
-        per_hospital = self.evaluation_by_hospital(replies)
-        if not per_hospital:
-            return {"eval_loss": None, "perplexity": None, "perplexity_per_hospital": {}}
-        overall = combine(list(per_hospital.values()))
-        return {
-            "eval_loss": overall.mean_loss,
-            "perplexity": overall.perplexity,
-            "perplexity_per_hospital": {n: r.perplexity for n, r in per_hospital.items()},
-        }
-
-    def evaluation_by_hospital(self, replies: Iterable[Message]) -> dict[str, EvaluationResult]:
-        """Each evaluating hospital's released loss sum and count (tokens, or units under DP)."""
-        results = {}
-        for reply in replies:
-            view = self.views.get(reply.metadata.src_node_id)
-            if reply.has_error():
-                self.problems[reply.metadata.src_node_id] = reply.error.reason
-                continue
-            if view is None:
-                continue
-            self.report.observe_release("evaluate", reply.content)
-            metrics = reply.content["metrics"]
-            if "privacy" in reply.content:
-                # a DP evaluation charged the hospital's ledger: mirror it with the next round
-                view.unmirrored_events += json.loads(str(reply.content["privacy"]["events"]))
-            if "epsilon" in metrics:
-                self.report.update_hospital_epsilon(
-                    view.name, float(metrics["epsilon"]), float(metrics["epsilon-cap"])
-                )
-            if not int(metrics.get("evaluated", 0)):
-                continue
-            loss_sum, count = float(metrics["eval-loss-sum"]), float(metrics["eval-count"])
-            if self.config.evaluation.release == "dp":
-                # the true sum lies in [0, L·count]; clamping the noised one is post-processing
-                loss_sum = min(max(loss_sum, 0.0), self.config.evaluation.loss_clip * count)
-            results[view.name] = EvaluationResult(loss_sum, count)
-        return dict(sorted(results.items()))
+def strategy_keywords() -> tuple[str, ...]:
+    """Every keyword ``from_config`` passes to the constructor (preflight checks subclasses)."""
+    named = (
+        inspect.signature(function).parameters.values()
+        for function in (PrivacyAwareStrategy.__init__, CohortRounds.__init__)
+    )
+    return tuple(p.name for ps in named for p in ps if p.kind is inspect.Parameter.KEYWORD_ONLY)

@@ -38,6 +38,7 @@ from fedllm.report.run_dir import allocate_run_dir
 from fedllm.report.run_report import RunReport
 from fedllm.telemetry.logging import configure_logging
 from strategies.privacy_aware import PrivacyAwareStrategy
+from strategies.recorder import RunRecorder
 
 log = structlog.get_logger(__name__)
 
@@ -108,21 +109,23 @@ def run_federation(
     """Initial evaluation (fresh runs), the remaining rounds, then checkpoint and final report."""
     model = load_lora_model(config.model, torch.device("cpu"), config.run.seed)
     strategy_class = load_strategy_class(config.strategy.strategy_class)
-    strategy = strategy_class(
+    # the strategy decides, the recorder writes: report rows, the ledger's round records and
+    # round checkpoints. peft writes from a model: the writer overwrites `model`'s adapter
+    # with each round's, and the final adapter is loaded into it again before `checkpoint/`
+    recorder = RunRecorder(
+        report, ledger, run_dir.name, run_dir, checkpoint_writer=adapter_directory_writer(model)
+    )
+    strategy = strategy_class.from_config(
         config,
-        report,
+        recorder=recorder,
         # every message carries the base model's hash: a hospital on another model refuses
         run_context={
             "run-dir": str(run_dir),
             "run-id": run_dir.name,
             "base-model-sha256": base_model(config.model).sha256,
         },
-        ledger=ledger,
         round_offset=completed,
     )
-    # peft writes from a model: the writer overwrites `model`'s adapter with each round's,
-    # and the final adapter is loaded into it again before `checkpoint/` is written
-    strategy.checkpoint_writer = adapter_directory_writer(model)
     if completed:
         load_adapter_state(model, load_round_checkpoint(Path(ledger.checkpoint(run_dir.name))))
         log.info("run.resumed", run_dir=str(run_dir), after_round=completed)

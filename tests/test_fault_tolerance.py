@@ -29,6 +29,7 @@ from fedllm.privacy.plan import plan_hospital
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport
 from strategies.privacy_aware import PrivacyAwareStrategy
+from strategies.recorder import RunRecorder
 
 NAMES = ("alpha", "beta", "gamma")
 TIMEOUT_S = 7.5
@@ -166,10 +167,10 @@ def _run(tmp_path, config, **behaviour):
     report = RunReport(tmp_path, config)
     ledger = ServerLedger(f"sqlite:///{tmp_path / 'server.db'}")
     ledger.start_run("t", config.model_dump_json())
-    strategy = PrivacyAwareStrategy(
-        config, report, {"run-dir": str(tmp_path), "run-id": "t"}, ledger
+    recorder = RunRecorder(report, ledger, "t", tmp_path, checkpoint_writer=_save_state)
+    strategy = PrivacyAwareStrategy.from_config(
+        config, recorder=recorder, run_context={"run-dir": str(tmp_path), "run-id": "t"}
     )
-    strategy.checkpoint_writer = _save_state
     initial = {"w": torch.zeros(3)}
     strategy.query_status(grid)
     result = strategy.start(

@@ -46,6 +46,11 @@ from strategies.privacy_aware import PrivacyAwareStrategy
 class ForgetsTheRound(PrivacyAwareStrategy):
     def utility(self, view):
         return 1.0
+
+
+class OldConstructor(PrivacyAwareStrategy):
+    def __init__(self, config, report, run_context=None, ledger=None, round_offset=0):
+        super().__init__(cohort_size=config.federation.cohort_size)
 """
 
 
@@ -109,6 +114,10 @@ def _bad_configs(tmp_path: Path) -> dict[str, tuple[dict, str]]:
         ),
         "strategy hook signature": (
             {"strategy": {"strategy_class": "bad_strategy:ForgetsTheRound"}},
+            "strategy.strategy_class",
+        ),
+        "strategy constructor": (
+            {"strategy": {"strategy_class": "bad_strategy:OldConstructor"}},
             "strategy.strategy_class",
         ),
         "LoRA targets": (

@@ -29,6 +29,7 @@ from fedllm.config import validate_config
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport
 from strategies.privacy_aware import Contribution, HospitalView, PrivacyAwareStrategy
+from strategies.recorder import RunRecorder
 
 NAMES = ("alpha", "beta", "gamma", "delta", "epsilon")
 CLIP = 0.5
@@ -62,7 +63,10 @@ def _strategy(
     tmp_path.mkdir(parents=True, exist_ok=True)
     report = RunReport(tmp_path, config)
     ledger = ServerLedger(f"sqlite:///{tmp_path / 'server.db'}")
-    strategy = cls(config, report, {"run-dir": str(tmp_path), "run-id": "t"}, ledger)
+    recorder = RunRecorder(report, ledger, "t", tmp_path)
+    strategy = cls.from_config(
+        config, recorder=recorder, run_context={"run-dir": str(tmp_path), "run-id": "t"}
+    )
     for node_id, name in enumerate(NAMES[:num_hospitals]):
         strategy.views[node_id] = HospitalView(
             node_id,
@@ -204,14 +208,13 @@ def _aggregate_rounds(strategy: PrivacyAwareStrategy, rounds: int) -> list[dict]
     current = {"w": torch.zeros(2)}
     contributions = [
         Contribution(name, {"w": torch.tensor([0.3, -0.2])}, 10.0, 1.0, {})
-        for name in NAMES[: strategy.config.federation.cohort_size]
+        for name in NAMES[: strategy.cohort_size]
     ]
     records = []
     for _ in range(rounds):
-        strategy._round = {"row": {}}
-        merged = strategy.aggregate(contributions, current)
+        merged, record = strategy.aggregate(contributions, current)
         assert global_norm({"w": merged["w"] - current["w"]}) > 0
-        records.append(strategy._round["row"]["server_dp"])
+        records.append(record)
     return records
 
 
@@ -229,10 +232,10 @@ def test_report_carries_the_hospital_level_epsilon(
     assert all(r["noise_multiplier"] == SIGMA for r in records)
     assert all(r["effective_noise_multiplier"] == pytest.approx(SIGMA / multiple) for r in records)
 
-    delta = strategy.config.privacy.delta
+    delta = strategy.server_dp.delta
     expected = _pld_epsilon(SIGMA / multiple, rounds, delta)
     on_disk = json.loads((tmp_path / "report.json").read_text())["privacy"]["server_side"]
-    for server_side in (strategy.report.data["privacy"]["server_side"], on_disk):
+    for server_side in (strategy.recorder.report.data["privacy"]["server_side"], on_disk):
         assert server_side["epsilon"] == pytest.approx(expected, rel=1e-3)
         assert server_side["delta"] == delta
         assert server_side["rounds"] == rounds
@@ -259,7 +262,7 @@ def test_privacy_disabled_uses_the_default_delta(tmp_path) -> None:
         tmp_path, 3, 2, strategy={"selection": "random"}, privacy={"enabled": False}
     )
     _aggregate_rounds(strategy, 2)
-    server_side = strategy.report.data["privacy"]["server_side"]
+    server_side = strategy.recorder.report.data["privacy"]["server_side"]
     assert server_side["delta"] == 1e-5
     assert "privacy.enabled is false" in server_side["delta_source"]
     assert server_side["epsilon"] == pytest.approx(_pld_epsilon(SIGMA / 2, 2, 1e-5), rel=1e-3)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+import structlog
 import torch
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedllm.config import validate_config
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport
 from strategies.privacy_aware import Contribution, HospitalView, PrivacyAwareStrategy
+from strategies.recorder import RunRecorder
+from strategies.rounds import RoundPlan
 
 NAMES = ("alpha", "beta", "gamma", "delta", "epsilon")
 
@@ -25,7 +31,10 @@ def _strategy(tmp_path, cls=PrivacyAwareStrategy, **strategy):
     tmp_path.mkdir(parents=True, exist_ok=True)
     report = RunReport(tmp_path, config)
     ledger = ServerLedger(f"sqlite:///{tmp_path / 'server.db'}")
-    instance = cls(config, report, {"run-dir": str(tmp_path), "run-id": "t"}, ledger)
+    recorder = RunRecorder(report, ledger, "t", tmp_path)
+    instance = cls.from_config(
+        config, recorder=recorder, run_context={"run-dir": str(tmp_path), "run-id": "t"}
+    )
     for node_id, name in enumerate(NAMES):
         instance.views[node_id] = HospitalView(
             node_id,
@@ -114,9 +123,9 @@ def test_robust_rules_ignore_an_outlier(tmp_path):
     strategy = _strategy(tmp_path, aggregation="median")
     updates = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([1.2])}, {"w": torch.tensor([50.0])}]
     contributions = [Contribution(str(i), u, 1.0, 1.0, {}) for i, u in enumerate(updates)]
-    merged = strategy.aggregate(contributions, {"w": torch.tensor([0.0])})
+    merged, _ = strategy.aggregate(contributions, {"w": torch.tensor([0.0])})
     assert float(merged["w"][0]) == pytest.approx(1.2)
-    mean = _strategy(tmp_path / "mean", aggregation="weighted").aggregate(
+    mean, _ = _strategy(tmp_path / "mean", aggregation="weighted").aggregate(
         contributions, {"w": torch.tensor([0.0])}
     )
     assert float(mean["w"][0]) > 10
@@ -174,3 +183,24 @@ def test_example_subclass_changes_one_hook_and_loads_by_name(tmp_path):
         view.square_loss_sum, view.sample_size = 40.0, 10.0
     fair.views[4].times_selected = fair.views[3].times_selected = 5
     assert _select(fair).members == {"gamma", "beta"}
+
+
+def test_the_strategy_is_a_flower_strategy_built_from_keywords(tmp_path):
+    """Keywords alone build it (no ExperimentConfig); it logs its own summary, not FedAvg's."""
+    from_yaml = _strategy(tmp_path / "yaml", selection="oort")
+    by_hand = PrivacyAwareStrategy(
+        recorder=from_yaml.recorder, run_context={"run-id": "t"}, cohort_size=2, selection="oort"
+    )
+    assert isinstance(by_hand, Strategy)
+    assert not isinstance(by_hand, FedAvg)
+    by_hand.views = from_yaml.views
+    for view in by_hand.views.values():
+        view.square_loss_sum, view.sample_size = 40.0, 10.0
+    assert _select(by_hand).members == _select(from_yaml).members == {"epsilon", "delta"}
+    with structlog.testing.capture_logs() as logs:
+        by_hand.summary()
+    (summary,) = [entry for entry in logs if entry["event"] == "strategy.summary"]
+    assert (summary["selection"], summary["cohort_size"]) == ("oort", 2)
+    plan = RoundPlan(1, 0.0, {}, _select(by_hand), {}, {}, {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.round = 2  # type: ignore[misc]

@@ -75,7 +75,13 @@ import dp_accounting
 import torch
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params, compute_stdv
 
-from fedllm.aggregation.rules import AdapterState, check_compatible, weighted_mean
+from fedllm.aggregation.rules import (
+    AdapterState,
+    apply_delta,
+    check_compatible,
+    update_delta,
+    weighted_mean,
+)
 from fedllm.privacy.accountant import PLD_VALUE_DISCRETIZATION_INTERVAL, compute_epsilon
 from fedllm.privacy.events import GaussianRelease, event_to_dict
 
@@ -475,3 +481,57 @@ def compose_server_side_guarantee(
         "accountant": SERVER_SIDE_ACCOUNTANT,
         "composition": composition,
     }
+
+
+class HospitalLevelDp:
+    """Server-side DP as one run's strategy applies it: the noised aggregate and its accounting.
+
+    The seam between any strategy and the hospital-level guarantee: a strategy that wants it
+    hands over the cohort's adapters and says whether its selection looked at the data; this
+    object returns the new global adapter (current + noised mean of clipped deltas over the
+    public cohort size m) and the round's record (the mechanism's parameters and
+    `server_dp_accounting`). `guarantee_after` composes that record onto the previous
+    guarantee. The weighting rule of the wrapped strategy is not used: the mechanism's
+    sensitivity holds for equal weights over m only.
+    """
+
+    def __init__(
+        self,
+        config: ServerDpConfig,
+        *,
+        cohort_size: int,
+        num_hospitals: int,
+        delta: float,
+        delta_source: str,
+    ) -> None:
+        if config.mode == "off":
+            raise ValueError("server-side DP is off: use no HospitalLevelDp at all")
+        self.mechanism = ServerSideDp(config)
+        self.cohort_size = cohort_size
+        self.num_hospitals = num_hospitals
+        self.delta = delta
+        self.delta_source = delta_source
+
+    def aggregate(
+        self,
+        adapters: Sequence[AdapterState],
+        current: AdapterState,
+        *,
+        data_dependent_selection: bool,
+    ) -> tuple[AdapterState, dict[str, Any]]:
+        """The new global adapter and the round's ``server_dp`` record (public values only)."""
+        deltas = [update_delta(adapter, current) for adapter in adapters]
+        noised, record = self.mechanism.aggregate(deltas, None, cohort_size=self.cohort_size)
+        accounting = server_dp_accounting(
+            self.mechanism.config,
+            self.cohort_size,
+            self.num_hospitals,
+            data_dependent_selection=data_dependent_selection,
+        )
+        return apply_delta(current, noised), record | accounting
+
+    def guarantee_after(
+        self, previous: Mapping[str, Any] | None, round_record: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The hospital-level guarantee once ``round_record``'s round is released."""
+        return compose_server_side_guarantee(previous, round_record, self.delta, self.delta_source)

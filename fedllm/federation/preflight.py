@@ -181,8 +181,9 @@ def check_target_epsilon(config: ExperimentConfig) -> None:
 def check_strategy_class(spec: str, app_root: Path) -> None:
     """``package.module:Class`` imports (as the ServerApp imports it) and fits the plumbing.
 
-    The class must subclass ``PrivacyAwareStrategy``; its constructor must take what the
-    ServerApp passes, and each overridden hook must accept the arguments the plumbing gives.
+    The class must subclass ``PrivacyAwareStrategy``; its ``from_config`` and constructor must
+    take what the ServerApp passes, and each overridden hook must accept the arguments the
+    plumbing gives.
     """
     key = "strategy.strategy_class"
     module_name, _, class_name = spec.partition(":")
@@ -195,7 +196,7 @@ def check_strategy_class(spec: str, app_root: Path) -> None:
             spec,
             f"an importable module {module_name!r} ({type(error).__name__}: {_one_line(error)})",
         ) from None
-    from strategies.privacy_aware import PrivacyAwareStrategy
+    from strategies.privacy_aware import PrivacyAwareStrategy, strategy_keywords
 
     strategy_class = getattr(module, class_name, None)
     if strategy_class is None:
@@ -204,12 +205,23 @@ def check_strategy_class(spec: str, app_root: Path) -> None:
         raise PreflightError(
             key, spec, "a subclass of strategies.privacy_aware:PrivacyAwareStrategy"
         )
-    constructor = inspect.signature(strategy_class)
-    if not _accepts(constructor, ("config", "report"), ("run_context", "ledger", "round_offset")):
+    # the ServerApp calls `from_config`, which calls the constructor with every keyword the
+    # built-in one takes: an override of either must still accept them
+    builder = inspect.signature(strategy_class.from_config)
+    if not _accepts(builder, ("config",), ("recorder", "run_context", "round_offset")):
         raise PreflightError(
             key,
             spec,
-            f"a constructor accepting (config, report, run_context=, ledger=, round_offset=), "
+            f"a classmethod from_config(config, *, recorder, run_context, round_offset), "
+            f"got from_config{builder}",
+        )
+    constructor = inspect.signature(strategy_class)
+    keywords = strategy_keywords()
+    if not _accepts(constructor, (), keywords):
+        raise PreflightError(
+            key,
+            spec,
+            f"a constructor accepting the keywords ({', '.join(keywords)}), "
             f"got {class_name}{constructor}",
         )
     for hook in STRATEGY_HOOKS:

@@ -4,12 +4,15 @@ Always taking the single best cohort would make selection deterministic: hospita
 would have inclusion probability 0 and no aggregation could be unbiased for them. So the
 cohort is *drawn* from the solver's low-energy ensemble with the ensemble's own Boltzmann
 weights, and each hospital's π_i is the probability of exactly that draw
-(:class:`~fedllm.selection.solvers.SelectionResult`).
+(:class:`~fedllm.selection.solvers.SelectionResult`). The other selection modes (a uniform
+draw, Oort's top-K) and the uniform mixture that bounds every π_i from below live here too, so
+the strategy only chooses between them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,3 +37,57 @@ def draw_cohort(result: SelectionResult, names: Sequence[str], rng: np.random.Ge
         {name: float(result.inclusion_probabilities[i]) for i, name in enumerate(names)},
         result.solver,
     )
+
+
+def no_cohort(names: Sequence[str]) -> Cohort:
+    """The empty cohort of a round no hospital can afford: every π_i is 0."""
+    return Cohort(frozenset(), dict.fromkeys(names, 0.0), "none")
+
+
+def uniform_cohort(
+    eligible: Sequence[str], names: Sequence[str], size: int, rng: random.Random
+) -> Cohort:
+    """``size`` of the eligible hospitals drawn uniformly: π_i = size / |eligible|, else 0.
+
+    The one data-independent selection (server-side DP accounts it with sensitivity 2C, not
+    the data-dependent bound); ``names`` is every hospital the round knows of.
+    """
+    chosen = rng.sample(list(eligible), size)
+    probability = size / len(eligible)
+    allowed = set(eligible)
+    return Cohort(
+        frozenset(chosen),
+        {name: (probability if name in allowed else 0.0) for name in names},
+        "uniform",
+    )
+
+
+def top_k_cohort(utilities: Mapping[str, float], names: Sequence[str], size: int) -> Cohort:
+    """Oort's deterministic choice: the ``size`` highest utilities; π_i is 1 or 0.
+
+    ``utilities`` holds the eligible hospitals only; ties keep the order of ``utilities``.
+    """
+    ranked = sorted(utilities, key=lambda name: utilities[name], reverse=True)[:size]
+    return Cohort(frozenset(ranked), {name: float(name in ranked) for name in names}, "top-k")
+
+
+def mix_with_uniform(
+    cohort: Cohort, eligible: Sequence[str], size: int, mix: float, rng: random.Random
+) -> Cohort:
+    """With probability ``mix`` replace ``cohort`` by a uniform one of ``size``; exact π.
+
+    π_i = (1 − m)·π_i(cohort) + m·K/|eligible|: the mixture is still a known distribution,
+    so n_i/π_i aggregation stays unbiased, and no eligible hospital's π falls below
+    m·K/|eligible|, which bounds its weight. ``mix`` = 0 returns ``cohort`` and draws nothing.
+    """
+    if mix == 0:
+        return cohort
+    members = cohort.members
+    if rng.random() < mix:
+        members = frozenset(rng.sample(list(eligible), size))
+    uniform = size / len(eligible)
+    probabilities = {
+        name: (1 - mix) * p + (mix * uniform if name in eligible else 0.0)
+        for name, p in cohort.inclusion_probabilities.items()
+    }
+    return Cohort(members, probabilities, cohort.solver)
