@@ -21,6 +21,7 @@ from fedllm.config import ExperimentConfig, dump_config
 from fedllm.federation.delivery import deliver_adapter
 from fedllm.federation.experiment import APP_ROOT, experiment_from_run_config
 from fedllm.federation.preflight import preflight
+from fedllm.federation.run_identity import ledger_run_id
 from fedllm.models.adapters import adapter_state, load_adapter_state
 from fedllm.models.checkpoints import (
     PublicationRefusedError,
@@ -121,7 +122,8 @@ def run_federation(
         # every message carries the base model's hash: a hospital on another model refuses
         run_context={
             "run-dir": str(run_dir),
-            "run-id": run_dir.name,
+            # unique across researchers: what hospitals record in their ledgers
+            "run-id": ledger_run_id(run_dir),
             "base-model-sha256": base_model(config.model).sha256,
         },
         round_offset=completed,

@@ -32,9 +32,11 @@ from fedllm.federation.delivery import (
 )
 from fedllm.federation.deployment import hospital_node_config
 from fedllm.federation.node_settings import ADAPTER_DIR
+from fedllm.federation.run_identity import RUN_ID_FILE
 from fedllm.models.checkpoints import read_artifact, write_artifact
 from fedllm.models.dp_record import DP_RECORD_FILE, parse_dp_record
 from fedllm.models.loading import base_model
+from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport
 from fedllm.serving.generation import ModelBackend
@@ -245,3 +247,16 @@ def test_resuming_a_finished_run_trains_nothing_and_delivers_again(delivered):
     assert grid.sent == ["query", "query", DELIVER_MESSAGE, DELIVER_MESSAGE]
     assert _weights_sha(target) == _weights_sha(delivered["published"])
     assert RunReport.load(run_dir)["adapter_delivery"]["delivered"] == ["a", "b"]
+
+
+def test_hospitals_record_the_runs_unique_id_not_its_directory_name(delivered):
+    run_dir = delivered["run_dir"]
+    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    assert run_id.startswith("delivered-")
+    assert run_id != run_dir.name
+    ledger = NodePrivacyLedger(
+        f"sqlite:///{run_dir / 'hospitals' / 'a' / 'ledger.db'}", "a", epsilon_cap=8.0, delta=1e-5
+    )
+    history = ledger.history()
+    assert history
+    assert {row["run_id"] for row in history} == {run_id}

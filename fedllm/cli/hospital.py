@@ -3,7 +3,11 @@
 ``fedllm hospital start --config hospital.yaml`` starts the hospital's Flower SuperNode (TLS,
 SuperNode authentication, the hospital's own data and privacy ledger) and, when configured,
 its inference server, and stops both when either stops or on Ctrl-C / SIGTERM.
-``fedllm hospital check`` validates the file and shows what would run, starting nothing.
+``fedllm hospital check`` validates the file, the records' columns and the secret files' modes
+and shows what would run, writing nothing (``--online`` also reaches the SuperLink over TLS).
+``fedllm hospital status`` shows ε spent and left, the ledger's history, the base-model hash and
+the adapter being served, from the hospital's own files. Everything ``start`` creates (state
+directory, logs, ledger) is private to the account running it (0700/0600).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from fedllm.cli.common import console, error_console, fail, print_json
 from fedllm.config.hospital import HospitalConfig, load_hospital_config
@@ -20,12 +25,22 @@ from fedllm.config.loading import ConfigError
 from fedllm.federation.deployment import (
     INSECURE_WARNING,
     DeploymentError,
+    data_summary,
     hospital_node_config,
     hospital_supernode_command,
+    key_mode_problems,
     missing_hospital_files,
+    superlink_handshake,
     write_inference_config,
 )
+from fedllm.federation.hospital_status import hospital_status
 from fedllm.federation.launcher import stop_process_tree
+from fedllm.federation.private_files import (
+    create_private_file,
+    private_directory,
+    sqlite_path,
+    use_private_umask,
+)
 from fedllm.federation.processes import (
     log_tail,
     sigterm_as_interrupt,
@@ -61,24 +76,117 @@ def _load(path: Path) -> HospitalConfig:
 
 
 @hospital_app.command("check")
-def check_command(config: ConfigOption, json_output: bool = typer.Option(False, "--json")) -> None:
-    """Validate hospital.yaml and print the SuperNode command and node config it implies."""
+def check_command(
+    config: ConfigOption,
+    json_output: bool = typer.Option(False, "--json"),
+    online: bool = typer.Option(
+        False, "--online", help="Also reach the SuperLink: TCP and a TLS handshake against the CA"
+    ),
+) -> None:
+    """Validate hospital.yaml, the records file and key modes; print the SuperNode command.
+
+    Writes nothing and starts nothing.
+    """
+    from fedllm.data import DataError
+
     hospital = _load(config)
+    problems = key_mode_problems(hospital)
     try:
-        command = hospital_supernode_command(hospital)
+        records = data_summary(hospital)
+    except DataError as error:
+        problems.append(f"data: {str(error).splitlines()[0]}")
+        records = None
+    try:
+        command = hospital_supernode_command(hospital, write_config=False)
+        superlink = superlink_handshake(hospital) if online else None
     except DeploymentError as error:
-        fail(str(error))
+        problems.append(str(error))
+        command, superlink = [], None
+    if problems:
+        fail(f"{config}: " + ("\n  ".join(["", *problems]) if len(problems) > 1 else problems[0]))
     summary = {
         "hospital": hospital.hospital,
+        "records": records,
         "supernode": command,
         "node_config": hospital_node_config(hospital),
         "inference_server": hospital.inference is not None,
+        "superlink": superlink,
     }
     if json_output:
         print_json(summary)
         return
-    console.print(f"[green]ok[/] {config}: hospital [bold]{hospital.hospital}[/]")
+    console.print(
+        f"[green]ok[/] {config}: hospital [bold]{hospital.hospital}[/], {records} records in "
+        f"{hospital.data.path}",
+        highlight=False,
+    )
+    if superlink is not None:
+        console.print(f"[green]ok[/] SuperLink: {superlink}", highlight=False)
     console.print("SuperNode: " + " ".join(command), highlight=False, soft_wrap=True)
+
+
+@hospital_app.command("status")
+def status_command(config: ConfigOption, json_output: bool = typer.Option(False, "--json")) -> None:
+    """ε spent and remaining, the ledger's events, the base-model hash, the served adapter."""
+    try:
+        hospital = load_hospital_config(config)
+    except ConfigError as error:
+        fail(str(error))
+    try:
+        status = hospital_status(hospital)
+    except Exception as error:  # a ledger or key ring problem: one line, not a traceback
+        fail(f"{config}: {type(error).__name__}: {str(error).splitlines()[0]}")
+    if json_output:
+        print_json(status)
+        return
+    _show_status(status)
+
+
+def _show_status(status: dict) -> None:
+    privacy = status["privacy"]
+    cap = privacy["epsilon_cap"]
+    remaining = privacy["remaining_epsilon"]
+    console.print(f"hospital [bold]{status['hospital']}[/]", highlight=False)
+    console.print(
+        f"ε spent {privacy['spent_epsilon']:.4g}"
+        + (f" of cap {cap:g}, remaining {remaining:.4g}" if cap is not None else " (no cap set)")
+        + (f" at δ={privacy['delta']:g}" if privacy["delta"] is not None else "")
+        + f"; ledger {privacy['ledger_url']}",
+        highlight=False,
+    )
+    table = Table("recorded at (UTC)", "run", "round", "event", "ε after")
+    for row in privacy["events"]:
+        table.add_row(
+            row["recorded_at"],
+            row["run_id"],
+            str(row["round_id"]),
+            str(row["event"].get("kind")),
+            f"{row['epsilon_after']:.4g}",
+        )
+    if privacy["events"]:
+        console.print(table)
+    else:
+        console.print("no events recorded yet")
+    model = status["base_model"]
+    if model is not None:
+        console.print(
+            f"base model {model.get('name')!r}: "
+            + (f"sha256 {model['sha256']}" if "sha256" in model else f"error: {model['error']}"),
+            highlight=False,
+        )
+    adapter = status["adapter"]
+    if adapter is not None:
+        line = f"adapter in {adapter['adapter_dir']}: "
+        if adapter["version"] is None:
+            line += adapter["refusal"]
+        else:
+            dp = adapter["dp"]
+            line += (
+                f"version {adapter['version']} from run {adapter['run_id']}, "
+                f"max ε {dp['max_epsilon']} at δ={dp['delta']}"
+                + (f"; NOT servable: {adapter['refusal']}" if adapter["refusal"] else "")
+            )
+        console.print(line, highlight=False)
 
 
 @hospital_app.command("start")
@@ -87,7 +195,7 @@ def start_command(config: ConfigOption) -> None:
     hospital = _load(config)
     if hospital.superlink.insecure:
         error_console.print(f"[bold red]WARNING: {INSECURE_WARNING}[/]", highlight=False)
-    state = hospital.runtime.state_dir
+    state = prepare_private_state(hospital)
     try:
         supernode_command = hospital_supernode_command(hospital)
     except DeploymentError as error:
@@ -125,3 +233,18 @@ def start_command(config: ConfigOption) -> None:
     if name == "supernode" and "activate SuperNode" in tail and hospital.auth:
         hint = "\n" + NOT_REGISTERED_HINT.format(public_key=hospital.auth.public_key or "*.pub")
     fail(f"the {name} stopped (exit code {code}); see {logs[name]}\n{tail}{hint}")
+
+
+def prepare_private_state(hospital: HospitalConfig) -> Path:
+    """Make everything this process and its children create private, before creating any of it.
+
+    The umask (inherited by the SuperNode, its ClientApps and the inference server) keeps new
+    logs, databases and keys 0600 and directories 0700; the state directory and a SQLite
+    ledger are created so explicitly too.
+    """
+    use_private_umask()
+    state = private_directory(hospital.runtime.state_dir)
+    ledger = sqlite_path(hospital.privacy.ledger_url)
+    if ledger is not None:
+        create_private_file(ledger)
+    return state

@@ -13,6 +13,9 @@ for insecure mode explicitly, and then loudly.
 from __future__ import annotations
 
 import json
+import socket
+import ssl
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,11 +201,14 @@ def hospital_node_config(config: HospitalConfig) -> dict[str, NodeValue]:
     return values
 
 
-def hospital_supernode_command(config: HospitalConfig) -> list[str]:
-    """The SuperNode of ``hospital.yaml``, its node config written under its state dir."""
-    node_config = write_node_config(
-        config.runtime.state_dir / "node-config.toml", hospital_node_config(config)
-    )
+def hospital_supernode_command(config: HospitalConfig, *, write_config: bool = True) -> list[str]:
+    """The SuperNode of ``hospital.yaml``, its node config written under its state dir.
+
+    ``write_config=False`` only names that file (``fedllm hospital check`` writes nothing).
+    """
+    node_config = config.runtime.state_dir / "node-config.toml"
+    if write_config:
+        write_node_config(node_config, hospital_node_config(config))
     return supernode_command(
         superlink=config.superlink.address,
         root_certificates=config.superlink.ca_cert,
@@ -238,3 +244,79 @@ def write_inference_config(config: HospitalConfig) -> Path | None:
         yaml.safe_dump(config.inference.model_dump(mode="json"), sort_keys=False), "utf-8"
     )
     return path
+
+
+def key_mode_problems(config: HospitalConfig) -> list[str]:
+    """Secret files that other accounts could read: each must be 0600 (or stricter).
+
+    The SuperNode's private key lets anyone who reads it join the federation as this hospital;
+    the split key decides which patients are held out.
+    """
+    secrets = []
+    if config.auth is not None:
+        secrets.append(("auth.private_key", config.auth.private_key))
+    if config.privacy.split_key_file is not None:
+        secrets.append(("privacy.split_key_file", config.privacy.split_key_file))
+    problems = []
+    for key, path in secrets:
+        if not path.is_file():
+            continue
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            problems.append(
+                f"{key}: {path} has mode {mode:04o}; other accounts can read it "
+                f"(run: chmod 600 {path})"
+            )
+    return problems
+
+
+def data_summary(config: HospitalConfig) -> int:
+    """The number of records the hospital's file holds, read exactly as training reads it.
+
+    Raises `fedllm.data.DataError` naming the file, row and column that do not fit the
+    ``data`` section (a wrong ``text_field`` lists the file's real columns).
+    """
+    from fedllm.data import load_records
+
+    data = config.data
+    return len(
+        load_records(
+            data.resolved_format(),
+            str(data.path),
+            text_field=data.text_field,
+            specialty_field=data.specialty_field,
+            patient_field=data.patient_field,
+        )
+    )
+
+
+def superlink_handshake(config: HospitalConfig, timeout_s: float = 10.0) -> str:
+    """Reach the SuperLink: TCP, then TLS verified against ``superlink.ca_cert``; what it said.
+
+    Nothing is sent beyond the handshake and nothing is written. In insecure mode only TCP is
+    tried. Raises `DeploymentError` with one line naming what failed.
+    """
+    host, _, port = config.superlink.address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as connection:
+            if config.superlink.insecure:
+                return f"TCP connection to {config.superlink.address} (insecure mode: no TLS)"
+            context = ssl.create_default_context(cafile=str(config.superlink.ca_cert))
+            context.set_alpn_protocols(["h2"])
+            with context.wrap_socket(connection, server_hostname=host) as tls:
+                subject = dict(part[0] for part in tls.getpeercert().get("subject", ()))
+                return (
+                    f"{tls.version()} to {config.superlink.address}, certificate "
+                    f"{subject.get('commonName', '?')!r} verified against "
+                    f"{config.superlink.ca_cert}"
+                )
+    except ssl.SSLError as error:
+        raise DeploymentError(
+            f"superlink.address: TLS to {config.superlink.address} failed: "
+            f"{getattr(error, 'reason', None) or error} (is superlink.ca_cert the consortium CA?)"
+        ) from None
+    except OSError as error:
+        raise DeploymentError(
+            f"superlink.address: cannot reach {config.superlink.address}: {error.strerror or error}"
+        ) from None

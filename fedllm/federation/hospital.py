@@ -19,6 +19,7 @@ from fedllm.config.schema import ExperimentConfig
 from fedllm.data import SPECIALTIES, ClinicalRecord
 from fedllm.federation.hospital_data import LocalDataSource, hospital_data, training_texts
 from fedllm.federation.preflight import attach_lora
+from fedllm.federation.private_files import create_private_file, sqlite_path
 from fedllm.models.adapters import AdapterState, adapter_state, load_adapter_state
 from fedllm.models.loading import base_model, load_base_model, load_tokenizer
 from fedllm.privacy.events import event_to_dict
@@ -96,6 +97,33 @@ class BaseModelMismatchError(RuntimeError):
     """
 
 
+class LedgerDeltaError(ValueError):
+    """The experiment's δ is not the one this hospital's ledger was opened with."""
+
+
+def open_ledger(url: str, hospital: str, **settings: Any) -> NodePrivacyLedger:
+    """The hospital's ledger, its SQLite file (and directory) private to this account.
+
+    A ledger fixes δ when it is first opened: ε at different δ cannot be added, so an
+    experiment with another δ is refused at every message. The refusal says so in one line
+    that reaches the researcher (the reply's error reason), naming the δ to use.
+    """
+    database = sqlite_path(url)
+    if database is not None:
+        create_private_file(database)
+    try:
+        return NodePrivacyLedger(url, hospital, **settings)
+    except ValueError as error:
+        if "ledger uses delta=" not in str(error):
+            raise
+        stored = str(error).split("ledger uses delta=", 1)[1].split(";", 1)[0]
+        raise LedgerDeltaError(
+            f"this hospital's ledger accounts at delta={stored}, the experiment asks "
+            f"delta={settings['delta']!r}: ε at different δ cannot be added; run with "
+            f"privacy.delta: {stored}"
+        ) from None
+
+
 @dataclass(frozen=True)
 class RoundOutcome:
     """A trained adapter and the metrics that travel back to the server with it."""
@@ -159,7 +187,7 @@ class HospitalSite:
         if config.privacy.enabled:
             cap = epsilon_cap if epsilon_cap is not None else self.profile.epsilon_cap
             self.plan = plan_hospital(config, self.profile.name, len(self.train_data), cap)
-            self.ledger = NodePrivacyLedger(
+            self.ledger = open_ledger(
                 ledger_url,
                 self.profile.name,
                 epsilon_cap=self.plan.epsilon_cap,

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     String,
     func,
+    inspect,
     select,
 )
 from sqlalchemy.exc import IntegrityError
@@ -291,3 +292,20 @@ class NodePrivacyLedger:
 def _as_utc(moment: datetime) -> datetime:
     """SQLite drops time zones; every stored time is UTC, so restore that on the way out."""
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def recorded_delta(url: str, hospital_id: str) -> float | None:
+    """The δ ``hospital_id``'s ledger at ``url`` was opened with; None before its first use.
+
+    Read only (nothing is created), for tools that show a ledger without knowing the
+    experiment: a ledger cannot be opened at any other δ.
+    """
+    engine, _ = ledger_engines(url)
+    try:
+        if not inspect(engine).has_table(_Hospital.__tablename__):
+            return None
+        with Session(engine) as session:
+            row = session.get(_Hospital, hospital_id)
+            return None if row is None else row.delta
+    finally:
+        engine.dispose()
