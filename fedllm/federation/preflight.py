@@ -41,9 +41,7 @@ class PreflightError(ValueError):
         super().__init__(f"{key}: got {value!r}; expected {expected}")
 
 
-def preflight(
-    config: ExperimentConfig, *, simulation: bool, app_root: Path
-) -> ExperimentConfig:
+def preflight(config: ExperimentConfig, *, simulation: bool, app_root: Path) -> ExperimentConfig:
     """Every check that needs no private data, cheapest first; raises :class:`PreflightError`.
 
     ``simulation``: the hospitals are simulated from this config, so their data files are
