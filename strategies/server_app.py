@@ -19,7 +19,7 @@ from peft import PeftModel
 
 from fedllm.config import ExperimentConfig, dump_config
 from fedllm.federation.delivery import deliver_adapter
-from fedllm.federation.experiment import APP_ROOT, experiment_from_run_config
+from fedllm.federation.experiment import experiment_from_run_config
 from fedllm.federation.preflight import preflight
 from fedllm.federation.run_identity import ledger_run_id
 from fedllm.models.adapters import adapter_state, load_adapter_state
@@ -44,16 +44,18 @@ from strategies.recorder import RunRecorder
 log = structlog.get_logger(__name__)
 
 app = ServerApp()
+# The app bundle this ServerApp runs from: relative experiment paths resolve here first.
+APP_DIRECTORY = Path(__file__).resolve().parents[1]
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the configured rounds and record everything under the run directory."""
     configure_logging()
-    config = experiment_from_run_config(context.run_config)
+    config = experiment_from_run_config(context.run_config, APP_DIRECTORY)
     try:
         # before any hospital is asked anything (fedllm run has already checked, with data)
-        config = preflight(config, simulation=False, app_root=APP_ROOT)
+        config = preflight(config, simulation=False, app_root=APP_DIRECTORY)
     except ValueError as error:
         log.error("run.refused", reason=str(error))
         raise
