@@ -60,10 +60,25 @@ from fedllm.serving.schemas import (
     VoteRequest,
     VoteResponse,
 )
+from fedllm.telemetry.tracing import TraceMiddleware, Tracing, known_route
 
 log = structlog.get_logger(__name__)
 
 CONSENSUS_DISABLED = "consensus disabled: no privacy ledger configured"
+# Span names: the node's own routes, anything else is "other".
+NODE_ROUTES = frozenset(
+    {
+        "/v1/health",
+        "/v1/ready",
+        "/v1/inference",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/consensus/candidates",
+        "/v1/consensus/open",
+        "/v1/consensus/vote",
+        "/v1/consensus/decode",
+    }
+)
 LEDGER_UNAVAILABLE = "privacy ledger unavailable; consensus refused (fail closed)"
 
 
@@ -211,6 +226,11 @@ def create_node_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)
     state = _NodeState(config, ledger)
     app.state.node = state
+    # Continues the router's trace (W3C traceparent); exported at exit by the provider.
+    tracing = Tracing.from_config(config.tracing, "fedllm-node", "fedllm.node")
+    app.state.tracing = tracing
+    if tracing.enabled:
+        app.add_middleware(TraceMiddleware, tracing=tracing, route=known_route(NODE_ROUTES))
 
     def run_generation(
         prompt: str, max_tokens: int, temperature: float, field: str = "prompt", **options: Any
@@ -218,8 +238,9 @@ def create_node_app(
         state.check_prompt(field, prompt)
         state.check_tokens("max_tokens", max_tokens)
         started = time.perf_counter()
-        with state.busy():
+        with state.busy(), tracing.span("node.generate", {"fedllm.max_tokens": max_tokens}) as span:
             generation = backend.generate(prompt, max_tokens, temperature, **options)
+            span.set_attribute("fedllm.completion_tokens", generation.completion_tokens)
         log.info(
             "node.generate",
             prompt_tokens=generation.prompt_tokens,
@@ -391,7 +412,9 @@ def create_node_app(
                     )
                 charged = False
             else:
-                _charge(ledger, request)
+                tokens = {"fedllm.max_tokens": request.max_tokens}
+                with tracing.span("node.consensus.charge", tokens):
+                    _charge(ledger, request)
                 with state.sessions_lock:
                     state.sessions[request.session_id] = _Session(mechanism, request.max_tokens)
                 charged = True
@@ -432,12 +455,13 @@ def create_node_app(
                     f"{session.max_tokens} ballots it was charged for",
                 )
             session.votes += 1
-        with state.busy():
-            try:
-                index = backend.vote(request.prompt, request.token_ids, request.candidates)
-            except ValueError as error:
-                raise _unprocessable("candidates", str(error)) from None
-        ballot = state.ballot(session.mechanism, index, len(request.candidates))
+        with tracing.span("node.consensus.ballot", {"fedllm.candidates": len(request.candidates)}):
+            with state.busy():
+                try:
+                    index = backend.vote(request.prompt, request.token_ids, request.candidates)
+                except ValueError as error:
+                    raise _unprocessable("candidates", str(error)) from None
+            ballot = state.ballot(session.mechanism, index, len(request.candidates))
         return VoteResponse(node_id=config.node_id, ballot=ballot)
 
     @app.post("/v1/consensus/decode")

@@ -17,6 +17,7 @@ from fedllm.config.loading import read_yaml, validate_model
 from fedllm.config.schema import ModelConfig, StrictModel
 from fedllm.serving.http_limits import ServerLimits
 from fedllm.serving.schemas import MAX_PROMPT_CHARS, MAX_TOKENS_LIMIT
+from fedllm.telemetry.tracing import TracingConfig
 
 Identifier = Annotated[
     str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -105,6 +106,8 @@ class NodeServerConfig(StrictModel):
     consensus: NodeConsensusConfig = NodeConsensusConfig()
     session_ttl_s: PositiveFloat = 600.0
     max_sessions: PositiveInt = 10_000
+    # OpenTelemetry traces over OTLP/HTTP; off (no exporter at all) unless this is set.
+    tracing: TracingConfig | None = None
 
     @model_validator(mode="after")
     def _local_adapter_exists(self) -> NodeServerConfig:

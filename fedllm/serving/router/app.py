@@ -47,7 +47,7 @@ from fedllm.serving.router.errors import (
     install_error_handlers,
     retry_after,
 )
-from fedllm.serving.router.middleware import ObserveMiddleware
+from fedllm.serving.router.middleware import ObserveMiddleware, endpoint_label
 from fedllm.serving.router.node_store import NodeStore, NodeStoreError
 from fedllm.serving.router.service import (
     consensus_inference,
@@ -58,6 +58,7 @@ from fedllm.serving.router.service import (
 )
 from fedllm.serving.router.state import RouterState
 from fedllm.serving.schemas import ChatCompletionRequest, CompletionRequest, InferenceRequest
+from fedllm.telemetry.tracing import TraceMiddleware
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +79,14 @@ def _state(request: Request) -> RouterState:
 async def authenticated(request: Request) -> Principal:
     """The bearer token's principal, rate-limited per user; 401/429 otherwise."""
     state = _state(request)
+    with state.tracing.span("router.auth") as span:
+        principal = _authenticate(state, request)
+        span.set_attribute("fedllm.role", str(principal.role))
+        return principal
+
+
+def _authenticate(state: RouterState, request: Request) -> Principal:
+    """`authenticated` without its span (which must never see the token or the user's name)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -203,9 +212,12 @@ def create_router_app(config: RouterConfig) -> FastAPI:
 
 
 def _install_middleware(app: FastAPI, state: RouterState) -> None:
-    """Body limits inside, observation outside (so 408/413 answers are counted too)."""
+    """Body limits inside, observation outside (so 408/413 answers are counted too), and the
+    request's server span outermost when tracing is on (absent otherwise: no cost)."""
     install_http_guard(app, state.config.limits, error_body)
     app.add_middleware(ObserveMiddleware, metrics=state.metrics)
+    if state.tracing.enabled:
+        app.add_middleware(TraceMiddleware, tracing=state.tracing, route=endpoint_label)
 
 
 def _auth_routes(app: FastAPI, state: RouterState) -> None:

@@ -24,6 +24,7 @@ from pydantic import (
 from fedllm.config.loading import read_yaml, validate_model
 from fedllm.config.schema import StrictModel
 from fedllm.serving.http_limits import ServerLimits
+from fedllm.telemetry.tracing import TracingConfig
 
 RoutingPolicyName = Literal["least-busy", "latency", "specialisation", "privacy-aware"]
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -276,6 +277,8 @@ class RouterConfig(StrictModel):
     audit: AuditConfig
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    # OpenTelemetry traces over OTLP/HTTP; off (no exporter at all) unless this is set.
+    tracing: TracingConfig | None = None
 
     @model_validator(mode="after")
     def _tls_or_insecure(self) -> RouterConfig:

@@ -182,7 +182,10 @@ class ConsensusRun:
     async def run(self, prompt: str, max_tokens: int) -> ConsensusOutcome:
         """Open, collect ballots token by token, decode."""
         min_nodes = self._settings.min_nodes
-        voters = await self._open(prompt, max_tokens)
+        tracing = self._pool.tracing
+        with tracing.span("consensus.open", {"fedllm.invited": len(self._invited)}) as span:
+            voters = await self._open(prompt, max_tokens)
+            span.set_attribute("fedllm.joined", len(voters))
         if len(voters) < min_nodes:
             raise self._fail(
                 503,
@@ -193,16 +196,19 @@ class ConsensusRun:
         decisions: list[TokenDecision] = []
         model_version: str | None = None
         eos = await self._eos_token_id(voters)
-        for _ in range(max_tokens):
-            candidates, model_version = await self._candidates(voters, prompt, token_ids)
-            ballots, voters = await self._ballots(voters, prompt, token_ids, candidates)
-            decision = self._settings.mechanism.tally(ballots)
+        for position in range(max_tokens):
+            with tracing.span("consensus.ballot_round", {"fedllm.round": position}):
+                candidates, model_version = await self._candidates(voters, prompt, token_ids)
+                ballots, voters = await self._ballots(voters, prompt, token_ids, candidates)
+                with tracing.span("consensus.tally", {"fedllm.ballots": len(ballots)}):
+                    decision = self._settings.mechanism.tally(ballots)
             decisions.append(decision)
             token = candidates[decision.index]
             if token == eos:
                 break
             token_ids.append(token)
-        text = await self._decode(voters, token_ids)
+        with tracing.span("consensus.decode", {"fedllm.tokens": len(token_ids)}):
+            text = await self._decode(voters, token_ids)
         reached, confidence = summarise(decisions)
         return ConsensusOutcome(
             text=text,

@@ -5,7 +5,9 @@ Profiling the router showed httpx/httpcore spending about 1.2 ms of CPU per forw
 router's CPU. The router only ever sends small JSON requests to a handful of known nodes, so
 this client does just that: one idle-connection stack per node, request bytes written in
 one go, the response parsed by httptools (the C parser uvicorn uses), TLS and mutual TLS via
-``asyncio.open_connection(ssl=...)``. Anything unexpected closes the connection.
+``asyncio.open_connection(ssl=...)``. Anything unexpected closes the connection. Each request
+carries the current span's W3C ``traceparent``, so the node continues the router's trace (none
+when tracing is off).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
+
+from fedllm.telemetry.tracing import trace_headers
 
 # Node answers are small JSON documents; anything bigger is a broken or hostile node.
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
@@ -127,7 +131,9 @@ class NodeClient:
         """Send one request; NodeTransportError (or a subclass) if no valid answer came back."""
         origin = self._origin(base_url)
         body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode()
-        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+        # the W3C traceparent of the current span, so the node continues the router's trace
+        sent = {**trace_headers(), **headers} if headers else trace_headers()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in sent.items())
         if "\n" in extra.replace("\r\n", "") or "\r" in extra.replace("\r\n", ""):
             raise ValueError("header names and values must not contain line breaks")
         head = (

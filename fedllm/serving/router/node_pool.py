@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from opentelemetry.trace import SpanKind
 
 from fedllm.serving.router.config import LimitsConfig, NodeConfig, NodeTLSConfig, RoutingConfig
 from fedllm.serving.router.http_client import (
@@ -27,6 +28,7 @@ from fedllm.serving.router.http_client import (
     NodeTimeoutError,
     NodeTransportError,
 )
+from fedllm.telemetry.tracing import DISABLED, Tracing
 
 log = structlog.get_logger(__name__)
 
@@ -145,8 +147,10 @@ class NodePool:
         tls: NodeTLSConfig | None = None,
         limits: LimitsConfig | None = None,
         on_health: Callable[[NodeState], None] | None = None,
+        tracing: Tracing = DISABLED,
     ) -> None:
         self._routing = routing
+        self.tracing = tracing
         self._tls = tls
         self._limits = limits or LimitsConfig()
         self._on_health = on_health
@@ -298,8 +302,19 @@ class NodePool:
         4xx answers are returned, not raised: they are the caller's mistake (or a node's
         refusal, e.g. 409 budget exhausted), and another node would say the same.
         """
-        node.in_flight += 1
         started = time.perf_counter()
+        attributes = {"fedllm.node_id": node.node_id, "http.route": path}
+        with self.tracing.span("router.node_call", attributes, kind=SpanKind.CLIENT) as span:
+            response = await self._post(node, path, payload, timeout_s)
+            span.set_attribute("http.response.status_code", response.status_code)
+        self.record_success(node, time.perf_counter() - started)
+        return response
+
+    async def _post(
+        self, node: NodeState, path: str, payload: dict[str, Any], timeout_s: float | None
+    ) -> NodeResponse:
+        """The HTTP exchange of `call`, with its failures booked against the node."""
+        node.in_flight += 1
         try:
             response = await self.client.request(
                 "POST", node.url, path, payload, timeout_s=timeout_s
@@ -318,5 +333,4 @@ class NodePool:
         if response.status_code >= 500:
             self.record_failure(node, f"HTTP {response.status_code}", hard=False)
             raise NodeCallError(node.node_id, f"HTTP {response.status_code}")
-        self.record_success(node, time.perf_counter() - started)
         return response

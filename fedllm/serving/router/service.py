@@ -65,8 +65,10 @@ async def forward(
 
     A 4xx is the caller's problem (another node would say the same): it is passed back as is.
     """
-    policy = POLICIES[state.config.routing.policy]
-    candidates = policy(state.pool.nodes, department)
+    name = state.config.routing.policy
+    with state.tracing.span("router.route", {"fedllm.policy": name}) as span:
+        candidates = POLICIES[name](state.pool.nodes, department)
+        span.set_attribute("fedllm.candidates", len(candidates))
     if not candidates:
         state.metrics.errors.labels(reason="no_healthy_node").inc()
         raise ApiError(503, "no healthy hospital node is available; try again shortly")
@@ -134,12 +136,25 @@ async def plain_inference(
 async def consensus_inference(
     state: RouterState, principal: Principal, request: InferenceRequest
 ) -> dict[str, Any]:
-    """A charged GNMax consensus answer (reserve → consensus → commit or refund)."""
+    """A charged GNMax consensus answer (reserve → consensus → commit or refund), one span."""
+    with state.tracing.span("router.consensus", {"fedllm.max_tokens": request.max_tokens}) as span:
+        answer = await _consensus_inference(state, principal, request)
+        span.set_attribute("fedllm.epsilon", answer["privacy_cost"])
+        span.set_attribute("fedllm.consensus_reached", answer["consensus_reached"])
+        return answer
+
+
+async def _consensus_inference(
+    state: RouterState, principal: Principal, request: InferenceRequest
+) -> dict[str, Any]:
+    """`consensus_inference` inside its span (every exit, refusals included, ends the span)."""
     started = time.perf_counter()
     budgets = state.config.budgets
-    choice = choose_voters(
-        privacy_aware(state.pool.nodes), state.consensus, request.prompt, request.max_tokens
-    )
+    with state.tracing.span("router.route", {"fedllm.policy": "privacy-aware"}) as span:
+        choice = choose_voters(
+            privacy_aware(state.pool.nodes), state.consensus, request.prompt, request.max_tokens
+        )
+        span.set_attribute("fedllm.voters", len(choice.voters))
     refusal = choice.refusal(state.consensus)
     if refusal is not None:
         state.metrics.errors.labels(reason="consensus_unavailable").inc()
@@ -258,9 +273,10 @@ async def _refuse_short_quota(state: RouterState, principal: Principal, cost: fl
 
 async def _reserve(state: RouterState, principal: Principal, cost: float) -> Reservation:
     try:
-        reservation = await asyncio.to_thread(
-            state.budgets.reserve, principal.subject, principal.department, cost
-        )
+        with state.tracing.span("router.quota.reserve", {"fedllm.epsilon": cost}):
+            reservation = await asyncio.to_thread(
+                state.budgets.reserve, principal.subject, principal.department, cost
+            )
     except QuotaExceededError as error:
         raise await _quota_refusal(state, principal, error) from None
     except LedgerUnavailableError:
@@ -273,8 +289,10 @@ async def _reserve(state: RouterState, principal: Principal, cost: float) -> Res
 async def _settle(state: RouterState, reservation: Reservation, *, commit: bool) -> None:
     """Commit or refund; a ledger failure here leaves the reservation held (fail safe)."""
     settle = state.budgets.commit if commit else state.budgets.refund
+    name = "router.quota.commit" if commit else "router.quota.refund"
     try:
-        await asyncio.to_thread(settle, reservation)
+        with state.tracing.span(name, {"fedllm.epsilon": reservation.epsilon}):
+            await asyncio.to_thread(settle, reservation)
     except LedgerUnavailableError:
         state.metrics.errors.labels(reason="ledger_unavailable").inc()
         log.error("budget_settlement_failed", reservation=reservation.id, commit=commit)

@@ -26,6 +26,7 @@ from fedllm.serving.router.config import AuditConfig, RouterConfig
 from fedllm.serving.router.consensus import ConsensusSettings
 from fedllm.serving.router.metrics import RouterMetrics
 from fedllm.serving.router.node_pool import NodePool
+from fedllm.telemetry.tracing import Tracing
 
 # Plain (0 ε) answers report the user's remaining quota from this short-lived view instead of
 # reading the database on every request; any change made through this router invalidates it.
@@ -58,6 +59,7 @@ class RouterState:
     logins: LoginGate
     consensus: ConsensusSettings
     budget_view: TTLCache[str, BudgetStatus]
+    tracing: Tracing
 
     @classmethod
     def build(cls, config: RouterConfig) -> RouterState:
@@ -90,6 +92,7 @@ class RouterState:
         except (AuditLogError, ValueError, OSError) as error:
             raise ConfigError(f"audit: {error}") from None
         metrics = RouterMetrics()
+        tracing = Tracing.from_config(config.tracing, "fedllm-router", "fedllm.router")
         try:
             mechanism = ConsensusMechanism(
                 vote_noise_std=config.consensus.vote_noise_std,
@@ -101,9 +104,11 @@ class RouterState:
                 tls=config.node_tls,
                 limits=config.limits,
                 on_health=metrics.observe_node,
+                tracing=tracing,
             )
         except (ValueError, OSError) as error:
             audit_log.close()
+            tracing.shutdown()
             raise ConfigError(f"nodes: {error}") from None
         return cls(
             config=config,
@@ -129,6 +134,7 @@ class RouterState:
                 max_nodes=config.consensus.max_nodes,
             ),
             budget_view=TTLCache(maxsize=BUDGET_VIEW_SIZE, ttl=BUDGET_VIEW_TTL_S),
+            tracing=tracing,
         )
 
     async def audit(self, event: str, **fields: Any) -> None:
@@ -154,8 +160,10 @@ class RouterState:
             self.budget_view.pop(key, None)
 
     def close(self) -> None:
-        """Release the hashing pool, the audit log's file lock and database connections."""
+        """Release the hashing pool, the audit log's file lock and database connections, and
+        export the spans still buffered."""
         self.logins.close()
+        self.tracing.shutdown()
         self.audit_log.close()
         self.users.close()
         self.budgets.close()
