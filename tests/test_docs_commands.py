@@ -255,6 +255,12 @@ NOT_RUN_HERE: dict[str, str] = {
     "kubectl delete -k deploy/k8s/router-canary": (
         "tests/test_k8s_manifests.py::test_every_manifest_validates_against_the_kubernetes_schemas"
     ),
+    # Jaeger for viewing traces (docs/router.md, Tracing): docker is not available here; the
+    # OTLP/HTTP export it receives is checked against a real loopback OTLP receiver.
+    (
+        "docker run --rm --name jaeger -e COLLECTOR_OTLP_ENABLED=true -p 16686:16686 "
+        "-p 4318:4318 jaegertracing/all-in-one:1.76.0"
+    ): "tests/test_tracing.py::test_otlp_endpoint_receives_router_and_node_spans",
     # `make` targets: their recipes are checked by test_make_targets_run_the_documented_commands;
     # the federation itself is run by the integration test, the suite by CI.
     "make run": "tests/test_docs_commands.py::test_make_targets_run_the_documented_commands",
