@@ -152,7 +152,8 @@ def traced(tmp_path_factory, otlp) -> Iterator[dict[str, Any]]:
             # server spans end once their response is sent: wait until every one is in
             _wait_for(memory, lambda spans: _count(spans, "POST /v1/inference") == 3)
             _wait_for(memory, lambda spans: _count(spans, "POST /v1/consensus/decode") == 2)
-            tracing.provider.force_flush()
+            for provider in [tracing.provider, *(app.state.tracing.provider for app in apps)]:
+                provider.force_flush()
             yield {
                 "memory": memory,
                 "otlp": otlp,
@@ -298,8 +299,8 @@ def test_otlp_endpoint_receives_router_and_node_spans(traced):
                     services.add(attribute.value.string_value)
             for scope in resource_spans.scope_spans:
                 names.update(span.name for span in scope.spans)
-    assert "fedllm-router" in services
-    assert {"router.consensus", "router.node_call", "POST /v1/inference"} <= names
+    assert {"fedllm-router", "fedllm-node-a", "fedllm-node-b"} <= services
+    assert {"router.consensus", "router.node_call", "node.consensus.ballot"} <= names
 
 
 def test_tracing_off_creates_no_exporter_and_sends_no_traceparent(tmp_path, otlp):
