@@ -39,7 +39,12 @@ from flwr.clientapp import ClientApp
 from fedllm.federation.delivery import ACK_RECORD, ADAPTER_RECORD, DELIVER_ACTION, install_delivery
 from fedllm.federation.experiment import experiment_from_run_config
 from fedllm.federation.hospital import BaseModelMismatchError, HospitalSite
-from fedllm.federation.node_settings import adapter_dir, hospital_index, node_settings
+from fedllm.federation.node_settings import (
+    ADAPTER_DIR,
+    adapter_dir,
+    hospital_index,
+    node_settings,
+)
 from fedllm.federation.preflight import check_node_count
 from fedllm.models.loading import base_model
 from fedllm.privacy.events import event_to_dict
@@ -213,10 +218,14 @@ def deliver(message: Message, context: Context) -> Message:
             f"the server's base model is {server_base[:12] or 'not stated'}, this hospital's "
             f"({own.name!r}) is {own.sha256[:12]}"
         )
-    digest = install_delivery(
-        message.content[ADAPTER_RECORD], adapter_dir(context.node_config), own.sha256
-    )
     label = config.federation.profiles()[hospital_index(config, context.node_config)].name
+    if ADAPTER_DIR not in context.node_config:
+        # a training-only hospital (or a simulated one): no inference server to deliver to
+        digest = ""
+    else:
+        digest = install_delivery(
+            message.content[ADAPTER_RECORD], adapter_dir(context.node_config), own.sha256
+        )
     return _reply(
         message,
         "deliver",

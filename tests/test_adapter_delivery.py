@@ -25,6 +25,7 @@ from clients.client_app import deliver, evaluate, status, train
 from fedllm.config import load_config, validate_config
 from fedllm.config.hospital import HospitalConfig
 from fedllm.federation.delivery import (
+    ACK_RECORD,
     ADAPTER_RECORD,
     ADAPTER_WEIGHTS,
     DELIVER_MESSAGE,
@@ -133,6 +134,7 @@ def test_a_dp_run_delivers_its_published_adapter_to_both_hospitals(delivered):
     assert report["adapter_delivery"] == {
         "adapter_sha256": digest,
         "delivered": ["a", "b"],
+        "skipped": [],
         "refused": [],
     }
 
@@ -207,13 +209,13 @@ def test_tampered_weights_are_refused_and_nothing_is_written(delivered, tmp_path
     assert not target.exists()
 
 
-def test_a_hospital_without_an_adapter_dir_says_how_to_set_one(delivered):
+def test_a_hospital_without_an_inference_server_is_skipped_not_refused(delivered):
+    """Training-only (and simulated) hospitals have no adapter directory: they acknowledge with
+    an empty hash, which the server lists as skipped, writing nothing."""
     content = delivery_content(delivered["published"], _context(delivered))
     reply = _delivery(delivered, content, {"partition-id": 0, "num-partitions": 2})
-    assert reply.error.reason == (
-        "hospital a: NodeConfigError: adapter-dir: this node has no adapter directory to "
-        "deliver the adapter to (set inference.adapter_dir in hospital.yaml)"
-    )
+    assert not reply.has_error()
+    assert dict(reply.content[ACK_RECORD]) == {"hospital": "a", "adapter-sha256": ""}
 
 
 def test_hospital_yaml_inference_adapter_dir_reaches_the_node_config(tmp_path):

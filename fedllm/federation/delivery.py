@@ -47,10 +47,12 @@ class DeliveryRefusedError(ValueError):
 
 @dataclass
 class DeliveryOutcome:
-    """Which hospitals installed the adapter, and why the others did not (one line each)."""
+    """Which hospitals installed the adapter, which run no inference server (``skipped``:
+    training-only or simulated hospitals), and why the others did not (one line each)."""
 
     adapter_sha256: str
     delivered: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -58,6 +60,7 @@ class DeliveryOutcome:
         return {
             "adapter_sha256": self.adapter_sha256,
             "delivered": sorted(self.delivered),
+            "skipped": sorted(self.skipped),
             "refused": sorted(self.refused),
         }
 
@@ -96,6 +99,9 @@ def deliver_adapter(
             outcome.refused.append(reply.error.reason)
             continue
         ack = reply.content[ACK_RECORD]
+        if ack.get("adapter-sha256") == "":
+            outcome.skipped.append(str(ack["hospital"]))
+            continue
         if ack.get("adapter-sha256") != digest:
             outcome.refused.append(f"hospital {ack.get('hospital')}: acknowledged other weights")
             continue
