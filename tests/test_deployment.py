@@ -22,6 +22,7 @@ from fedllm.data import generate_clinical_records
 from fedllm.federation.experiment import APP_ROOT
 from fedllm.federation.flower_cli import write_flower_connection
 from fedllm.federation.launcher import free_port, stop_process_tree
+from fedllm.federation.run_identity import RUN_ID_FILE
 from fedllm.privacy.events import event_to_dict
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.privacy.server_ledger import ServerLedger
@@ -116,7 +117,10 @@ class Federation:
 def _hospital_yaml(root: Path, creds, name: str, address: str, cap: float) -> Path:
     folder = root / name
     folder.mkdir()
-    records = generate_clinical_records(70, None, seed=len(name), hospital_tag=name)
+    # ~40 patients: each lands on the evaluation side with probability 0.2 under the
+    # hospital's secret split key, so an empty side has probability 0.8^40 ≈ 1e-4 (with 70
+    # records, ~23 patients, it was 0.6 % per hospital and the run failed now and then)
+    records = generate_clinical_records(120, None, seed=len(name), hospital_tag=name)
     with (folder / "notes.jsonl").open("w") as handle:
         for record in records:
             row = {"note": record.text, "specialty": record.specialty, "patient": record.patient_id}
@@ -187,7 +191,14 @@ def finished_run(federation):
     run = federation.run("deployed", timeout_s=300)
     west = federation.ledger("west")
     deadline = time.monotonic() + 600
-    while not any(r["run_id"] == "deployed" and r["round_id"] == 1 for r in west.history()):
+    run_id_file = federation.root / "runs" / "deployed" / RUN_ID_FILE
+    while not run_id_file.exists():
+        assert run.poll() is None, federation.output("deployed")[-4000:]
+        assert time.monotonic() < deadline, "the ServerApp never chose its run id"
+        time.sleep(0.05)
+    # what hospitals' ledgers record: the run's name plus a suffix unique to this run
+    run_id = run_id_file.read_text().strip()
+    while not any(r["run_id"] == run_id and r["round_id"] == 1 for r in west.history()):
         assert run.poll() is None, federation.output("deployed")[-4000:]
         assert time.monotonic() < deadline, "west never trained"
         time.sleep(0.05)
@@ -259,11 +270,13 @@ def test_server_ledger_mirrors_every_hospital_ledger_the_killed_one_included(
     server = ServerLedger(f"sqlite:///{run_dir / 'server.db'}")
     for name in HOSPITALS:
         history = federation.ledger(name).history()
-        charged = [r["event"] for r in history if r["run_id"] == "deployed"]
+        run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+        assert run_id.startswith("deployed-")
+        charged = [r["event"] for r in history if r["run_id"] == run_id]
         mirrored = [event_to_dict(e) for e in server.hospital_events("deployed", name)]
         assert charged, name
         assert charged == mirrored, name
-        rounds = {r["round_id"] for r in history if r["run_id"] == "deployed"}
+        rounds = {r["round_id"] for r in history if r["run_id"] == run_id}
         # round 0: the noised evaluation of the base model, before round 1
         assert rounds == ({0, 1} if name == "west" else {0, 1, 2})
 
