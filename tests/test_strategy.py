@@ -13,6 +13,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from fedllm.config import validate_config
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport
+from strategies import privacy_aware
 from strategies.privacy_aware import Contribution, HospitalView, PrivacyAwareStrategy
 from strategies.recorder import RunRecorder
 from strategies.rounds import RoundPlan
@@ -185,7 +186,7 @@ def test_example_subclass_changes_one_hook_and_loads_by_name(tmp_path):
     assert _select(fair).members == {"gamma", "beta"}
 
 
-def test_the_strategy_is_a_flower_strategy_built_from_keywords(tmp_path):
+def test_the_strategy_is_a_flower_strategy_built_from_keywords(tmp_path, monkeypatch):
     """Keywords alone build it (no ExperimentConfig); it logs its own summary, not FedAvg's."""
     from_yaml = _strategy(tmp_path / "yaml", selection="oort")
     by_hand = PrivacyAwareStrategy(
@@ -197,10 +198,13 @@ def test_the_strategy_is_a_flower_strategy_built_from_keywords(tmp_path):
     for view in by_hand.views.values():
         view.square_loss_sum, view.sample_size = 40.0, 10.0
     assert _select(by_hand).members == _select(from_yaml).members == {"epsilon", "delta"}
-    with structlog.testing.capture_logs() as logs:
-        by_hand.summary()
-    (summary,) = [entry for entry in logs if entry["event"] == "strategy.summary"]
-    assert (summary["selection"], summary["cohort_size"]) == ("oort", 2)
+    # the module's own logger, replaced: capture_logs misses a logger another test already
+    # used (structlog caches it on first use)
+    captured = structlog.testing.CapturingLogger()
+    monkeypatch.setattr(privacy_aware, "log", captured)
+    by_hand.summary()
+    (summary,) = [call for call in captured.calls if call.args == ("strategy.summary",)]
+    assert (summary.kwargs["selection"], summary.kwargs["cohort_size"]) == ("oort", 2)
     plan = RoundPlan(1, 0.0, {}, _select(by_hand), {}, {}, {})
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.round = 2  # type: ignore[misc]
