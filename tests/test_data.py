@@ -437,10 +437,13 @@ def test_split_train_eval_rejects_bad_input(records: list[ClinicalRecord]) -> No
 
 
 def _multi_site_export(path: Path) -> str:
-    """A two-site export: each row names its own site in a ``site`` column."""
+    """A two-site export: each row names its own site in a ``site`` column.
+
+    South holds 100 patients, so its secret HMAC split leaves no side empty (0.8^100).
+    """
     rows = [
-        {"note": f"note {i}", "pid": f"p{i % 7}", "site": "north" if i % 3 else "south"}
-        for i in range(30)
+        {"note": f"note {i}", "pid": f"p{i}", "site": "north" if i % 3 else "south"}
+        for i in range(300)
     ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return str(path)
@@ -455,8 +458,8 @@ def test_partition_by_column_keeps_each_site_together(tmp_path: Path) -> None:
     north, south = column_partition(records, ["north", "south"], "site")
     assert {r.hospital for r in north} == {"north"}
     assert {r.hospital for r in south} == {"south"}
-    assert len(north) + len(south) == 30
-    assert len(south) == 10
+    assert len(north) + len(south) == 300
+    assert len(south) == 100
     config = validate_config(
         {
             "federation": {
@@ -477,13 +480,13 @@ def test_partition_by_column_keeps_each_site_together(tmp_path: Path) -> None:
     )
     held = hospital_data(config, 0)  # profile 0 is "south", whatever the file's order
     assert {r.hospital for r in [*held.train, *held.eval]} == {"south"}
-    assert len(held.train) + len(held.eval) == 10
+    assert len(held.train) + len(held.eval) == 100
 
 
 def test_partition_by_column_refuses_unknown_and_missing_sites(tmp_path: Path) -> None:
     path = _multi_site_export(tmp_path / "sites.jsonl")
     records = load_records("jsonl", path, text_field="note", hospital_field="site")
-    with pytest.raises(DataError, match=r"'south' \(10 records\)"):
+    with pytest.raises(DataError, match=r"'south' \(100 records\)"):
         column_partition(records, ["north", "east"], "data.hospital_field 'site'")
     with pytest.raises(DataError, match="no records for hospital"):
         column_partition(records, ["north", "south", "west"], "site")
