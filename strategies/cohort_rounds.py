@@ -40,6 +40,11 @@ from strategies.rounds import Contribution, HospitalView, RoundPlan, RoundState,
 log = structlog.get_logger(__name__)
 
 
+class RoundLostError(RuntimeError):
+    """No hospital answered a round's status query: the round cannot be held, and is not
+    recorded as done, so a resumed run holds it again (an interrupted run ends this way)."""
+
+
 class CohortRounds(Strategy):
     """Flower's four round methods around a subclass's eligibility, utility, cohort, aggregate.
 
@@ -134,6 +139,11 @@ class CohortRounds(Strategy):
         current, started = server_round + self.round_offset, time.monotonic()
         self.query_status(grid, release_profile=self.release_profiles)
         views = sorted(self.views.values(), key=lambda v: v.name)
+        if views and not any(view.status for view in views):
+            raise RoundLostError(
+                f"round {current}: no hospital answered its status query; the round is not "
+                "recorded (resume the run to hold it)"
+            )
         verdicts = {v.name: self.is_eligible(v, current) for v in views}
         for view in views:
             if not view.status and view.node_id not in self.problems:

@@ -28,6 +28,7 @@ from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.privacy.plan import plan_hospital
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport
+from strategies.cohort_rounds import RoundLostError
 from strategies.privacy_aware import PrivacyAwareStrategy
 from strategies.recorder import RunRecorder
 
@@ -250,3 +251,13 @@ def test_error_reply_is_failed_and_still_mirrored(tmp_path):
 def test_min_cohort_larger_than_cohort_is_a_config_error():
     with pytest.raises(ConfigError, match="min_cohort"):
         _config(min_cohort=4)
+
+
+def test_a_round_no_hospital_answers_is_not_recorded_so_a_resume_holds_it(tmp_path):
+    """Every hospital gone (or the run being interrupted): round 2 cannot be held, and must not
+    count as done, else a resumed run would skip it as if it had been trained."""
+    everyone_drops = {name: {"drop_in_round": 1} for name in NAMES}
+    with pytest.raises(RoundLostError, match="round 2: no hospital answered its status query"):
+        _run(tmp_path, _config(), **everyone_drops)
+    ledger = ServerLedger(f"sqlite:///{tmp_path / 'server.db'}")
+    assert ledger.last_completed_round("t") == 1
