@@ -462,12 +462,23 @@ def test_make_targets_run_the_documented_commands(tmp_path: Path) -> None:
     and ruff + pytest from .venv; checked with `make -n` on the real Makefile (set-up done)."""
     sandbox = _sandbox(tmp_path)
     shutil.copy(REPO / "Makefile", sandbox / "Makefile")
+    outer_make_free_env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES"}
+    }
     for target, recipe in [
         ("run", [".venv/bin/fedllm run configs/default.yaml"]),
         ("test", [".venv/bin/ruff check .", ".venv/bin/pytest -q"]),
     ]:
+        # CI runs this suite under `make test`: a nested make would print "Entering directory".
         result = subprocess.run(
-            ["make", "-n", target], cwd=sandbox, capture_output=True, text=True, check=True
+            ["make", "--no-print-directory", "-n", target],
+            cwd=sandbox,
+            env=outer_make_free_env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         # Set-up steps come first when pyproject.toml is newer than the installed .venv.
         assert result.stdout.splitlines()[-len(recipe) :] == recipe, result.stdout
