@@ -14,6 +14,15 @@ own base model hashes differently answers with a one-line error before it charge
 (before its ledger is even opened, when that is the first message). Every reply is checked
 against the release inventory (:mod:`fedllm.privacy.inventory`) before it leaves: an undeclared
 key is never sent.
+
+Flower starts one ClientApp process per message. When the node config names a
+``worker-socket`` (``fedllm hospital start`` does, by default), this process does not build a
+site at all: it forwards the message to the hospital's long-lived worker
+(:mod:`fedllm.federation.warm_worker`), which runs these same handlers with its site cache
+warm, checks the worker's reply against the release inventory again, and returns it; an
+unreachable worker is a one-line error reply, never a cold round. So that forwarding costs an
+import of Flower and not of PyTorch, the modules that load models are imported inside the
+handlers.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from flwr.app import (
@@ -35,23 +44,24 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
-from fedllm.federation.delivery import ACK_RECORD, ADAPTER_RECORD, DELIVER_ACTION, install_delivery
-from fedllm.federation.experiment import experiment_from_run_config
-from fedllm.federation.hospital import BaseModelMismatchError, HospitalSite
+from fedllm.federation.experiment import experiment_from_run_config, resolve_config_path
 from fedllm.federation.node_settings import (
     ADAPTER_DIR,
+    WORKER_SOCKET,
     adapter_dir,
     hospital_index,
     node_settings,
 )
 from fedllm.federation.preflight import check_node_count
-from fedllm.models.loading import base_model
-from fedllm.privacy.events import event_to_dict
+from fedllm.federation.warm_worker import forward
 from fedllm.privacy.inventory import check_reply
 from fedllm.telemetry.logging import configure_logging
 
-app = ClientApp()
+if TYPE_CHECKING:
+    from fedllm.federation.hospital import HospitalSite
+
 # The app bundle this ClientApp runs from: relative experiment paths resolve here first.
 APP_DIRECTORY = Path(__file__).resolve().parents[1]
 
@@ -59,6 +69,8 @@ log = structlog.get_logger(__name__)
 
 # Error.code of a reply whose handler failed at the hospital (the reason says why, in one line)
 HOSPITAL_FAILED = 1
+# fedllm.federation.delivery.DELIVER_ACTION, named here because that module loads PyTorch
+DELIVER_ACTION = "deliver"
 
 
 def _hospital_label(context: Context) -> str:
@@ -90,11 +102,52 @@ def reply_on_failure(handler: Callable[[Message, Context], Message]):
     return guarded
 
 
+def _reply_kind(message: Message) -> str:
+    """The release inventory's name for the reply to ``message`` (``query.deliver``: deliver)."""
+    category, _, action = message.metadata.message_type.partition(".")
+    return action or category
+
+
+@reply_on_failure
+def _forwarded(message: Message, context: Context) -> Message:
+    """The worker's reply to ``message``, checked against the release inventory here too."""
+    run_config = dict(context.run_config)
+    # the worker imports its own copy of this app: name the experiment file of this bundle
+    config_file = str(run_config.get("config-file", "configs/default.yaml"))
+    run_config["config-file"] = str(resolve_config_path(config_file, APP_DIRECTORY))
+    sent = Context(context.run_id, context.node_id, context.node_config, context.state, run_config)
+    reply, returned = forward(Path(str(context.node_config[WORKER_SOCKET])), message, sent)
+    context.state = returned.state
+    if not reply.has_content():
+        return Message(reply.error, reply_to=message)
+    records = {name: list(record.keys()) for name, record in reply.content.items()}
+    check_reply(_reply_kind(message), records)
+    return Message(reply.content, reply_to=message)
+
+
+def forward_to_worker(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Hand the message to the hospital's warm worker when the node config names one."""
+    if WORKER_SOCKET not in context.node_config:
+        return call_next(message, context)
+    return _forwarded(message, context)
+
+
+def handle_in_worker(message: Message, context: Context) -> Message:
+    """What the hospital worker runs for each forwarded message: this app, in its process."""
+    node = {key: value for key, value in context.node_config.items() if key != WORKER_SOCKET}
+    local = Context(context.run_id, context.node_id, node, context.state, context.run_config)
+    return app(message, local)
+
+
+app = ClientApp(mods=[forward_to_worker])
+
 _SITES: dict[tuple[str, int, str], HospitalSite] = {}
 
 
 def hospital_site(context: Context, message: Message) -> HospitalSite:
     """The cached site for this node and run, built on first use, on the server's base model."""
+    from fedllm.federation.hospital import HospitalSite
+
     run_dir = _run_dir(message)
     server_base = str(message.content["config"].get("base-model-sha256", ""))
     config = experiment_from_run_config(context.run_config, APP_DIRECTORY)
@@ -115,6 +168,7 @@ def hospital_site(context: Context, message: Message) -> HospitalSite:
             evaluation_allowed=settings.evaluation_allowed,
             base_model_sha256=server_base,
         )
+        log.info("hospital.site_built", hospital=_SITES[key].name, sites=len(_SITES))
     return _SITES[key]
 
 
@@ -138,6 +192,8 @@ def status(message: Message, context: Context) -> Message:
     config = message.content["config"]
     site = hospital_site(context, message)
     profile = None
+    from fedllm.privacy.events import event_to_dict
+
     if int(config.get("release-profile", 0)):
         profile = site.release_profile(str(config["run-id"]))
     status = site.status()
@@ -210,6 +266,10 @@ def deliver(message: Message, context: Context) -> Message:
     The hospital checks the adapter against its own base model (not the server's word for it),
     so no site, data or ledger is needed: nothing is charged and nothing about patients leaves.
     """
+    from fedllm.federation.delivery import ACK_RECORD, ADAPTER_RECORD, install_delivery
+    from fedllm.federation.hospital import BaseModelMismatchError
+    from fedllm.models.loading import base_model
+
     config = experiment_from_run_config(context.run_config, APP_DIRECTORY)
     own = base_model(config.model)
     server_base = str(message.content["config"].get("base-model-sha256", ""))

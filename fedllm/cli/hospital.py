@@ -1,8 +1,10 @@
 """``fedllm hospital``: what a hospital's IT runs to join the federation.
 
 ``fedllm hospital start --config hospital.yaml`` starts the hospital's Flower SuperNode (TLS,
-SuperNode authentication, the hospital's own data and privacy ledger) and, when configured,
-its inference server, and stops both when either stops or on Ctrl-C / SIGTERM.
+SuperNode authentication, the hospital's own data and privacy ledger), the long-lived worker
+that keeps the base model loaded across rounds (``runtime.warm_worker``, on by default; also
+``fedllm hospital worker``) and, when configured, its inference server, and stops them all
+when one stops or on Ctrl-C / SIGTERM.
 ``fedllm hospital check`` validates the file, the records' columns and the secret files' modes
 and shows what would run, writing nothing (``--online`` also reaches the SuperLink over TLS).
 ``fedllm hospital status`` shows ε spent and left, the ledger's history, the base-model hash and
@@ -12,6 +14,7 @@ directory, logs, ledger) is private to the account running it (0700/0600).
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -47,6 +50,14 @@ from fedllm.federation.processes import (
     start_process,
     wait_for_first_exit,
 )
+from fedllm.federation.warm_worker import (
+    WorkerError,
+    wait_until_listening,
+    worker_socket_path,
+)
+from fedllm.federation.warm_worker import (
+    serve as serve_worker,
+)
 
 hospital_app = typer.Typer(
     name="hospital",
@@ -57,6 +68,10 @@ hospital_app = typer.Typer(
 ConfigOption = Annotated[
     Path, typer.Option("--config", help="The hospital's YAML, e.g. configs/hospital.yaml")
 ]
+
+WORKER_COMMAND = [sys.executable, "-m", "fedllm.cli", "hospital", "worker"]
+# How long `start` waits for the worker to listen (it imports PyTorch) before the SuperNode.
+WORKER_START_TIMEOUT_S = 120.0
 
 NOT_REGISTERED_HINT = (
     "The SuperLink refused this SuperNode's key. Send the public key ({public_key}) to the "
@@ -200,10 +215,14 @@ def start_command(config: ConfigOption) -> None:
         supernode_command = hospital_supernode_command(hospital)
     except DeploymentError as error:
         fail(str(error))
-    logs = {"supernode": state / "supernode.log", "inference": state / "inference.log"}
+    logs = {name: state / f"{name}.log" for name in ("worker", "supernode", "inference")}
     processes = {}
     with sigterm_as_interrupt():
         try:
+            if hospital.runtime.warm_worker:
+                worker = [*WORKER_COMMAND, "--config", str(config)]
+                processes["worker"] = start_process(worker, state / "flwr", logs["worker"])
+                _wait_for_worker(hospital, processes["worker"])
             processes["supernode"] = start_process(
                 supernode_command, state / "flwr", logs["supernode"]
             )
@@ -213,6 +232,7 @@ def start_command(config: ConfigOption) -> None:
                 processes["inference"] = start_process(serve, state / "flwr", logs["inference"])
             console.print(
                 f"hospital [bold]{hospital.hospital}[/]: SuperNode → {hospital.superlink.address}"
+                + (", warm worker" if "worker" in processes else "")
                 + (
                     f", inference server on {hospital.inference.host}:{hospital.inference.port}"
                     if hospital.inference
@@ -225,14 +245,46 @@ def start_command(config: ConfigOption) -> None:
         except KeyboardInterrupt:
             console.print("stopping ...")
             return
+        except WorkerError as error:
+            name, code = "worker", processes["worker"].poll()
+            error_console.print(str(error), highlight=False)
         finally:
-            for process in processes.values():
+            for process in reversed(processes.values()):
                 stop_process_tree(process)
     tail = log_tail(logs[name])
     hint = ""
     if name == "supernode" and "activate SuperNode" in tail and hospital.auth:
         hint = "\n" + NOT_REGISTERED_HINT.format(public_key=hospital.auth.public_key or "*.pub")
     fail(f"the {name} stopped (exit code {code}); see {logs[name]}\n{tail}{hint}")
+
+
+def _wait_for_worker(hospital: HospitalConfig, process: subprocess.Popen[bytes]) -> None:
+    """Return once the worker listens on its socket; `WorkerError` when it exits or is late."""
+    path = worker_socket_path(hospital.runtime.state_dir)
+    if not wait_until_listening(path, WORKER_START_TIMEOUT_S, lambda: process.poll() is None):
+        raise WorkerError(f"the worker did not listen on {path}")
+
+
+@hospital_app.command("worker")
+def worker_command(config: ConfigOption) -> None:
+    """Serve this hospital's ClientApp from one process that keeps the model loaded.
+
+    Listens on ``<state_dir>/worker/worker.sock`` (0600, in a 0700 directory) until Ctrl-C /
+    SIGTERM; ``fedllm hospital start`` runs it for you when ``runtime.warm_worker`` is on.
+    """
+    from clients.client_app import handle_in_worker
+    from fedllm.telemetry.logging import configure_logging
+
+    hospital = _load(config)
+    prepare_private_state(hospital)
+    configure_logging()
+    with sigterm_as_interrupt():
+        try:
+            serve_worker(worker_socket_path(hospital.runtime.state_dir), handle_in_worker)
+        except WorkerError as error:
+            fail(str(error))
+        except KeyboardInterrupt:
+            return
 
 
 def prepare_private_state(hospital: HospitalConfig) -> Path:

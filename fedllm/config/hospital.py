@@ -102,12 +102,19 @@ class PrivacySection(StrictModel):
 
 
 class RuntimeSection(StrictModel):
-    """Local settings of the SuperNode process (defaults suit one SuperNode per machine)."""
+    """Local settings of the SuperNode process (defaults suit one SuperNode per machine).
+
+    ``warm_worker`` (on by default) starts a long-lived worker next to the SuperNode that
+    keeps the base model loaded across rounds; Flower's ClientApp processes, one per message,
+    hand it every message over a private Unix socket in ``state_dir``. Off, every message
+    rebuilds the hospital's site and reloads the model.
+    """
 
     state_dir: Path = Path("fedllm-state")
     clientapp_port: int = Field(9094, ge=1, le=65535)
     max_retries: int | None = Field(None, ge=0)
     max_wait_s: PositiveFloat | None = None
+    warm_worker: bool = True
 
 
 class HospitalConfig(StrictModel):
