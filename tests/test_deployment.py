@@ -78,6 +78,7 @@ class Federation:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.configs: dict[str, Path] = {}
         self.address = ""
+        self.control = ""
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = (self.root / f"{name}.out").open("ab")
@@ -148,11 +149,14 @@ def _hospital_yaml(root: Path, creds, name: str, address: str, cap: float) -> Pa
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("deployment")
     creds = init_credentials(root / "credentials", hospitals=[*HOSPITALS, "rogue"])
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    write_flower_connection(root / "researcher", "consortium", address, creds.ca_cert)
+    port, control_port = free_port(), free_port()
+    address = f"127.0.0.1:{port}"  # the public front: SuperNodes' Fleet API only
+    # the researcher reaches the Control API on the SuperLink's loopback port
+    control = f"127.0.0.1:{control_port}"
+    write_flower_connection(root / "researcher", "consortium", control, creds.ca_cert)
     deployment = Federation(root)
     deployment.address = address
+    deployment.control = control
     try:
         registered = [arg for name in HOSPITALS for arg in ("--hospital", name)]
         deployment.start(
@@ -165,6 +169,8 @@ def federation(tmp_path_factory):
             "127.0.0.1",
             "--port",
             str(port),
+            "--control-port",
+            str(control_port),
             "--state-dir",
             str(root / "superlink"),
             *registered,
@@ -291,7 +297,9 @@ def test_registering_the_refused_key_lets_it_join(federation, finished_run):
         "--hospital",
         "rogue",
         "--address",
-        federation.address,
+        federation.control,
+        "--state-dir",
+        str(federation.root / "superlink"),
     )
     assert register.wait(timeout=120) == 0, federation.output("register")
     assert "hospital rogue: registered" in federation.output("register")

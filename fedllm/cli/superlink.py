@@ -1,13 +1,18 @@
 """``fedllm superlink``: what the federation operator runs.
 
 ``start`` runs Flower's SuperLink with the consortium's TLS certificate and SuperNode
-authentication, registers every hospital's public key from the credentials directory, and
-keeps running until Ctrl-C / SIGTERM. ``register`` adds a hospital that joins later to a
-running SuperLink.
+authentication on 127.0.0.1 only, and in front of it, on the public address, fedllm's TLS front
+that forwards the Fleet API (SuperNodes) and refuses the Control and Runtime APIs, which have no
+authentication in open-source Flower 1.42 (:mod:`fedllm.federation.superlink_front`). It
+registers every hospital's public key from the credentials directory through the loopback
+Control API, records each hospital's name, key and node id in the operator's node registry
+(:mod:`fedllm.federation.node_registry`), and keeps running until Ctrl-C / SIGTERM.
+``register`` adds a hospital that joins later to a running SuperLink.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -16,10 +21,13 @@ import typer
 
 from fedllm.cli.common import console, error_console, fail
 from fedllm.federation.deployment import (
+    DEFAULT_CONTROL_PORT,
     DEFAULT_SUPERLINK_PORT,
     INSECURE_WARNING,
+    LOOPBACK,
     DeploymentError,
     SuperLinkTls,
+    front_command,
     superlink_command,
 )
 from fedllm.federation.flower_cli import (
@@ -28,6 +36,13 @@ from fedllm.federation.flower_cli import (
     write_flower_connection,
 )
 from fedllm.federation.launcher import FederationError, stop_process_tree, wait_until_healthy
+from fedllm.federation.node_registry import (
+    REGISTRY_ENV,
+    REGISTRY_FILE,
+    NodeRegistry,
+    RegistryError,
+    node_id_in_superlink_db,
+)
 from fedllm.federation.processes import (
     log_tail,
     sigterm_as_interrupt,
@@ -50,6 +65,10 @@ HospitalOption = Annotated[
     list[str] | None,
     typer.Option("--hospital", help="Register only these hospitals (repeat); default: all."),
 ]
+StateDirOption = Annotated[
+    Path,
+    typer.Option(help="SuperLink database, node registry, logs, Flower state."),
+]
 
 
 def _credentials(directory: Path) -> Credentials:
@@ -60,8 +79,9 @@ def _credentials(directory: Path) -> Credentials:
 
 
 def _register_all(
-    credentials: Credentials, hospitals: list[str], flwr_home: Path, address: str
+    credentials: Credentials, hospitals: list[str], flwr_home: Path, address: str, state_dir: Path
 ) -> dict[str, str]:
+    """Register each hospital's key and bind its name to the key and node id in the registry."""
     unknown = sorted(set(hospitals) - set(credentials.supernode_keys))
     if unknown:
         fail(
@@ -69,17 +89,21 @@ def _register_all(
             "issue one with `fedllm certs add-hospital`"
         )
     write_flower_connection(flwr_home, OPERATOR_CONNECTION, address, credentials.ca_cert)
-    return {
-        name: register_supernode(
-            flwr_home, OPERATOR_CONNECTION, credentials.supernode_keys[name][1], name
-        )
-        for name in hospitals
-    }
+    registry = NodeRegistry.load(state_dir / REGISTRY_FILE)
+    outcome = {}
+    for name in hospitals:
+        public_key = credentials.supernode_keys[name][1]
+        status, node_id = register_supernode(flwr_home, OPERATOR_CONNECTION, public_key, name)
+        if node_id is None:
+            node_id = node_id_in_superlink_db(state_dir / "superlink.db", public_key)
+        entry = registry.record(name, public_key, node_id)
+        outcome[name] = f"{status}, node {entry.node_id if entry.node_id is not None else '?'}"
+    return outcome
 
 
 def _local_address(host: str, port: int) -> str:
-    """Where this machine reaches the SuperLink: a wildcard bind is reached on loopback."""
-    reachable = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    """Where this machine reaches the front: a wildcard bind is reached on loopback."""
+    reachable = LOOPBACK if host in ("0.0.0.0", "::", "") else host
     return f"{reachable}:{port}"
 
 
@@ -87,71 +111,103 @@ def _local_address(host: str, port: int) -> str:
 def start_command(
     credentials: CredentialsOption = None,
     host: Annotated[
-        str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")
+        str,
+        typer.Option(help="Interface of the public front (0.0.0.0: every interface)."),
     ] = "0.0.0.0",
     port: Annotated[
-        int, typer.Option(help="The one HTTPS port of Fleet, Control and Runtime APIs.")
+        int, typer.Option(help="The public HTTPS port: SuperNodes' Fleet API only.")
     ] = DEFAULT_SUPERLINK_PORT,
-    state_dir: Annotated[Path, typer.Option(help="SuperLink database, logs, Flower state.")] = Path(
-        "superlink-state"
-    ),
+    control_port: Annotated[
+        int,
+        typer.Option(
+            help="flower-superlink itself, on 127.0.0.1 only: Control API (flwr run, "
+            "flwr supernode register), Runtime API and Fleet API."
+        ),
+    ] = DEFAULT_CONTROL_PORT,
+    state_dir: StateDirOption = Path("superlink-state"),
     hospital: HospitalOption = None,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="No TLS, no SuperNode authentication (tests only).")
     ] = False,
 ) -> None:
-    """Start the SuperLink, register the hospitals' keys, run until Ctrl-C."""
+    """Start the SuperLink and its public front, register the hospitals' keys, run until Ctrl-C."""
     if insecure == (credentials is not None):
         fail("give --credentials DIR (TLS + SuperNode authentication), or --insecure for a test")
+    if port == control_port:
+        fail(f"--port and --control-port are both {port}; the front and the SuperLink need two")
     creds = _credentials(credentials) if credentials is not None else None
     if creds is None:
         error_console.print(f"[bold red]WARNING: {INSECURE_WARNING}[/]", highlight=False)
     state_dir = state_dir.resolve()
     tls = SuperLinkTls(creds.ca_cert, creds.superlink_cert, creds.superlink_key) if creds else None
-    log_path = state_dir / "superlink.log"
-    address = _local_address(host, port)
+    logs = {"superlink": state_dir / "superlink.log", "front": state_dir / "front.log"}
+    control = f"{LOOPBACK}:{control_port}"
+    scheme, verify = ("http", False) if creds is None else ("https", str(creds.ca_cert))
+    # the ServerApp (a subprocess of flower-superlink) checks hospitals' claims against it
+    os.environ[REGISTRY_ENV] = str(state_dir / REGISTRY_FILE)
+    processes = {}
+    name = "superlink"
     with sigterm_as_interrupt():
-        process = start_process(
-            superlink_command(
-                host=host,
-                port=port,
-                database=state_dir / "superlink.db",
-                tls=tls,
-                insecure=insecure,
-            ),
-            state_dir / "flwr",
-            log_path,
-        )
         try:
-            scheme, verify = ("http", False) if creds is None else ("https", str(creds.ca_cert))
-            wait_until_healthy(process, f"{scheme}://{address}/health", log_path, verify=verify)
+            processes[name] = start_process(
+                superlink_command(
+                    host=LOOPBACK,
+                    port=control_port,
+                    database=state_dir / "superlink.db",
+                    tls=tls,
+                    insecure=insecure,
+                ),
+                state_dir / "flwr",
+                logs[name],
+            )
+            wait_until_healthy(
+                processes[name], f"{scheme}://{control}/health", logs[name], verify=verify
+            )
             if creds is not None:
                 names = hospital or sorted(creds.supernode_keys)
-                outcome = _register_all(creds, names, state_dir / "operator-flwr", address)
-                for name, status in outcome.items():
-                    console.print(f"  hospital [bold]{name}[/]: {status}", highlight=False)
-            console.print(
-                f"SuperLink on {host}:{port}; log {log_path}. Researchers add to their Flower "
-                f"config (~/.flwr/config.toml):\n"
-                f'  [superlink.NAME]\n  address = "<this host>:{port}"\n'
-                + (
-                    f'  root-certificates = "<path to>/{creds.ca_cert.name}"'
-                    if creds
-                    else "  insecure = true"
+                outcome = _register_all(
+                    creds, names, state_dir / "operator-flwr", control, state_dir
                 )
-                + "\nthen: fedllm run configs/x.yaml --federation NAME. Ctrl-C stops.",
-                highlight=False,
-                markup=False,
+                for hospital_name, status in outcome.items():
+                    console.print(f"  hospital [bold]{hospital_name}[/]: {status}", highlight=False)
+            name = "front"
+            processes[name] = start_process(
+                front_command(
+                    host=host, port=port, control_port=control_port, tls=tls, insecure=insecure
+                ),
+                state_dir / "flwr",
+                logs[name],
             )
-            _, code = wait_for_first_exit({"superlink": process})
-        except FederationError as error:
-            fail(f"{error}\n{log_tail(log_path)}")
+            front_url = f"{scheme}://{_local_address(host, port)}/health"
+            wait_until_healthy(processes[name], front_url, logs[name], verify=verify)
+            console.print(_banner(host, port, control, logs, creds), highlight=False, markup=False)
+            name, code = wait_for_first_exit(processes)
+        except (FederationError, RegistryError) as error:
+            fail(f"{name}: {error}\n{log_tail(logs[name])}")
         except KeyboardInterrupt:
             console.print("stopping ...")
             return
         finally:
-            stop_process_tree(process)
-    fail(f"flower-superlink stopped (exit code {code}); see {log_path}\n{log_tail(log_path)}")
+            for process in reversed(processes.values()):
+                stop_process_tree(process)
+    fail(f"the {name} stopped (exit code {code}); see {logs[name]}\n{log_tail(logs[name])}")
+
+
+def _banner(
+    host: str, port: int, control: str, logs: dict[str, Path], creds: Credentials | None
+) -> str:
+    security = (
+        f'  root-certificates = "<path to>/{creds.ca_cert.name}"' if creds else "  insecure = true"
+    )
+    tunnel = f"ssh -L {control.rpartition(':')[2]}:{control} <this host>"
+    return (
+        f"SuperLink front on {host}:{port} (SuperNodes' Fleet API only; Control API refused); "
+        f"SuperLink on {control} (Control API: this host only, or `{tunnel}` from a "
+        "researcher's machine). Logs: {logs['superlink']}, {logs['front']}.\n"
+        "Researchers add to their Flower config (~/.flwr/config.toml):\n"
+        f'  [superlink.NAME]\n  address = "{control}"\n{security}\n'
+        "then: fedllm run configs/x.yaml --federation NAME. Ctrl-C stops."
+    )
 
 
 @superlink_app.command("register")
@@ -161,15 +217,17 @@ def register_command(
     ],
     hospital: Annotated[list[str], typer.Option("--hospital", help="Hospital to register.")],
     address: Annotated[
-        str, typer.Option(help="The SuperLink as host:port.")
-    ] = f"127.0.0.1:{DEFAULT_SUPERLINK_PORT}",
+        str,
+        typer.Option(help="The SuperLink's loopback Control API as host:port (not the front)."),
+    ] = f"{LOOPBACK}:{DEFAULT_CONTROL_PORT}",
+    state_dir: StateDirOption = Path("superlink-state"),
 ) -> None:
-    """Register hospitals' SuperNode public keys with a running SuperLink."""
+    """Register hospitals' SuperNode public keys with a running SuperLink, and record them."""
     creds = _credentials(credentials)
     with tempfile.TemporaryDirectory(prefix="fedllm-flwr-") as flwr_home:
         try:
-            outcome = _register_all(creds, hospital, Path(flwr_home), address)
-        except DeploymentError as error:
+            outcome = _register_all(creds, hospital, Path(flwr_home), address, state_dir.resolve())
+        except (DeploymentError, RegistryError) as error:
             fail(str(error))
     for name, status in outcome.items():
         console.print(f"hospital [bold]{name}[/]: {status}", highlight=False)

@@ -7,7 +7,10 @@ Everything here builds the exact command lines and files Flower reads, so that T
 on SuperNodes and in the Flower CLI's ``config.toml``) and SuperNode authentication
 (``--enable-supernode-auth`` on the SuperLink, each hospital's public key registered through
 the Control API, ``--auth-supernode-private-key`` on its SuperNode) are on unless a caller asks
-for insecure mode explicitly, and then loudly.
+for insecure mode explicitly, and then loudly. Because that port's Control API has no
+authentication in open-source Flower 1.42, ``flower-superlink`` listens on 127.0.0.1 and the
+public port is served by fedllm's front (:mod:`fedllm.federation.superlink_front`), which
+forwards the Fleet API only.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import socket
 import ssl
 import stat
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,9 @@ from fedllm.federation.launcher import FederationError
 from fedllm.federation.warm_worker import worker_socket_path
 
 DEFAULT_SUPERLINK_PORT = 9092
+# flower-superlink itself, on 127.0.0.1 only: its Control API has no authentication in 1.42
+DEFAULT_CONTROL_PORT = 9093
+LOOPBACK = "127.0.0.1"
 
 INSECURE_WARNING = (
     "INSECURE MODE: TLS and SuperNode authentication are OFF. Model updates and privacy "
@@ -92,6 +99,39 @@ def superlink_command(
         "--ssl-keyfile",
         str(tls.key),
         "--enable-supernode-auth",
+    ]
+
+
+def front_command(
+    *, host: str, port: int, control_port: int, tls: SuperLinkTls | None, insecure: bool = False
+) -> list[str]:
+    """The SuperLink's public TLS front (:mod:`fedllm.federation.superlink_front`).
+
+    It listens on ``host:port`` with the SuperLink's own certificate and forwards only the
+    Fleet API to ``flower-superlink`` on ``127.0.0.1:control_port``.
+    """
+    check_security(tls is not None, insecure)
+    command = [
+        sys.executable,
+        "-m",
+        "fedllm.federation.superlink_front",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--upstream",
+        f"{LOOPBACK}:{control_port}",
+    ]
+    if tls is None:
+        return [*command, "--insecure"]
+    return [
+        *command,
+        "--ssl-ca-certfile",
+        str(tls.ca_cert),
+        "--ssl-certfile",
+        str(tls.cert),
+        "--ssl-keyfile",
+        str(tls.key),
     ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tomllib
 from collections.abc import Sequence
@@ -53,12 +54,15 @@ def write_flower_connection(
     return path
 
 
-def register_supernode(flwr_home: Path, connection: str, public_key: Path, name: str) -> str:
+def register_supernode(
+    flwr_home: Path, connection: str, public_key: Path, name: str
+) -> tuple[str, int | None]:
     """Register a hospital's public key with the SuperLink (``flwr supernode register``).
 
-    Returns ``"registered"``, or ``"already registered"`` when the SuperLink's database
-    already holds the key (a restarted SuperLink keeps its registrations), so starting the
-    operator's SuperLink twice is harmless.
+    Returns ``"registered"`` and the node id Flower assigned, or ``"already registered"`` and
+    None when the SuperLink's database already holds the key (a restarted SuperLink keeps its
+    registrations; Flower then names no node id), so starting the operator's SuperLink twice
+    is harmless.
     """
     if not public_key.is_file():
         raise DeploymentError(f"public key of {name!r} not found: {public_key}")
@@ -81,10 +85,11 @@ def register_supernode(flwr_home: Path, connection: str, public_key: Path, name:
         check=False,
     )
     output = f"{result.stdout}\n{result.stderr}"
-    if result.returncode == 0 and '"success": true' in output:
-        return "registered"
+    node_id = re.search(r'"node-id":\s*(\d+)', result.stdout)
+    if result.returncode == 0 and '"success": true' in output and node_id:
+        return "registered", int(node_id.group(1))
     if "already" in output.lower():
-        return "already registered"
+        return "already registered", None
     raise DeploymentError(f"could not register {name!r} ({public_key}): {output.strip()[-800:]}")
 
 
