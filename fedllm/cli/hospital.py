@@ -8,14 +8,17 @@ when one stops or on Ctrl-C / SIGTERM.
 ``fedllm hospital check`` validates the file, the records' columns and the secret files' modes
 and shows what would run, writing nothing (``--online`` also reaches the SuperLink over TLS).
 ``fedllm hospital status`` shows ε spent and left, the ledger's history, the base-model hash and
-the adapter being served, from the hospital's own files. Everything ``start`` creates (state
-directory, logs, ledger) is private to the account running it (0700/0600).
+the adapter being served, from the hospital's own files. ``fedllm hospital health`` asks, on this
+machine and with no certificate, whether each process ``start`` runs answers. Everything
+``start`` creates (state directory, logs, ledger) is private to the account running it
+(0700/0600).
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -36,6 +39,7 @@ from fedllm.federation.deployment import (
     superlink_handshake,
     write_inference_config,
 )
+from fedllm.federation.hospital_health import hospital_health, wait_for_inference
 from fedllm.federation.hospital_status import hospital_status
 from fedllm.federation.launcher import stop_process_tree
 from fedllm.federation.private_files import (
@@ -70,6 +74,8 @@ ConfigOption = Annotated[
 ]
 
 WORKER_COMMAND = [sys.executable, "-m", "fedllm.cli", "hospital", "worker"]
+# How long `start` waits for the inference server to answer its probe before saying so.
+INFERENCE_READY_TIMEOUT_S = 180.0
 # How long `start` waits for the worker to listen (it imports PyTorch) before the SuperNode.
 WORKER_START_TIMEOUT_S = 120.0
 
@@ -233,14 +239,11 @@ def start_command(config: ConfigOption) -> None:
             console.print(
                 f"hospital [bold]{hospital.hospital}[/]: SuperNode → {hospital.superlink.address}"
                 + (", warm worker" if "worker" in processes else "")
-                + (
-                    f", inference server on {hospital.inference.host}:{hospital.inference.port}"
-                    if hospital.inference
-                    else ""
-                )
                 + f"; logs in {state}. Ctrl-C stops.",
                 highlight=False,
             )
+            if "inference" in processes:
+                _announce_inference(hospital, processes, logs["inference"])
             name, code = wait_for_first_exit(processes)
         except KeyboardInterrupt:
             console.print("stopping ...")
@@ -256,6 +259,54 @@ def start_command(config: ConfigOption) -> None:
     if name == "supernode" and "activate SuperNode" in tail and hospital.auth:
         hint = "\n" + NOT_REGISTERED_HINT.format(public_key=hospital.auth.public_key or "*.pub")
     fail(f"the {name} stopped (exit code {code}); see {logs[name]}\n{tail}{hint}")
+
+
+def _announce_inference(
+    hospital: HospitalConfig, processes: dict[str, subprocess.Popen[bytes]], log_path: Path
+) -> None:
+    """Name the inference server's address once it answers its local probe, not before."""
+    if hospital.inference is None:
+        return
+    where = f"{hospital.inference.host}:{hospital.inference.port}"
+    health = wait_for_inference(
+        hospital,
+        INFERENCE_READY_TIMEOUT_S,
+        lambda: all(p.poll() is None for p in processes.values()),
+    )
+    if health.state == "not checked":
+        console.print(f"inference server started on {where}; {health.detail}", highlight=False)
+    elif health.state == "not answering":
+        if all(p.poll() is None for p in processes.values()):
+            console.print(
+                f"inference server not ready after {INFERENCE_READY_TIMEOUT_S:g} s, see {log_path}",
+                highlight=False,
+            )
+    else:
+        console.print(
+            f"inference server on {where}: {health.state}"
+            + ("" if health.ok else f" ({health.detail})"),
+            highlight=False,
+        )
+
+
+@hospital_app.command("health")
+def health_command(config: ConfigOption, json_output: bool = typer.Option(False, "--json")) -> None:
+    """Is each process `start` runs answering? Asked on this machine, no certificate needed.
+
+    The SuperNode on its local API, the warm worker on its socket, the inference server on its
+    plain probe port (``inference.probe_port``). Exits 1 when any part is down or not ready.
+    """
+    parts = hospital_health(_load(config))
+    if json_output:
+        print_json([asdict(part) for part in parts])
+    else:
+        table = Table("part", "state", "detail")
+        for part in parts:
+            colour = "green" if part.ok else "red"
+            table.add_row(part.name, f"[{colour}]{part.state}[/]", part.detail)
+        console.print(table)
+    if not all(part.ok for part in parts):
+        raise typer.Exit(1)
 
 
 def _wait_for_worker(hospital: HospitalConfig, process: subprocess.Popen[bytes]) -> None:
