@@ -233,3 +233,12 @@ def test_hospital_start_names_the_worker_socket_unless_turned_off(tmp_path):
 
 def test_the_deliver_action_is_the_one_the_server_sends():
     assert client_app.DELIVER_ACTION == delivery.DELIVER_ACTION
+
+
+def test_a_forwarding_client_app_process_does_not_import_pytorch():
+    """Flower imports the ClientApp afresh for every message: forwarding must stay cheap."""
+    probe = "import sys, clients.client_app; print(sorted({'torch', 'peft'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"
