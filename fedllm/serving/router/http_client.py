@@ -8,6 +8,12 @@ one go, the response parsed by httptools (the C parser uvicorn uses), TLS and mu
 ``asyncio.open_connection(ssl=...)``. Anything unexpected closes the connection. Each request
 carries the current span's W3C ``traceparent``, so the node continues the router's trace (none
 when tracing is off).
+
+A kept-alive connection can be closed by the node just as a request goes out on it. Only
+idempotent requests (GET, HEAD) are then sent again, once, on a fresh connection: a POST may
+already have been acted on (a consensus session opened, ε charged), so it fails with
+NodeTransportError and the caller decides (the node pool books the failure and fails over).
+To keep that rare, a connection idle for more than ``MAX_IDLE_REUSE_S`` is not reused.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +34,11 @@ from fedllm.telemetry.tracing import trace_headers
 # Node answers are small JSON documents; anything bigger is a broken or hostile node.
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 READ_CHUNK = 65536
+# Well under the 5 s keep-alive timeout of uvicorn (and of fedllm nodes by default), so a node
+# is rarely closing a connection the router picks for reuse.
+MAX_IDLE_REUSE_S = 2.0
+# Requests that may be sent twice without changing anything more than sending them once.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD"})
 
 
 class NodeTransportError(Exception):
@@ -63,7 +75,8 @@ class _Origin:
         self.port = parts.port or (443 if self.tls else 80)
         self.prefix = parts.path.rstrip("/")
         self.host_header = f"{self.host}:{self.port}".encode()
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        # (reader, writer, time.monotonic() when it went idle), most recent last
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
         self.slots = asyncio.Semaphore(max_connections)
 
 
@@ -133,9 +146,9 @@ class NodeClient:
         body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode()
         # the W3C traceparent of the current span, so the node continues the router's trace
         sent = {**trace_headers(), **headers} if headers else trace_headers()
-        extra = "".join(f"{name}: {value}\r\n" for name, value in sent.items())
-        if "\n" in extra.replace("\r\n", "") or "\r" in extra.replace("\r\n", ""):
+        if any("\r" in part or "\n" in part for item in sent.items() for part in item):
             raise ValueError("header names and values must not contain line breaks")
+        extra = "".join(f"{name}: {value}\r\n" for name, value in sent.items())
         head = (
             f"{method} {origin.prefix}{path} HTTP/1.1\r\n".encode()
             + b"Host: "
@@ -146,19 +159,30 @@ class NodeClient:
         async with origin.slots:
             try:
                 async with asyncio.timeout(timeout_s or self._timeout_s):
-                    return await self._exchange(origin, head + body)
+                    return await self._exchange(
+                        origin, head + body, resend=method in IDEMPOTENT_METHODS
+                    )
             except TimeoutError:
                 raise NodeTimeoutError("timed out") from None
 
-    async def _exchange(self, origin: _Origin, request: bytes) -> NodeResponse:
+    async def _exchange(self, origin: _Origin, request: bytes, *, resend: bool) -> NodeResponse:
+        """One exchange on an idle connection if there is a live one, else on a new one; when a
+        reused connection closes before any answer, ``resend`` allows one fresh try."""
         while origin.idle:
-            reader, writer = origin.idle.pop()
-            if writer.is_closing() or reader.at_eof():
+            reader, writer, idle_since = origin.idle.pop()
+            if (
+                writer.is_closing()
+                or reader.at_eof()
+                or time.monotonic() - idle_since > MAX_IDLE_REUSE_S
+            ):
                 writer.close()
                 continue
             response = await self._round_trip(origin, reader, writer, request, reused=True)
             if response is not None:
                 return response
+            if not resend:
+                raise NodeTransportError("kept-alive connection closed before any response")
+            break
         reader, writer = await self._connect(origin)
         response = await self._round_trip(origin, reader, writer, request, reused=False)
         if response is None:
@@ -216,7 +240,7 @@ class NodeClient:
             writer.close()
             raise
         if collector.keep_alive and len(origin.idle) < self._max_idle:
-            origin.idle.append((reader, writer))
+            origin.idle.append((reader, writer, time.monotonic()))
         else:
             writer.close()
         return NodeResponse(parser.get_status_code(), b"".join(collector.body))
@@ -225,6 +249,6 @@ class NodeClient:
         """Close every idle connection."""
         for origin in self._origins.values():
             while origin.idle:
-                _, writer = origin.idle.pop()
+                _, writer, _ = origin.idle.pop()
                 writer.close()
         self._origins.clear()
