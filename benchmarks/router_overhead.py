@@ -10,18 +10,36 @@ both alike); concurrent requests give throughput through the router. Run:
 
     .venv/bin/python benchmarks/router_overhead.py [--requests 2000] [--concurrency 64]
         [--throughput-requests 5000] [--consensus 20] [--zero-quota 200] [--no-tls]
+    .venv/bin/python benchmarks/router_overhead.py --replicas-postgres [--concurrency 32]
+        [--replica-requests 2000] [--replica-consensus 200] [--consensus-concurrency 4]
+        [--rounds 2]
+    .venv/bin/python benchmarks/router_overhead.py --clients [--concurrency 64]
+        [--client-requests 6000] [--rounds 2]
 
 Goals: added p50 <= 2 ms, added p99 <= 10 ms, >= 1000 req/s through the router, and a consensus
 request from a user with no quota left refused (403) in <= 10 ms p99, whatever its max_tokens
 (``--zero-quota N`` sends N such requests, each with a max_tokens not asked before, so no cost is
 served from a cache). On a small machine the client, router and node share the cores: say so
 when quoting the numbers.
+
+``--replicas-postgres`` instead compares sustained throughput (requests/s, p50/p99 latency at
+``--concurrency`` / ``--consensus-concurrency`` clients) of one router on SQLite with two
+router replicas sharing one PostgreSQL server (started here from the distribution's binaries),
+requests spread evenly over the two, against the same two constant-time nodes: 0-ε answers,
+which read a cached budget view, and 1-token consensus answers, which reserve and commit ε in
+the router database (and charge both hospitals' ledgers). The setups alternate in
+``--rounds`` blocks of the same run.
+
+``--clients`` instead measures the router → node hop alone: POST /v1/inference to one
+constant-time node with the router's hand-written client, httpx and (when installed) aiohttp,
+alternating rounds, same concurrency: requests/s, p50/p99 and the client's CPU per request.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import platform
 import shutil
@@ -32,12 +50,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
+from bench_postgres import running_postgres
 
 from fedllm.federation.launcher import stop_process_tree
 from fedllm.security.certs import init_credentials
@@ -262,6 +283,300 @@ def login(router_url: str, verify: Any, username: str) -> str:
     ).json()["access_token"]
 
 
+@dataclass
+class Load:
+    """Latencies (ms), wall time and CPU time (of the processes measured) of timed requests."""
+
+    latencies: list[float] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    cpu_s: float = 0.0
+
+    def add(self, other: Load) -> None:
+        self.latencies += other.latencies
+        self.elapsed_s += other.elapsed_s
+        self.cpu_s += other.cpu_s
+
+
+async def sustained(
+    urls: list[str],
+    verify: Any,
+    token: str,
+    body: Callable[[int], dict],
+    n: int,
+    concurrency: int,
+    pids: list[int],
+) -> Load:
+    """`n` requests from `concurrency` clients, request i to ``urls[i % len(urls)]``."""
+    client = lean_client(verify, concurrency)
+    load = Load()
+
+    async def worker(counter: Iterator[int], sink: list[float]) -> None:
+        for i in counter:
+            started = time.perf_counter()
+            await post(client, urls[i % len(urls)], "/v1/inference", body(i), token)
+            sink.append((time.perf_counter() - started) * 1000)
+
+    try:
+        warm = iter(range(concurrency * 2 * len(urls)))  # opens every connection first
+        await asyncio.gather(*(worker(warm, []) for _ in range(concurrency)))
+        cpu_before = sum(cpu_seconds(pid) for pid in pids)
+        counter = iter(range(n))
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(counter, load.latencies) for _ in range(concurrency)))
+        load.elapsed_s = time.perf_counter() - started
+        load.cpu_s = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+    finally:
+        await client.aclose()
+    return load
+
+
+@dataclass
+class Deployment:
+    """Router replicas under test: their URLs, process ids and a token for `bench`."""
+
+    name: str
+    urls: list[str]
+    pids: list[int]
+    token: str = ""
+
+
+def start_routers(
+    work: Path, label: str, base: dict[str, Any], database: str, replicas: int, tls: bool
+) -> tuple[list[subprocess.Popen], list[str]]:
+    """`replicas` router processes on `database`, each with its own port and audit chain."""
+    processes, urls = [], []
+    for index in range(replicas):
+        config = {
+            **base,
+            "listen": {"host": "127.0.0.1", "port": free_port()},
+            "database": {"url": database},
+            "audit": {**base["audit"], "path": str(work / f"audit-{label}-{index}.jsonl")},
+        }
+        path = write_yaml(work / f"router-{label}-{index}.yaml", config)
+        processes.append(start(["router", "--config", str(path)], work / f"{label}-{index}.log"))
+        urls.append(f"{'https' if tls else 'http'}://127.0.0.1:{config['listen']['port']}")
+    return processes, urls
+
+
+def replicas_postgres(args: argparse.Namespace) -> None:
+    """One router on SQLite vs two on one PostgreSQL, alternating blocks; prints the table."""
+    tls = not args.no_tls
+    work = Path(tempfile.mkdtemp(prefix="fedllm-router-replicas-"))
+    node_configs, router_config, verify = setup(work, tls, 2)
+    kinds: dict[str, Callable[[int], dict]] = {
+        "0-ε answer": lambda i: {"prompt": f"load {i}", "max_tokens": 8},
+        "consensus, 1 token (reserve + commit)": lambda i: {
+            "prompt": f"c {i}",
+            "max_tokens": 1,
+            "require_consensus": True,
+        },
+    }
+    results: dict[tuple[str, str], Load] = {}
+    with ExitStack() as stack:
+        for index, node in enumerate(node_configs):
+            log = work / f"node-{index}.log"
+            config = write_yaml(work / f"node-{index}.yaml", node)
+            process = start(["serve", "--config", str(config)], log)
+            stack.callback(stop_process_tree, process)
+            wait_ready(f"http://127.0.0.1:{node['port']}", True, process, log)
+        postgres = stack.enter_context(running_postgres())
+        pg_database = postgres.create_database()
+        store = UserStore(pg_database)
+        store.add_user("bench", PASSWORD, Role.CLINICIAN, "cardiology")
+        store.close()
+        deployments = []
+        for name, label, database, replicas in (
+            ("1 router, SQLite", "sqlite", router_config["database"]["url"], 1),
+            ("2 routers, one PostgreSQL", "pg", pg_database, 2),
+        ):
+            processes, urls = start_routers(work, label, router_config, database, replicas, tls)
+            for process in processes:
+                stack.callback(stop_process_tree, process)
+            for index, (process, url) in enumerate(zip(processes, urls, strict=True)):
+                wait_ready(url, verify, process, work / f"{label}-{index}.log")
+            deployment = Deployment(name, urls, [process.pid for process in processes])
+            deployment.token = login(urls[0], verify, "bench")
+            deployments.append(deployment)
+        plan = [
+            (args.replica_requests, args.concurrency),
+            (args.replica_consensus, args.consensus_concurrency),
+        ]
+        for (kind, body), (count, concurrency) in zip(kinds.items(), plan, strict=True):
+            per_round = max(1, count // args.rounds)
+            for _ in range(args.rounds):
+                for deployment in deployments:
+                    load = asyncio.run(
+                        sustained(
+                            deployment.urls,
+                            verify,
+                            deployment.token,
+                            body,
+                            per_round,
+                            concurrency,
+                            deployment.pids,
+                        )
+                    )
+                    results.setdefault((kind, deployment.name), Load()).add(load)
+    shutil.rmtree(work, ignore_errors=True)
+    report_replicas(args, tls, results)
+
+
+def report_replicas(
+    args: argparse.Namespace, tls: bool, results: dict[tuple[str, str], Load]
+) -> None:
+    print(
+        f"\nRouter replicas: {args.rounds} alternating rounds, {args.replica_requests} 0-ε "
+        f"and {args.replica_consensus} consensus requests timed per setup, "
+        f"{args.concurrency} (0-ε) and {args.consensus_concurrency} (consensus) concurrent "
+        f"clients, router {'TLS' if tls else 'plain HTTP'}, 2 constant-time nodes; "
+        f"{os.cpu_count()} CPU cores shared by client, routers, PostgreSQL and nodes, load "
+        f"average {os.getloadavg()[0]:.1f} at the end; Python {platform.python_version()}\n"
+    )
+    print("| requests | setup | req/s | p50 | p99 | router CPU per request |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (kind, name), load in results.items():
+        n = len(load.latencies)
+        print(
+            f"| {kind} | {name} | {n / load.elapsed_s:.0f} | "
+            f"{percentile(load.latencies, 0.5):.1f} ms | {percentile(load.latencies, 0.99):.1f} ms"
+            f" | {load.cpu_s * 1000 / n:.2f} ms |"
+        )
+
+
+Send = Callable[[int], Awaitable[None]]
+
+
+def hop_body(i: int) -> dict[str, Any]:
+    """A small inference request, as the router forwards one (a new prompt each time)."""
+    return {"prompt": f"hop {i}", "max_tokens": 8}
+
+
+def _check(status: int, content: bytes) -> None:
+    if status != 200:
+        raise SystemExit(f"HTTP {status}: {content[:300]!r}")
+
+
+@asynccontextmanager
+async def handwritten_sender(url: str, concurrency: int) -> AsyncIterator[Send]:
+    """The router's own client (fedllm/serving/router/http_client.py)."""
+    client = lean_client(None, concurrency)
+
+    async def send(i: int) -> None:
+        response = await client.request("POST", url, "/v1/inference", hop_body(i))
+        _check(response.status_code, response.content)
+
+    try:
+        yield send
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
+async def httpx_sender(url: str, concurrency: int) -> AsyncIterator[Send]:
+    """httpx.AsyncClient, HTTP/1.1 keep-alive pool sized like the router's."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+
+        async def send(i: int) -> None:
+            response = await client.post("/v1/inference", json=hop_body(i))
+            _check(response.status_code, response.content)
+
+        yield send
+
+
+@asynccontextmanager
+async def aiohttp_sender(url: str, concurrency: int) -> AsyncIterator[Send]:
+    """aiohttp.ClientSession with a keep-alive connector sized like the router's pool."""
+    import aiohttp  # optional: `pip install aiohttp` (the dev extras have it)
+
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
+
+        async def send(i: int) -> None:
+            async with session.post("/v1/inference", json=hop_body(i)) as response:
+                _check(response.status, await response.read())
+
+        yield send
+
+
+SENDERS: dict[str, Callable[[str, int], AbstractAsyncContextManager[Send]]] = {
+    "hand-written (asyncio + httptools)": handwritten_sender,
+    "httpx": httpx_sender,
+    "aiohttp": aiohttp_sender,
+}
+
+
+async def hop(
+    sender: Callable[[str, int], AbstractAsyncContextManager[Send]],
+    url: str,
+    n: int,
+    concurrency: int,
+) -> Load:
+    """`n` POSTs to the node from `concurrency` tasks; CPU time is this process's (the client's)."""
+    load = Load()
+
+    async def worker(counter: Iterator[int], sink: list[float], send: Send) -> None:
+        for i in counter:
+            started = time.perf_counter()
+            await send(i)
+            sink.append((time.perf_counter() - started) * 1000)
+
+    async with sender(url, concurrency) as send:
+        warm = iter(range(concurrency * 4))
+        await asyncio.gather(*(worker(warm, [], send) for _ in range(concurrency)))
+        counter = iter(range(n))
+        cpu_before = time.process_time()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(counter, load.latencies, send) for _ in range(concurrency)))
+        load.elapsed_s = time.perf_counter() - started
+        load.cpu_s = time.process_time() - cpu_before
+    return load
+
+
+def compare_clients(args: argparse.Namespace) -> None:
+    """The router → node hop with each client against one node, alternating rounds."""
+    senders = dict(SENDERS)
+    if importlib.util.find_spec("aiohttp") is None:
+        del senders["aiohttp"]
+    work = Path(tempfile.mkdtemp(prefix="fedllm-router-clients-"))
+    node_configs, _, _ = setup(work, False, 1)
+    node = node_configs[0]
+    log = work / "node-0.log"
+    process = start(["serve", "--config", str(write_yaml(work / "node-0.yaml", node))], log)
+    results: dict[str, Load] = {}
+    try:
+        url = f"http://127.0.0.1:{node['port']}"
+        wait_ready(url, True, process, log)
+        node_cpu = {name: 0.0 for name in senders}
+        per_round = max(1, args.client_requests // args.rounds)
+        for _ in range(args.rounds):
+            for name, sender in senders.items():
+                before = cpu_seconds(process.pid)
+                load = asyncio.run(hop(sender, url, per_round, args.concurrency))
+                node_cpu[name] += cpu_seconds(process.pid) - before
+                results.setdefault(name, Load()).add(load)
+    finally:
+        stop_process_tree(process)
+    shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"\nRouter → node hop: POST /v1/inference to one constant-time node (plain HTTP, "
+        f"keep-alive), {args.rounds} alternating rounds, {args.client_requests} timed requests "
+        f"per client, {args.concurrency} in flight; {os.cpu_count()} CPU cores shared by client "
+        f"and node, load average {os.getloadavg()[0]:.1f} at the end; "
+        f"Python {platform.python_version()}\n"
+    )
+    print("| client | req/s | p50 | p99 | client CPU per request | node CPU per request |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, load in results.items():
+        n = len(load.latencies)
+        print(
+            f"| {name} | {n / load.elapsed_s:.0f} | {percentile(load.latencies, 0.5):.2f} ms | "
+            f"{percentile(load.latencies, 0.99):.2f} ms | {load.cpu_s * 1000 / n:.3f} ms | "
+            f"{node_cpu[name] * 1000 / n:.3f} ms |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
@@ -272,7 +587,33 @@ def main() -> None:
         "--zero-quota", type=int, default=0, help="also time N refusals of a user with no quota"
     )
     parser.add_argument("--no-tls", action="store_true", help="plain HTTP to the router")
+    parser.add_argument(
+        "--replicas-postgres",
+        action="store_true",
+        help="only compare 1 router on SQLite with 2 replicas on one PostgreSQL",
+    )
+    parser.add_argument("--replica-requests", type=int, default=2000, help="0-ε answers")
+    parser.add_argument("--replica-consensus", type=int, default=200, help="consensus answers")
+    parser.add_argument(
+        "--consensus-concurrency",
+        type=int,
+        default=4,
+        help="clients sending consensus requests (each node opens one session at a time)",
+    )
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--clients",
+        action="store_true",
+        help="only compare HTTP clients (hand-written, httpx, aiohttp) on the router → node hop",
+    )
+    parser.add_argument("--client-requests", type=int, default=6000)
     args = parser.parse_args()
+    if args.clients:
+        compare_clients(args)
+        return
+    if args.replicas_postgres:
+        replicas_postgres(args)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="fedllm-router-bench-"))
     nodes = 2 if args.consensus or args.zero_quota else 1
