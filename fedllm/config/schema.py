@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 from fedllm.data import SPECIALTIES
+from fedllm.telemetry.tracing import TracingConfig
 
 
 class StrictModel(BaseModel):
@@ -310,7 +311,11 @@ class StrategyConfig(StrictModel):
 
 
 class ExperimentConfig(StrictModel):
-    """A whole experiment, as read from one YAML file."""
+    """A whole experiment, as read from one YAML file.
+
+    ``tracing`` (the same section as router.yaml's and node.yaml's) turns on the server's
+    OpenTelemetry round traces; absent, the server makes none.
+    """
 
     run: RunConfig = RunConfig()
     federation: FederationConfig = FederationConfig()
@@ -320,6 +325,7 @@ class ExperimentConfig(StrictModel):
     privacy: PrivacyConfig = PrivacyConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     strategy: StrategyConfig = StrategyConfig()
+    tracing: TracingConfig | None = None
 
     @model_validator(mode="after")
     def _min_cohort_reachable(self) -> ExperimentConfig:

@@ -1,6 +1,7 @@
 """Distributed tracing with OpenTelemetry: off by default, OTLP/HTTP export when configured.
 
-One ``tracing:`` section (router.yaml, node.yaml) turns it on::
+One ``tracing:`` section (router.yaml, node.yaml, or an experiment YAML for the federated
+server's round traces, `RoundTracing`) turns it on::
 
     tracing: {otlp_endpoint: http://localhost:4318, service_name: fedllm-router}
 
@@ -28,10 +29,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from fedllm.config.schema import StrictModel
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -41,10 +40,16 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 TRACEPARENT = "traceparent"
 
 
-class TracingConfig(StrictModel):
+class TracingConfig(BaseModel):
     """Where to send spans (an OTLP/HTTP collector: Jaeger, Tempo, an OpenTelemetry Collector)
     and under which service name; ``sample_ratio`` keeps that share of new traces (a node
-    follows the router's decision for traces the router started)."""
+    follows the router's decision for traces the router started).
+
+    Strict like every config section (``fedllm.config.schema.StrictModel``'s settings, not its
+    class: the experiment schema holds this section too, so this module cannot import it).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     otlp_endpoint: str = Field(min_length=1, max_length=2048)
     service_name: str | None = Field(None, min_length=1, max_length=128)
@@ -130,15 +135,25 @@ class Tracing:
         attributes: Mapping[str, AttributeValue] | None = None,
         *,
         failed: bool = False,
+        context: otel_context.Context | None = None,
     ) -> None:
-        """A finished child of the current span, timed by the caller (``time.time_ns()``), for
-        work another process did and this one only saw start and end."""
+        """A finished child of the current span (or of ``context``), timed by the caller
+        (``time.time_ns()``), for work another process did and this one only saw start and end."""
         if self._tracer is None:
             return
-        span = self._tracer.start_span(name, attributes=attributes, start_time=start_ns)
+        span = self._tracer.start_span(
+            name, context=context, attributes=attributes, start_time=start_ns
+        )
         if failed:
             span.set_status(Status(StatusCode.ERROR, "failed"))
         span.end(end_time=end_ns)
+
+    def start(self, name: str, attributes: Mapping[str, AttributeValue] | None = None) -> Span:
+        """A new root span the caller ends itself, for work spread over several calls
+        (OpenTelemetry's invalid span when disabled); it is not made current."""
+        if self._tracer is None:
+            return INVALID_SPAN
+        return self._tracer.start_span(name, context=otel_context.Context(), attributes=attributes)
 
     def shutdown(self) -> None:
         """Export what is buffered and stop the exporter (no-op when disabled)."""
@@ -239,31 +254,81 @@ def known_route(routes: frozenset[str]) -> Callable[[str], str]:
 
 
 class RoundTracing:
-    """Spans for one federated round, for the server app to call (not yet wired in).
+    """One federated round as one trace: a root span and a child span per step.
 
-    ``with rounds.round(3):`` opens the round's trace; inside it ``with rounds.selection(n)``
-    and ``with rounds.aggregation(n)`` wrap the server's own steps, and ``rounds.training(...)``
-    records each hospital's training from when its instruction was sent to when its reply
-    arrived (the training itself runs in the hospital's process). Attributes are the round,
-    counts and hospital names from the experiment config: never data, updates or metrics.
+    Flower's strategy sees a round as four calls (configure and aggregate, for training and
+    for evaluation), so the root span is opened by :meth:`begin` and closed by :meth:`end`
+    rather than by one ``with`` block; ``with rounds.round(3):`` does both for a caller whose
+    round is one block. Inside a round, ``with rounds.selection(n)`` and
+    ``with rounds.aggregation(n)`` wrap the server's own steps, and :meth:`training` and
+    :meth:`evaluation` record what the hospitals did, from when the server sent its
+    instructions to when it had the replies (the work itself runs in the hospitals'
+    processes). Attributes are the round, counts and hospital names from the experiment
+    config: never data, updates, metrics, losses or a hospital's ε. Disabled, every method
+    is one attribute check.
     """
 
     def __init__(self, tracing: Tracing) -> None:
         self.tracing = tracing
+        self._root: Span = INVALID_SPAN
+        self._parent: otel_context.Context | None = None
 
-    def round(self, server_round: int) -> contextlib.AbstractContextManager[Span]:
-        """The round's root span."""
-        return self.tracing.span("federation.round", {"fedllm.round": server_round})
+    def begin(self, server_round: int) -> None:
+        """Open ``server_round``'s root span (a round left open by an error is ended first)."""
+        if not self.tracing.enabled:
+            return
+        self.end(failed=True)
+        self._root = self.tracing.start("federation.round", {"fedllm.round": server_round})
+        self._parent = trace.set_span_in_context(self._root)
+
+    def end(self, *, failed: bool = False) -> None:
+        """Close the open round's root span, marked as an error if the round ``failed``."""
+        if self._parent is None:
+            return
+        if failed:
+            self._root.set_status(Status(StatusCode.ERROR, "round not completed"))
+        self._root.end()
+        self._root, self._parent = INVALID_SPAN, None
+
+    @contextlib.contextmanager
+    def round(self, server_round: int) -> Iterator[Span]:
+        """The round's root span for one block; an exception leaving it marks it an error."""
+        self.begin(server_round)
+        root = self._root
+        try:
+            yield root
+        except BaseException:
+            self.end(failed=True)
+            raise
+        self.end()
 
     def selection(self, candidates: int) -> contextlib.AbstractContextManager[Span]:
-        """Choosing the round's cohort among ``candidates`` hospitals."""
-        return self.tracing.span("federation.selection", {"fedllm.candidates": candidates})
+        """Choosing the round's cohort among ``candidates`` hospitals (the status query too)."""
+        return self.tracing.span(
+            "federation.selection", {"fedllm.candidates": candidates}, context=self._parent
+        )
 
     def training(self, hospital: str, sent_ns: int, replied_ns: int, *, ok: bool) -> None:
         """One hospital's training, as the server saw it (instruction sent → reply received)."""
         attributes = {"fedllm.hospital": hospital, "fedllm.ok": ok}
-        self.tracing.record("federation.training", sent_ns, replied_ns, attributes, failed=not ok)
+        self.tracing.record(
+            "federation.training",
+            sent_ns,
+            replied_ns,
+            attributes,
+            failed=not ok,
+            context=self._parent,
+        )
 
     def aggregation(self, replies: int) -> contextlib.AbstractContextManager[Span]:
         """Aggregating ``replies`` hospitals' updates."""
-        return self.tracing.span("federation.aggregation", {"fedllm.replies": replies})
+        return self.tracing.span(
+            "federation.aggregation", {"fedllm.replies": replies}, context=self._parent
+        )
+
+    def evaluation(self, hospitals: int, replies: int, sent_ns: int, replied_ns: int) -> None:
+        """The round's evaluation: asked of ``hospitals``, answered by ``replies`` of them."""
+        attributes = {"fedllm.hospitals": hospitals, "fedllm.replies": replies}
+        self.tracing.record(
+            "federation.evaluation", sent_ns, replied_ns, attributes, context=self._parent
+        )
