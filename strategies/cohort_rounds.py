@@ -15,14 +15,18 @@ a subclass (``strategies.privacy_aware.PrivacyAwareStrategy``): :meth:`is_eligib
    and closes the round through the injected recorder (``aggregate_evaluate``).
 
 Round state is a frozen :class:`~strategies.rounds.RoundState`, replaced as the round
-advances. Every wait is bounded by ``round_timeout_s``.
+advances. Every wait is bounded by ``round_timeout_s``. Each round is one trace
+(:class:`~fedllm.telemetry.tracing.RoundTracing` on the recorder's ``tracing``, disabled by
+default): selection, each hospital's training, aggregation and evaluation are its children.
+Server-side DP is a wrapper around this strategy (``strategies.server_dp``), which sets
+:attr:`CohortRounds.clipped_mean`.
 """
 
 from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -32,7 +36,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedllm.aggregation.rules import AdapterState
 from fedllm.selection.cohort import Cohort
+from fedllm.telemetry.tracing import RoundTracing
 from strategies import rounds
 from strategies.recorder import RunRecorder
 from strategies.rounds import Contribution, HospitalView, RoundPlan, RoundState, TrainOutcome
@@ -65,6 +71,12 @@ class CohortRounds(Strategy):
         L of a DP evaluation (the released loss sum is clamped to [0, L·count]); None otherwise.
     round_offset : int
         Rounds a resumed run already completed: Flower's round r is the run's r + offset.
+
+    Attributes
+    ----------
+    clipped_mean : callable or None
+        Set by a server-side DP wrapper: the replies are already clipped and are combined by
+        it (an equal-weight mean over the public cohort size), never by :meth:`aggregate`.
     """
 
     def __init__(
@@ -89,7 +101,10 @@ class CohortRounds(Strategy):
         self.query_timeout = round_timeout_s if query_timeout is None else query_timeout
         self.views: dict[int, HospitalView] = {}
         self.problems: dict[int, str] = {}  # node id -> why that hospital failed, one line
+        self.clipped_mean: Callable[[list[AdapterState], AdapterState], AdapterState] | None = None
+        self.traces = RoundTracing(recorder.tracing)
         self._round: RoundState | None = None
+        self._sent = (0, 0)  # time.time_ns() the round's last messages went to Flower, count
 
     @abstractmethod
     def is_eligible(self, view: HospitalView, server_round: int) -> tuple[bool, str]:
@@ -112,8 +127,8 @@ class CohortRounds(Strategy):
     @abstractmethod
     def aggregate(
         self, contributions: Sequence[Contribution], current: Mapping[str, torch.Tensor]
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-        """The new global adapter, and the round's server-DP record (None without it)."""
+    ) -> dict[str, torch.Tensor]:
+        """The new global adapter from the round's successful replies."""
 
     def _state(self) -> RoundState:
         """This round's state; Flower calls configure_train first, so it exists."""
@@ -136,7 +151,22 @@ class CohortRounds(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Eligibility, utilities, cohort; then the global adapter to the cohort."""
-        current, started = server_round + self.round_offset, time.monotonic()
+        current = server_round + self.round_offset
+        self.traces.begin(current)
+        try:
+            with self.traces.selection(len(self.views)) as span:
+                messages = self._plan_round(current, arrays, config, grid)
+                span.set_attribute("fedllm.cohort", len(self._state().plan.sent))
+        except BaseException:
+            self.traces.end(failed=True)
+            raise
+        self._sent = (time.time_ns(), len(messages))
+        return messages
+
+    def _plan_round(
+        self, current: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        started = time.monotonic()
         self.query_status(grid, release_profile=self.release_profiles)
         views = sorted(self.views.values(), key=lambda v: v.name)
         if views and not any(view.status for view in views):
@@ -167,11 +197,12 @@ class CohortRounds(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the cohort's adapters; mirror lost and failed hospitals' planned events."""
-        plan = self._state().plan
+        plan, replies = self._state().plan, list(replies)
         contributions, events, failed = rounds.read_train_replies(
             replies, plan, self.views, self.problems, self.recorder
         )
         lost = sorted(set(plan.sent.values()) - set(events) - set(failed))
+        self._trace_training(replies, plan, failed_or_lost=set(failed) | set(lost))
         for node_id, name in plan.sent.items():
             if name in lost:
                 self.problems[node_id] = (
@@ -195,9 +226,30 @@ class CohortRounds(Strategy):
                 failed=sorted(failed),
             )
             return None, None
-        merged, server_dp = self.aggregate(contributions, plan.global_adapter)
-        self._round = replace(self._state(), outcome=replace(outcome, server_dp=server_dp))
+        with self.traces.aggregation(len(contributions)):
+            merged = (
+                self.aggregate(contributions, plan.global_adapter)
+                if self.clipped_mean is None
+                else self.clipped_mean([c.adapter for c in contributions], plan.global_adapter)
+            )
         return ArrayRecord(merged), MetricRecord({"contributions": len(contributions)})
+
+    def _trace_training(
+        self, replies: list[Message], plan: RoundPlan, failed_or_lost: set[str]
+    ) -> None:
+        """One span per hospital sent the round: from the instructions to its reply (to now,
+        for a lost one), marked as an error unless it replied with an update."""
+        if not self.traces.tracing.enabled:
+            return
+        now, sent_ns = time.time_ns(), self._sent[0]
+        replied = {
+            plan.sent[r.metadata.src_node_id]: int(r.metadata.created_at * 1e9)
+            for r in replies
+            if r.metadata.src_node_id in plan.sent
+        }
+        for name in sorted(plan.sent.values()):
+            end = min(max(replied.get(name, now), sent_ns), now)
+            self.traces.training(name, sent_ns, end, ok=name not in failed_or_lost)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -213,6 +265,7 @@ class CohortRounds(Strategy):
             if n in self.views and self.views[n].status and self.views[n].name not in gone
         ]
         record = self._record(arrays, config, server_round + self.round_offset)
+        self._sent = (time.time_ns(), len(nodes))
         return rounds.messages(record, nodes, MessageType.EVALUATE)
 
     def summarise_evaluation(self, replies: Iterable[Message]) -> dict[str, Any]:
@@ -227,10 +280,12 @@ class CohortRounds(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Close the round: perplexities, ε, then the recorder's checkpoint, ledger and row."""
-        state = self._state()
+        state, replies = self._state(), list(replies)
         outcome = state.outcome
         if outcome is None:
             raise RuntimeError("aggregate_evaluate ran before aggregate_train")
+        answered = sum(1 for reply in replies if not reply.has_error())
+        self.traces.evaluation(self._sent[1], answered, self._sent[0], time.time_ns())
         # released before this round trained (profile, initial evaluation) first, then the
         # round's events, then this evaluation's: the order hospitals charged them in
         earlier = {view.name: view.unmirrored_events for view in self.views.values()}
@@ -250,6 +305,7 @@ class CohortRounds(Strategy):
             state.plan.global_adapter if evaluated is None else evaluated.to_torch_state_dict()
         )
         self.recorder.close_round(row, events, adapter)
+        self.traces.end()
         if row["eval_loss"] is None:
             return None
         return MetricRecord({"eval-loss": row["eval_loss"]})

@@ -2,17 +2,15 @@
 
 Eligibility from each hospital's own privacy ledger (:meth:`~PrivacyAwareStrategy.is_eligible`),
 Oort utility (:meth:`~PrivacyAwareStrategy.utility`), redundancy and the cohort QUBO
-(:meth:`~PrivacyAwareStrategy.redundancy`, :meth:`~PrivacyAwareStrategy.solve_cohort`; the draw
-and uniform mix are ``fedllm.selection.cohort``'s), inclusion-weighted aggregation
-(:meth:`~PrivacyAwareStrategy.aggregation_weights`) or server-side DP
-(``fedllm.aggregation.server_dp.HospitalLevelDp``). The Flower round protocol is
-``strategies.cohort_rounds``; what is written down, the injected ``strategies.recorder``.
+(:meth:`~PrivacyAwareStrategy.redundancy`, :meth:`~PrivacyAwareStrategy.solve_cohort`; the
+modes, draw and uniform mix are ``fedllm.selection.cohort``'s) and inclusion-weighted
+aggregation (:meth:`~PrivacyAwareStrategy.aggregation_weights`). The Flower round protocol is
+``strategies.cohort_rounds``; what is written down, the injected ``strategies.recorder``;
+server-side DP, a wrapper around this strategy (``strategies.server_dp``).
 """
 
 from __future__ import annotations
 
-import inspect
-import random
 from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
@@ -26,20 +24,16 @@ from fedllm.aggregation.rules import (
     trimmed_mean,
     weighted_mean,
 )
-from fedllm.aggregation.server_dp import HospitalLevelDp, ServerDpConfig, server_side_delta
 from fedllm.config.schema import ExperimentConfig
 from fedllm.selection import cohort as cohorts
 from fedllm.selection.instance import CohortInstance
+from fedllm.selection.oort import oort_utility
 from fedllm.selection.solvers import DEFAULT_SOLVER, SelectionResult, solve
-from fedllm.selection.utility import (
-    exploration_bonus,
-    profile_similarity,
-    statistical_utility,
-    straggler_factor,
-)
+from fedllm.selection.utility import profile_similarity
 from strategies.cohort_rounds import CohortRounds
 from strategies.recorder import RunRecorder
 from strategies.rounds import Contribution, HospitalView
+from strategies.settings import strategy_keywords, strategy_settings
 
 QUBO_SOLVERS = {"quantum": DEFAULT_SOLVER, "exact": "exact"}
 log = structlog.get_logger(__name__)
@@ -54,8 +48,7 @@ class PrivacyAwareStrategy(CohortRounds):
     ``solver_options`` (QUBO solver; None: by selection), ``redundancy_weight`` (λ),
     ``uniform_mix`` (m), ``aggregation`` and ``trim_fraction``, ``exploration_weight``,
     ``straggler_penalty`` and ``loss_clip`` (Oort utility), ``planned_work`` (local steps ×
-    batch size, public), ``server_dp`` (None, or the hospital-level DP that replaces the
-    weighted aggregation), ``seed`` (selection only; never DP noise). The round's wiring
+    batch size, public), ``seed`` (selection only; never DP noise). The round's wiring
     (``recorder``, ``run_context``, ``min_cohort``, ``round_timeout_s``, ...) goes to
     :class:`~strategies.cohort_rounds.CohortRounds`.
     """
@@ -75,7 +68,6 @@ class PrivacyAwareStrategy(CohortRounds):
         straggler_penalty: float = 2.0,
         loss_clip: float = 5.0,
         planned_work: float = 1.0,
-        server_dp: HospitalLevelDp | None = None,
         seed: int = 0,
         **round_settings: Any,
     ) -> None:
@@ -85,10 +77,8 @@ class PrivacyAwareStrategy(CohortRounds):
         self.redundancy_weight, self.uniform_mix = redundancy_weight, uniform_mix
         self.aggregation, self.trim_fraction = aggregation, trim_fraction
         self.exploration_weight, self.straggler_penalty = exploration_weight, straggler_penalty
-        self.loss_clip, self.planned_work = loss_clip, planned_work
-        self.server_dp, self.seed = server_dp, seed
-        self.rng = random.Random(seed + self.round_offset)
-        self.ensemble_rng = np.random.default_rng(seed + self.round_offset)
+        self.loss_clip, self.planned_work, self.seed = loss_clip, planned_work, seed
+        self.sampler = cohorts.CohortSampler.seeded(seed + self.round_offset, uniform_mix)
 
     @classmethod
     def from_config(
@@ -100,43 +90,9 @@ class PrivacyAwareStrategy(CohortRounds):
         round_offset: int = 0,
         query_timeout: float | None = None,
     ) -> Self:
-        """The strategy an experiment YAML describes (``strategy``, ``federation``, ...)."""
-        s, federation = config.strategy, config.federation
-        server_dp = None
-        if s.server_dp.mode != "off":
-            delta, source = server_side_delta(config.privacy.enabled, config.privacy.delta)
-            server_dp = HospitalLevelDp(
-                ServerDpConfig(**s.server_dp.model_dump()),
-                cohort_size=federation.cohort_size,
-                num_hospitals=federation.num_hospitals,
-                delta=delta,
-                delta_source=source,
-            )
-        dp_evaluation = config.evaluation.release == "dp"
-        return cls(
-            recorder=recorder,
-            run_context=run_context,
-            round_offset=round_offset,
-            query_timeout=query_timeout,
-            min_cohort=s.min_cohort,
-            round_timeout_s=s.round_timeout_s,
-            release_profiles=config.needs_profiles,
-            evaluation_loss_clip=config.evaluation.loss_clip if dp_evaluation else None,
-            cohort_size=federation.cohort_size,
-            selection=s.selection,
-            solver=s.solver,
-            solver_options=s.solver_options,
-            redundancy_weight=s.redundancy_weight,
-            uniform_mix=s.uniform_mix,
-            aggregation=s.aggregation,
-            trim_fraction=s.trim_fraction,
-            exploration_weight=s.exploration_weight,
-            straggler_penalty=s.straggler_penalty,
-            loss_clip=s.loss_clip,
-            planned_work=config.training.local_steps * config.training.batch_size,
-            server_dp=server_dp,
-            seed=config.run.seed,
-        )
+        """The strategy an experiment YAML describes (``strategies.settings`` maps it)."""
+        wiring = {"recorder": recorder, "run_context": run_context, "round_offset": round_offset}
+        return cls(**wiring, query_timeout=query_timeout, **strategy_settings(config))
 
     # ----------------------------------------------------------------- hooks to override
 
@@ -189,22 +145,15 @@ class PrivacyAwareStrategy(CohortRounds):
             planned work over declared speed, never measured time) + exploration bonus.
             Finite; higher is better. Recorded in ``rounds[].utility``.
         """
-        everyone = list(self.views.values())
-        statistical = (
-            max((v.num_units for v in everyone), default=1) * self.loss_clip
-            if view.square_loss_sum is None or view.sample_size is None
-            else statistical_utility(view.num_units, view.square_loss_sum, view.sample_size)
+        return oort_utility(
+            view,
+            list(self.views.values()),
+            server_round,
+            planned_work=self.planned_work,
+            loss_clip=self.loss_clip,
+            straggler_penalty=self.straggler_penalty,
+            exploration_weight=self.exploration_weight,
         )
-        scale = sum(v.num_units for v in everyone) or 1
-        preferred = float(np.median([self.planned_duration(v) for v in everyone] or [0.0]))
-        planned = self.planned_duration(view)
-        factor = straggler_factor(planned, preferred, self.straggler_penalty)
-        bonus = exploration_bonus(server_round, view.times_selected, self.exploration_weight)
-        return statistical / scale * factor + bonus
-
-    def planned_duration(self, view: HospitalView) -> float:
-        """Planned work over declared speed: public, unlike measured (data-dependent) time."""
-        return self.planned_work / max(view.speed, 1e-9)
 
     def redundancy(self, views: Sequence[HospitalView]) -> np.ndarray:
         """How much each pair of hospitals would teach the model the same thing.
@@ -280,73 +229,29 @@ class PrivacyAwareStrategy(CohortRounds):
         server_round: int,
     ) -> cohorts.Cohort:
         """The round's cohort and every hospital's probability of having been in it."""
-        size, names = min(self.cohort_size, len(eligible)), [v.name for v in eligible]
-        everyone = [v.name for v in views]
-        if size == 0:
-            return cohorts.no_cohort(everyone)
-        if self.selection == "random":
-            return cohorts.uniform_cohort(names, everyone, size, self.rng)
-        if self.selection == "oort":
-            return cohorts.top_k_cohort(utilities, everyone, size)
-        instance = CohortInstance(
-            utility=np.array([utilities.get(name, 0.0) for name in everyone]),
-            similarity=self.redundancy(views),
-            k=size,
-            lam=self.redundancy_weight,
-            eligible=np.array([name in set(names) for name in everyone]),
-        )
-        result = self.solve_cohort(instance, server_round)
-        drawn = cohorts.draw_cohort(result, everyone, self.ensemble_rng)
-        return cohorts.mix_with_uniform(drawn, names, size, self.uniform_mix, self.rng)
+        names, everyone = [v.name for v in eligible], [v.name for v in views]
+        size = min(self.cohort_size, len(eligible))
 
-    def selection_is_data_independent(self) -> bool:
-        """Only the built-in uniform draw, with neither ``select`` nor ``is_eligible``
-        overridden, ignores every hospital's statistics (server-side DP's sensitivity)."""
-        cls, base = type(self), PrivacyAwareStrategy
-        return (
-            self.selection == "random"
-            and cls.select is base.select
-            and cls.is_eligible is base.is_eligible
-        )
+        def solve() -> SelectionResult:
+            similarity, lam = self.redundancy(views), self.redundancy_weight
+            instance = cohorts.qubo_instance(utilities, similarity, names, everyone, size, lam)
+            return self.solve_cohort(instance, server_round)
+
+        return self.sampler.choose(self.selection, names, everyone, size, utilities, solve)
 
     def aggregate(
         self, contributions: Sequence[Contribution], current: Mapping[str, torch.Tensor]
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-        """The new global adapter, and the round's server-DP record (None without it)."""
+    ) -> dict[str, torch.Tensor]:
+        """The new global adapter: ``aggregation``'s rule over the round's adapters."""
         adapters = [c.adapter for c in contributions]
-        if self.server_dp is not None:
-            dependent = not self.selection_is_data_independent()
-            merged, record = self.server_dp.aggregate(
-                adapters, current, data_dependent_selection=dependent
-            )
-            guarantee = self.server_dp.guarantee_after(self.recorder.server_side_guarantee, record)
-            self.recorder.server_side_privacy(guarantee)
-            return merged, record
         if self.aggregation == "trimmed-mean":
-            return trimmed_mean(adapters, self.trim_fraction), None
+            return trimmed_mean(adapters, self.trim_fraction)
         if self.aggregation == "median":
-            return coordinate_median(adapters), None
-        return weighted_mean(adapters, self.aggregation_weights(contributions)), None
+            return coordinate_median(adapters)
+        return weighted_mean(adapters, self.aggregation_weights(contributions))
 
     def summary(self) -> None:
         """Log the settings that decide a round (Flower calls this once, before round 1)."""
-        log.info(
-            "strategy.summary",
-            strategy=type(self).__name__,
-            selection=self.selection,
-            cohort_size=self.cohort_size,
-            aggregation=self.aggregation,
-            server_dp=self.server_dp is not None,
-            uniform_mix=self.uniform_mix,
-            min_cohort=self.min_cohort,
-            round_timeout_s=self.round_timeout_s,
-        )
-
-
-def strategy_keywords() -> tuple[str, ...]:
-    """Every keyword ``from_config`` passes to the constructor (preflight checks subclasses)."""
-    named = (
-        inspect.signature(function).parameters.values()
-        for function in (PrivacyAwareStrategy.__init__, CohortRounds.__init__)
-    )
-    return tuple(p.name for ps in named for p in ps if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        settings = ("selection", "cohort_size", "aggregation", "uniform_mix", "min_cohort")
+        named = {key: getattr(self, key) for key in (*settings, "round_timeout_s")}
+        log.info("strategy.summary", strategy=type(self).__name__, **named)

@@ -6,10 +6,13 @@ hands it to the strategy, which calls it at fixed points of a round:
 - while reading replies: :meth:`observe_release` (every reply's keys, for the release
   inventory), :meth:`hospital_privacy` / :meth:`hospital_epsilon` (a hospital's own ledger
   state), :meth:`unconfirmed_round` (a lost or failed hospital's projected ε);
-- once a server-side DP aggregate exists: :meth:`server_side_privacy`, persisted at once so a
-  release is never unaccounted;
+- once a server-side DP aggregate exists (``strategies.server_dp``): :meth:`server_side_privacy`,
+  persisted at once so a release is never unaccounted, and kept for the round's row;
 - at the end of the round: :meth:`close_round`, which writes the checkpoint, then the ledger's
   round record (one transaction), then the report row.
+
+It also carries the run's :class:`~fedllm.telemetry.tracing.Tracing` (disabled unless the
+experiment has a ``tracing:`` section), from which the strategy makes one trace per round.
 
 A strategy under test can be given a recorder on a temporary directory; nothing here decides
 anything about selection or aggregation.
@@ -18,7 +21,7 @@ anything about selection or aggregation.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ import torch
 from fedllm.models.checkpoints import AdapterWriter
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport
+from fedllm.telemetry.tracing import DISABLED, Tracing
 
 
 @dataclass
@@ -34,7 +38,7 @@ class RunRecorder:
     """One run's report, server ledger and (optional) round-checkpoint writer.
 
     ``checkpoint_writer`` is set by the ServerApp, which holds the model peft needs; without
-    one, rounds are recorded but not resumable.
+    one, rounds are recorded but not resumable. ``tracing`` is where round traces go.
     """
 
     report: RunReport
@@ -42,6 +46,8 @@ class RunRecorder:
     run_id: str
     run_dir: Path
     checkpoint_writer: AdapterWriter | None = None
+    tracing: Tracing = DISABLED
+    _round_server_dp: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def observe_release(self, message: str, content: Mapping[str, Iterable[str]]) -> None:
         """Note the keys of one hospital reply to a ``message`` (query, train, evaluate)."""
@@ -64,9 +70,14 @@ class RunRecorder:
         """The hospital-level guarantee so far (None before the first server-DP round)."""
         return self.report.data["privacy"].get("server_side")
 
-    def server_side_privacy(self, guarantee: dict[str, Any]) -> None:
-        """Replace the hospital-level guarantee and persist it before the round's row."""
+    def server_side_privacy(
+        self, guarantee: dict[str, Any], round_record: Mapping[str, Any] | None = None
+    ) -> None:
+        """Replace the hospital-level guarantee and persist it before the round's row, which
+        will carry ``round_record`` (the round's mechanism and accounting) as ``server_dp``."""
         self.report.update_server_side_privacy(guarantee)
+        if round_record is not None:
+            self._round_server_dp = dict(round_record)
 
     def hospital_epsilons(self) -> dict[str, float | None]:
         """Every hospital's ε as the report mirrors it now."""
@@ -87,6 +98,8 @@ class RunRecorder:
         ``inclusion_probability``, ``ineligible``, ``epsilon`` ...); ``hospital_events`` the
         privacy events each hospital charged for it, in charge order.
         """
+        if self._round_server_dp is not None:
+            row["server_dp"], self._round_server_dp = self._round_server_dp, None
         checkpoint = self._save_checkpoint(row["round"], global_adapter)
         self.ledger.record_round(
             self.run_id,

@@ -85,18 +85,16 @@ class RoundPlan:
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    """What came back: who failed or was lost, what each hospital charged, the DP record."""
+    """What came back: who failed or was lost, what each hospital charged."""
 
     failed: tuple[str, ...]
     lost: tuple[str, ...]
     hospital_events: Mapping[str, list[dict[str, Any]]]
     skipped: bool
-    server_dp: Mapping[str, Any] | None = None
 
     def row(self) -> dict[str, Any]:
-        """The report row's training fields."""
-        row = {"failed": list(self.failed), "lost": list(self.lost), "skipped": self.skipped}
-        return row | ({} if self.server_dp is None else {"server_dp": dict(self.server_dp)})
+        """The report row's training fields (a server-DP round's record is the recorder's)."""
+        return {"failed": list(self.failed), "lost": list(self.lost), "skipped": self.skipped}
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,10 @@ from fedllm.report.plots import plot_run
 from fedllm.report.run_dir import allocate_run_dir
 from fedllm.report.run_report import RunReport
 from fedllm.telemetry.logging import configure_logging
+from fedllm.telemetry.tracing import DISABLED, Tracing
 from strategies.privacy_aware import PrivacyAwareStrategy
 from strategies.recorder import RunRecorder
+from strategies.server_dp import HospitalLevelDpStrategy
 
 log = structlog.get_logger(__name__)
 
@@ -82,11 +84,15 @@ def main(grid: Grid, context: Context) -> None:
         RunReport.resume(run_dir, config, completed) if completed else RunReport(run_dir, config)
     )
     report.write()
+    # one trace per round, to the collector of the experiment's `tracing:` section (if any)
+    tracing = Tracing.from_config(config.tracing, "fedllm-server", "fedllm.federation")
     try:
-        run_federation(grid, config, run_dir, report, ledger, completed)
+        run_federation(grid, config, run_dir, report, ledger, completed, tracing)
     except BaseException as error:
         report.finish("failed", error=f"{type(error).__name__}: {error}")
         raise
+    finally:
+        tracing.shutdown()
     plot_run(report.data, run_dir)
 
 
@@ -108,6 +114,7 @@ def run_federation(
     report: RunReport,
     ledger: ServerLedger,
     completed: int,
+    tracing: Tracing = DISABLED,
 ) -> None:
     """Initial evaluation (fresh runs), the remaining rounds, then checkpoint and final report."""
     model = load_lora_model(config.model, torch.device("cpu"), config.run.seed)
@@ -116,7 +123,12 @@ def run_federation(
     # round checkpoints. peft writes from a model: the writer overwrites `model`'s adapter
     # with each round's, and the final adapter is loaded into it again before `checkpoint/`
     recorder = RunRecorder(
-        report, ledger, run_dir.name, run_dir, checkpoint_writer=adapter_directory_writer(model)
+        report,
+        ledger,
+        run_dir.name,
+        run_dir,
+        checkpoint_writer=adapter_directory_writer(model),
+        tracing=tracing,
     )
     strategy = strategy_class.from_config(
         config,
@@ -155,7 +167,9 @@ def run_federation(
         report.write()
     remaining = config.run.rounds - completed
     if remaining > 0:
-        result = strategy.start(
+        # server-side DP (strategy.server_dp) wraps the strategy; the rest talks to it directly
+        rounds = HospitalLevelDpStrategy.around(strategy, config)
+        result = rounds.start(
             grid, arrays, num_rounds=remaining, timeout=config.strategy.round_timeout_s
         )
         if len(result.arrays):

@@ -18,9 +18,13 @@ import pytest
 import torch
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.pld.privacy_loss_mechanism import GaussianPrivacyLoss
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedllm.aggregation import ServerDpConfig, ServerSideDp, global_norm, server_dp_event
 from fedllm.aggregation.server_dp import (
+    HospitalLevelDp,
     compose_server_side_guarantee,
     selection_sensitivity,
     server_dp_accounting,
@@ -28,8 +32,9 @@ from fedllm.aggregation.server_dp import (
 from fedllm.config import validate_config
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport
-from strategies.privacy_aware import Contribution, HospitalView, PrivacyAwareStrategy
+from strategies.privacy_aware import HospitalView, PrivacyAwareStrategy
 from strategies.recorder import RunRecorder
+from strategies.server_dp import HospitalLevelDpStrategy
 
 NAMES = ("alpha", "beta", "gamma", "delta", "epsilon")
 CLIP = 0.5
@@ -47,7 +52,8 @@ def _pld_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
 
 def _strategy(
     tmp_path, num_hospitals: int, cohort_size: int, cls=PrivacyAwareStrategy, **overrides
-):
+) -> HospitalLevelDpStrategy:
+    """The strategy a YAML with server-side DP describes: ``cls`` inside the DP wrapper."""
     strategy_settings = {
         "server_dp": {"mode": "fixed", "noise_multiplier": SIGMA, "clip_norm": CLIP},
         **overrides.pop("strategy", {}),
@@ -73,18 +79,20 @@ def _strategy(
             name,
             status={"num-units": 100, "speed": 1.0, "can-afford": 1},
         )
-    return strategy
+    return HospitalLevelDpStrategy.around(strategy, config)
 
 
-def _select(strategy: PrivacyAwareStrategy, server_round: int = 3) -> frozenset[str]:
+def _select(wrapped: HospitalLevelDpStrategy, server_round: int = 3) -> frozenset[str]:
+    strategy = wrapped.strategy
     views = sorted(strategy.views.values(), key=lambda v: v.name)
     eligible = [v for v in views if strategy.is_eligible(v, server_round)[0]]
     utilities = {v.name: strategy.utility(v, server_round) for v in eligible}
     return strategy.select(views, eligible, utilities, server_round).members
 
 
-def _without(strategy: PrivacyAwareStrategy, name: str) -> None:
+def _without(wrapped: HospitalLevelDpStrategy, name: str) -> None:
     """The neighbouring federation: the same hospitals, less one."""
+    strategy = wrapped.strategy
     node_id = next(node for node, view in strategy.views.items() if view.name == name)
     del strategy.views[node_id]
 
@@ -179,7 +187,7 @@ def test_data_dependent_selection_can_swap_the_whole_cohort(tmp_path) -> None:
     `alpha` and `beta` outscore the exploration bonus of the never-selected `gamma`, `delta`.
     """
     strategy = _strategy(tmp_path, 5, 2, strategy={"selection": "oort"})
-    views = {view.name: view for view in strategy.views.values()}
+    views = {view.name: view for view in strategy.strategy.views.values()}
     for name in ("alpha", "beta"):
         views[name].square_loss_sum, views[name].sample_size = 40.0, 10.0
         views[name].times_selected = 8
@@ -203,16 +211,23 @@ def test_data_dependent_selection_can_swap_the_whole_cohort(tmp_path) -> None:
     assert selection_sensitivity(2, 5, data_dependent_selection=True) * CLIP >= moved - 1e-12
 
 
-def _aggregate_rounds(strategy: PrivacyAwareStrategy, rounds: int) -> list[dict]:
-    """Run the strategy's aggregation `rounds` times on fixed replies; the round records."""
+def _aggregate_rounds(strategy: HospitalLevelDpStrategy, rounds: int) -> list[dict]:
+    """Clip, aggregate and release fixed replies `rounds` times, as the wrapper does each
+    round; the round records (the report's `server_dp` rows)."""
     current = {"w": torch.zeros(2)}
-    contributions = [
-        Contribution(name, {"w": torch.tensor([0.3, -0.2])}, 10.0, 1.0, {})
-        for name in NAMES[: strategy.cohort_size]
-    ]
+    adapters = [{"w": torch.tensor([0.3, -0.2])}] * strategy.strategy.cohort_size
     records = []
     for _ in range(rounds):
-        merged, record = strategy.aggregate(contributions, current)
+        dp = strategy.server_dp
+        clipped, unclipped = dp.clip(adapters, current)
+        merged, record = dp.release(
+            dp.mean(clipped, current),
+            current,
+            replies=len(adapters),
+            unclipped=unclipped,
+            data_dependent_selection=strategy.selection_is_data_dependent(),
+        )
+        strategy.record(record)
         assert global_norm({"w": merged["w"] - current["w"]}) > 0
         records.append(record)
     return records
@@ -310,3 +325,73 @@ def test_weak_noise_epsilon_is_a_tight_upper_bound(effective: float, rounds: int
     exact = GaussianPrivacyLoss(effective / math.sqrt(rounds), sensitivity=1.0)
     assert exact.get_delta_for_epsilon(guarantee["epsilon"]) <= delta * (1 + 1e-9)
     assert exact.get_delta_for_epsilon(guarantee["epsilon"] * (1 - 1e-3)) > delta
+
+
+class _Nodes:
+    """The part of Flower's Grid that FedAvg's configure_train reads: the connected nodes."""
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+
+def _fedavg_replies(messages, delta: torch.Tensor, weights=(10, 10, 10)):
+    """Each node's reply as a ClientApp's: the global arrays plus `delta`, and its weight."""
+    replies = []
+    for message, weight in zip(messages, weights, strict=True):
+        arrays = message.content["arrays"].to_torch_state_dict()
+        content = {
+            "arrays": ArrayRecord({"w": arrays["w"] + delta}),
+            "metrics": MetricRecord({"num-examples": weight}),
+        }
+        replies.append(Message(RecordDict(content), reply_to=message))
+    return replies
+
+
+def test_the_wrapper_around_flowers_fedavg_clips_noises_and_accounts(monkeypatch) -> None:
+    """Flower's plain FedAvg, wrapped: every update clipped to C, σC/m noise on the mean, and
+    the round composed into the hospital-level guarantee; unsound uses are refused."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    delta = 1e-5
+    dp = HospitalLevelDp(
+        ServerDpConfig("fixed", noise_multiplier=SIGMA, clip_norm=CLIP),
+        cohort_size=3,
+        num_hospitals=3,
+        delta=delta,
+        delta_source="test",
+    )
+    fedavg = FedAvg(fraction_evaluate=0.0, min_available_nodes=3)
+    wrapped = HospitalLevelDpStrategy(fedavg, dp, data_dependent_selection=False)
+    size = 20_000
+    direction = torch.zeros(size)
+    direction[0] = 1.0
+    current = ArrayRecord({"w": torch.zeros(size)})
+
+    messages = list(wrapped.configure_train(1, current, ConfigRecord(), _Nodes()))
+    arrays, metrics = wrapped.aggregate_train(1, _fedavg_replies(messages, 40 * CLIP * direction))
+    assert metrics is not None
+    step = arrays.to_torch_state_dict()["w"].double()
+    # clipped: the three identical updates of norm 40C move the model by C along them, not
+    # 40C; noised: every other coordinate carries N(0, (σC/m)²)
+    stddev = SIGMA * CLIP / 3
+    assert float(step[0]) == pytest.approx(CLIP, abs=5 * stddev)
+    assert float(step[1:].std()) == pytest.approx(stddev, rel=0.05)
+    assert float(step[1:].mean()) == pytest.approx(0.0, abs=5 * stddev / size**0.5)
+    assert wrapped.guarantee["rounds"] == 1
+    assert wrapped.guarantee["unit"] == "hospital"
+    assert wrapped.guarantee["sensitivity_clip_multiple"] == 1
+    assert wrapped.guarantee["epsilon"] == pytest.approx(_pld_epsilon(SIGMA, 1, delta), rel=1e-3)
+
+    # a round short of m replies is withheld (FedAvg would divide by 2, not m = 3) ...
+    messages = list(wrapped.configure_train(2, arrays, ConfigRecord(), _Nodes()))
+    replies = _fedavg_replies(messages, CLIP * direction)
+    assert wrapped.aggregate_train(2, replies[:2]) == (None, None)
+    assert wrapped.guarantee["rounds"] == 1
+    # ... unequal weights are refused, and so are strategies whose aggregate is not a mean
+    unequal = _fedavg_replies(messages, CLIP * direction, weights=(10, 10, 30))
+    with pytest.raises(ValueError, match="equal, positive 'num-examples'"):
+        wrapped.aggregate_train(2, unequal)
+    with pytest.raises(ValueError, match="cannot wrap FedAdam"):
+        HospitalLevelDpStrategy(FedAdam(), dp)
+    assert isinstance(HospitalLevelDpStrategy(FedProx(), dp).strategy, FedProx)

@@ -124,9 +124,9 @@ def test_robust_rules_ignore_an_outlier(tmp_path):
     strategy = _strategy(tmp_path, aggregation="median")
     updates = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([1.2])}, {"w": torch.tensor([50.0])}]
     contributions = [Contribution(str(i), u, 1.0, 1.0, {}) for i, u in enumerate(updates)]
-    merged, _ = strategy.aggregate(contributions, {"w": torch.tensor([0.0])})
+    merged = strategy.aggregate(contributions, {"w": torch.tensor([0.0])})
     assert float(merged["w"][0]) == pytest.approx(1.2)
-    mean, _ = _strategy(tmp_path / "mean", aggregation="weighted").aggregate(
+    mean = _strategy(tmp_path / "mean", aggregation="weighted").aggregate(
         contributions, {"w": torch.tensor([0.0])}
     )
     assert float(mean["w"][0]) > 10

@@ -69,7 +69,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import dp_accounting
 import torch
@@ -84,6 +84,9 @@ from fedllm.aggregation.rules import (
 )
 from fedllm.privacy.accountant import PLD_VALUE_DISCRETIZATION_INTERVAL, compute_epsilon
 from fedllm.privacy.events import GaussianRelease, event_to_dict
+
+if TYPE_CHECKING:
+    from fedllm.config.schema import ExperimentConfig
 
 ServerDpMode = Literal["off", "fixed", "adaptive"]
 SERVER_DP_MODES: tuple[str, ...] = ("off", "fixed", "adaptive")
@@ -245,44 +248,71 @@ class ServerSideDp:
         exact clipped count), so it can be logged and published.
         """
         keys = check_compatible(deltas)
-        mode = self._config.mode
-        if mode == "off":
+        if self._config.mode == "off":
             uniform = [1.0] * len(deltas)
             mean = weighted_mean(deltas, uniform if weights is None else weights)
-            return mean, {"mode": mode, "cohort_size": len(deltas)}
+            return mean, {"mode": "off", "cohort_size": len(deltas)}
         _check_equal_weights(weights, len(deltas))
         m = len(deltas) if cohort_size is None else int(cohort_size)
         if m < len(deltas):
             raise ValueError(f"cohort_size={cohort_size!r} is smaller than {len(deltas)} deltas")
-        rng = _secure_generator() if generator is None else generator
-        clip_norm = self._clip_norm
-        clipped = [clip_delta(delta, clip_norm) for delta in deltas]
+        clipped, unclipped = self.clip(deltas)
+        total = OrderedDict(
+            (key, sum((_f64(c[key]) for c in clipped), torch.zeros(()))) for key in keys
+        )
+        mean, record = self.noise(
+            OrderedDict((key, value / m) for key, value in total.items()),
+            unclipped,
+            len(deltas),
+            generator,
+            cohort_size=m,
+        )
+        return OrderedDict((key, mean[key].to(deltas[0][key].dtype)) for key in mean), record
 
+    def clip(self, deltas: Sequence[AdapterState]) -> tuple[list[AdapterState], int]:
+        """Each delta clipped to the current C, and how many were within C (the count
+        adaptive mode releases, noised, in `noise`)."""
+        clipped = [clip_delta(delta, self._clip_norm) for delta in deltas]
+        return [c for c, _ in clipped], sum(norm <= self._clip_norm for _, norm in clipped)
+
+    def noise(
+        self,
+        mean: AdapterState,
+        unclipped: int,
+        replies: int,
+        generator: torch.Generator | None = None,
+        *,
+        cohort_size: int,
+    ) -> tuple[OrderedDict[str, torch.Tensor], dict[str, Any]]:
+        """Release ``mean`` = Σ clipped deltas / m: Gaussian noise σ_Δ·C/m on it and, in
+        adaptive mode, the noised count of the ``replies`` deltas that were within C (then C
+        moves toward the target quantile). Values keep ``mean``'s dtypes; `aggregate` says
+        what the record holds and why ``generator`` should stay None outside tests.
+        """
+        rng = _secure_generator() if generator is None else generator
+        clip_norm, m = self._clip_norm, cohort_size
         sigma = self._config.noise_multiplier
         count_stddev = 0.0
-        if mode == "adaptive":
+        if self._config.mode == "adaptive":
             count_stddev, sigma = compute_adaptive_noise_params(
                 self._config.noise_multiplier, m, self._config.clipped_count_stddev
             )
         stddev = compute_stdv(sigma, clip_norm, m)
-        mean: OrderedDict[str, torch.Tensor] = OrderedDict()
-        for key in keys:
-            total = sum((_f64(c[key]) for c, _ in clipped), torch.zeros(()))
-            noise = torch.randn(total.shape, generator=rng, dtype=torch.float64) * stddev
-            mean[key] = (total / m + noise).to(deltas[0][key].dtype)
-
+        noised: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for key, value in mean.items():
+            noise = torch.randn(value.shape, generator=rng, dtype=torch.float64) * stddev
+            noised[key] = (_f64(value) + noise).to(value.dtype)
         record: dict[str, Any] = {
-            "mode": mode,
+            "mode": self._config.mode,
             "cohort_size": m,
             "clip_norm": clip_norm,
             "noise_multiplier": self._config.noise_multiplier,
             "update_noise_multiplier": sigma,
             "noise_stddev": stddev,
         }
-        if mode == "adaptive":
-            unclipped = sum(norm <= clip_norm for _, norm in clipped)
+        if self._config.mode == "adaptive":
             count_noise = float(torch.randn((), generator=rng, dtype=torch.float64))
-            centred = unclipped - len(deltas) / 2 + count_stddev * count_noise
+            centred = unclipped - replies / 2 + count_stddev * count_noise
             fraction = centred / m + 0.5
             self._clip_norm = clip_norm * math.exp(
                 -self._config.clip_learning_rate * (fraction - self._config.target_quantile)
@@ -290,7 +320,7 @@ class ServerSideDp:
             record["clipped_count_stddev"] = count_stddev
             record["noised_unclipped_fraction"] = fraction
         record["next_clip_norm"] = self._clip_norm
-        return mean, record
+        return noised, record
 
 
 def _check_sizes(cohort_size: int, num_hospitals: int) -> None:
@@ -484,15 +514,16 @@ def compose_server_side_guarantee(
 
 
 class HospitalLevelDp:
-    """Server-side DP as one run's strategy applies it: the noised aggregate and its accounting.
+    """Server-side DP as one run applies it, in the three steps a wrapper strategy needs.
 
-    The seam between any strategy and the hospital-level guarantee: a strategy that wants it
-    hands over the cohort's adapters and says whether its selection looked at the data; this
-    object returns the new global adapter (current + noised mean of clipped deltas over the
-    public cohort size m) and the round's record (the mechanism's parameters and
+    The seam between any strategy and the hospital-level guarantee
+    (``strategies.server_dp.HospitalLevelDpStrategy`` calls it): `clip` each hospital's
+    adapter to within C of the global one, let the wrapped strategy combine the clipped
+    adapters (`mean` is the combination the guarantee is proven for: equal weights over the
+    public cohort size m), then `release` that aggregate with Gaussian noise, returning the
+    new global adapter and the round's record (the mechanism's parameters and
     `server_dp_accounting`). `guarantee_after` composes that record onto the previous
-    guarantee. The weighting rule of the wrapped strategy is not used: the mechanism's
-    sensitivity holds for equal weights over m only.
+    guarantee.
     """
 
     def __init__(
@@ -512,16 +543,62 @@ class HospitalLevelDp:
         self.delta = delta
         self.delta_source = delta_source
 
-    def aggregate(
+    @classmethod
+    def from_config(cls, config: ExperimentConfig) -> HospitalLevelDp | None:
+        """The server-side DP an experiment asks for (``strategy.server_dp``), or None (off)."""
+        settings = config.strategy.server_dp
+        if settings.mode == "off":
+            return None
+        delta, source = server_side_delta(config.privacy.enabled, config.privacy.delta)
+        return cls(
+            ServerDpConfig(**settings.model_dump()),
+            cohort_size=config.federation.cohort_size,
+            num_hospitals=config.federation.num_hospitals,
+            delta=delta,
+            delta_source=source,
+        )
+
+    def clip(
+        self, adapters: Sequence[AdapterState], current: AdapterState
+    ) -> tuple[list[AdapterState], int]:
+        """Each adapter moved to within C of ``current``, and how many already were."""
+        deltas = [update_delta(adapter, current) for adapter in adapters]
+        clipped, unclipped = self.mechanism.clip(deltas)
+        return [apply_delta(current, delta) for delta in clipped], unclipped
+
+    def mean(self, clipped: Sequence[AdapterState], current: AdapterState) -> AdapterState:
+        """current + Σ (clipped − current) / m: a missing reply only shrinks the step, so
+        one hospital moves it by at most C/m."""
+        total = OrderedDict(
+            (key, sum((_f64(a[key]) - _f64(current[key]) for a in clipped), torch.zeros(())))
+            for key in check_compatible([current, *clipped])
+        )
+        return apply_delta(
+            current, OrderedDict((k, v / self.cohort_size) for k, v in total.items())
+        )
+
+    def release(
         self,
-        adapters: Sequence[AdapterState],
+        aggregate: AdapterState,
         current: AdapterState,
         *,
+        replies: int,
+        unclipped: int,
         data_dependent_selection: bool,
     ) -> tuple[AdapterState, dict[str, Any]]:
-        """The new global adapter and the round's ``server_dp`` record (public values only)."""
-        deltas = [update_delta(adapter, current) for adapter in adapters]
-        noised, record = self.mechanism.aggregate(deltas, None, cohort_size=self.cohort_size)
+        """The noised new global adapter and the round's ``server_dp`` record (public values).
+
+        ``aggregate`` is the combination of ``replies`` clipped adapters, ``unclipped`` of
+        which were within C before clipping; the noise is σ·C/m around its step from
+        ``current``, and the accounting's sensitivity follows the selection.
+        """
+        step = update_delta(aggregate, current)
+        noised, record = self.mechanism.noise(
+            OrderedDict((key, _f64(value)) for key, value in step.items()),
+            unclipped,
+            replies,
+            cohort_size=self.cohort_size,
+        )
         accounting = server_dp_accounting(
             self.mechanism.config,
             self.cohort_size,

@@ -5,18 +5,19 @@ would have inclusion probability 0 and no aggregation could be unbiased for them
 cohort is *drawn* from the solver's low-energy ensemble with the ensemble's own Boltzmann
 weights, and each hospital's π_i is the probability of exactly that draw
 (:class:`~fedllm.selection.solvers.SelectionResult`). The other selection modes (a uniform
-draw, Oort's top-K) and the uniform mixture that bounds every π_i from below live here too, so
-the strategy only chooses between them.
+draw, Oort's top-K) and the uniform mixture that bounds every π_i from below live here too, and
+:class:`CohortSampler` chooses between them by the strategy's ``selection``.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from fedllm.selection.instance import CohortInstance
 from fedllm.selection.solvers import SelectionResult
 
 
@@ -27,6 +28,25 @@ class Cohort:
     members: frozenset[str]
     inclusion_probabilities: dict[str, float]
     solver: str
+
+
+def qubo_instance(
+    utilities: Mapping[str, float],
+    similarity: np.ndarray,
+    eligible: Sequence[str],
+    names: Sequence[str],
+    size: int,
+    lam: float,
+) -> CohortInstance:
+    """The round's cohort QUBO over every hospital in ``names`` (0 utility if ineligible)."""
+    allowed = set(eligible)
+    return CohortInstance(
+        utility=np.array([utilities.get(name, 0.0) for name in names]),
+        similarity=similarity,
+        k=size,
+        lam=lam,
+        eligible=np.array([name in allowed for name in names]),
+    )
 
 
 def draw_cohort(result: SelectionResult, names: Sequence[str], rng: np.random.Generator) -> Cohort:
@@ -91,3 +111,44 @@ def mix_with_uniform(
         for name, p in cohort.inclusion_probabilities.items()
     }
     return Cohort(members, probabilities, cohort.solver)
+
+
+@dataclass
+class CohortSampler:
+    """The randomness of cohort selection and the uniform mix ``m`` (``strategy.uniform_mix``).
+
+    Seeded from ``run.seed`` (plus the rounds a resumed run already held) so that a run's
+    cohorts can be replayed; it decides who is asked, never any DP noise.
+    """
+
+    rng: random.Random
+    ensemble_rng: np.random.Generator
+    uniform_mix: float
+
+    @classmethod
+    def seeded(cls, seed: int, uniform_mix: float) -> CohortSampler:
+        """Both generators from one seed."""
+        return cls(random.Random(seed), np.random.default_rng(seed), uniform_mix)
+
+    def choose(
+        self,
+        selection: str,
+        eligible: Sequence[str],
+        names: Sequence[str],
+        size: int,
+        utilities: Mapping[str, float],
+        solve: Callable[[], SelectionResult],
+    ) -> Cohort:
+        """The cohort of ``size`` (≤ |eligible|) by ``selection``; ``names`` is everyone.
+
+        ``random`` draws uniformly, ``oort`` takes the top utilities, and ``quantum`` /
+        ``exact`` draw from ``solve()``'s ensemble, then mix with a uniform draw.
+        """
+        if size == 0:
+            return no_cohort(names)
+        if selection == "random":
+            return uniform_cohort(eligible, names, size, self.rng)
+        if selection == "oort":
+            return top_k_cohort(utilities, names, size)
+        drawn = draw_cohort(solve(), names, self.ensemble_rng)
+        return mix_with_uniform(drawn, eligible, size, self.uniform_mix, self.rng)
