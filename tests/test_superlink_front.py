@@ -117,6 +117,8 @@ def test_the_superlink_listens_on_loopback_and_the_front_on_the_public_port(link
     banner = (link.root / "superlink.out").read_text()
     assert f"SuperLink front on {link.front}" in banner
     assert f"SuperLink on {link.control}" in banner
+    assert f"Logs: {link.state / 'superlink.log'}, {link.state / 'front.log'}." in banner
+    assert f'address = "{link.control}"' in banner  # researchers use the loopback port
     assert "Starting the SuperLink Control HTTP API on 127.0.0.1:" in link.log("superlink")
     assert "SuperNode authentication is disabled" not in link.log("superlink")
 

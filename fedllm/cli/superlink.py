@@ -98,6 +98,7 @@ def _register_all(
             node_id = node_id_in_superlink_db(state_dir / "superlink.db", public_key)
         entry = registry.record(name, public_key, node_id)
         outcome[name] = f"{status}, node {entry.node_id if entry.node_id is not None else '?'}"
+    registry.save()  # exists even when no hospital was registered: the ServerApp reads it
     return outcome
 
 
@@ -143,8 +144,10 @@ def start_command(
     logs = {"superlink": state_dir / "superlink.log", "front": state_dir / "front.log"}
     control = f"{LOOPBACK}:{control_port}"
     scheme, verify = ("http", False) if creds is None else ("https", str(creds.ca_cert))
-    # the ServerApp (a subprocess of flower-superlink) checks hospitals' claims against it
-    os.environ[REGISTRY_ENV] = str(state_dir / REGISTRY_FILE)
+    if creds is not None:
+        # the ServerApp (a subprocess of flower-superlink) checks hospitals' claims against it;
+        # in insecure mode no key is registered, so there is nothing to bind a name to
+        os.environ[REGISTRY_ENV] = str(state_dir / REGISTRY_FILE)
     processes = {}
     name = "superlink"
     with sigterm_as_interrupt():
@@ -203,7 +206,7 @@ def _banner(
     return (
         f"SuperLink front on {host}:{port} (SuperNodes' Fleet API only; Control API refused); "
         f"SuperLink on {control} (Control API: this host only, or `{tunnel}` from a "
-        "researcher's machine). Logs: {logs['superlink']}, {logs['front']}.\n"
+        f"researcher's machine). Logs: {logs['superlink']}, {logs['front']}.\n"
         "Researchers add to their Flower config (~/.flwr/config.toml):\n"
         f'  [superlink.NAME]\n  address = "{control}"\n{security}\n'
         "then: fedllm run configs/x.yaml --federation NAME. Ctrl-C stops."
