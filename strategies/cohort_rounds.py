@@ -37,6 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedllm.aggregation.rules import AdapterState
+from fedllm.federation.node_registry import NodeRegistry
 from fedllm.selection.cohort import Cohort
 from fedllm.telemetry.tracing import RoundTracing
 from strategies import rounds
@@ -90,8 +91,10 @@ class CohortRounds(Strategy):
         evaluation_loss_clip: float | None = None,
         round_offset: int = 0,
         query_timeout: float | None = None,
+        node_registry: NodeRegistry | None = None,
     ) -> None:
         self.recorder = recorder
+        self.node_registry = node_registry
         self.run_context = run_context
         self.min_cohort = min_cohort
         self.round_timeout_s = round_timeout_s
@@ -140,7 +143,13 @@ class CohortRounds(Strategy):
         """Refresh every hospital's status (and, once per run, its noised profile)."""
         content = {**self.run_context, "release-profile": int(release_profile)}
         rounds.refresh_views(
-            grid, self.views, self.problems, self.recorder, content, self.query_timeout
+            grid,
+            self.views,
+            self.problems,
+            self.recorder,
+            content,
+            self.query_timeout,
+            self.node_registry,
         )
 
     def _record(self, arrays: ArrayRecord, config: ConfigRecord, server_round: int) -> RecordDict:

@@ -25,6 +25,7 @@ from fedllm.aggregation.rules import (
     weighted_mean,
 )
 from fedllm.config.schema import ExperimentConfig
+from fedllm.federation.node_registry import NodeRegistry
 from fedllm.selection import cohort as cohorts
 from fedllm.selection.instance import CohortInstance
 from fedllm.selection.oort import oort_utility
@@ -89,9 +90,15 @@ class PrivacyAwareStrategy(CohortRounds):
         run_context: dict[str, str],
         round_offset: int = 0,
         query_timeout: float | None = None,
+        node_registry: NodeRegistry | None = None,
     ) -> Self:
         """The strategy an experiment YAML describes (``strategies.settings`` maps it)."""
-        wiring = {"recorder": recorder, "run_context": run_context, "round_offset": round_offset}
+        wiring = {
+            "recorder": recorder,
+            "run_context": run_context,
+            "round_offset": round_offset,
+            "node_registry": node_registry,
+        }
         return cls(**wiring, query_timeout=query_timeout, **strategy_settings(config))
 
     # ----------------------------------------------------------------- hooks to override

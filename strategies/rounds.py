@@ -18,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedllm.federation.node_registry import NodeRegistry, claim_refusal
 from fedllm.selection.cohort import Cohort
 from fedllm.training.evaluation import EvaluationResult, combine
 from strategies.recorder import RunRecorder
@@ -118,11 +119,14 @@ def refresh_views(
     recorder: RunRecorder,
     content: dict[str, Any],
     timeout: float,
+    registry: NodeRegistry | None = None,
 ) -> None:
     """Ask every connected hospital for its status; a non-answer leaves ``view.status`` empty.
 
     Profiles (once per run) and their privacy events, and the round's planned events, are
-    popped out of the status into the view.
+    popped out of the status into the view. With the operator's node ``registry`` (a deployed
+    SuperLink), a node whose claimed hospital name is not the one its registered key belongs
+    to is a problem, never a view: it takes no hospital's place.
     """
     for view in views.values():
         view.status = {}
@@ -142,6 +146,12 @@ def refresh_views(
         recorder.observe_release("query", reply.content)
         status = dict(reply.content["status"])
         node_id = reply.metadata.src_node_id
+        claimed = str(status["hospital"])
+        refusal = None if registry is None else claim_refusal(registry, node_id, claimed)
+        if refusal is not None:
+            problems[node_id] = refusal
+            views.pop(node_id, None)
+            continue
         view = views.setdefault(node_id, HospitalView(node_id, str(status["hospital"])))
         view.status = status
         if "profile" in status:

@@ -20,6 +20,7 @@ from peft import PeftModel
 from fedllm.config import ExperimentConfig, dump_config
 from fedllm.federation.delivery import deliver_adapter
 from fedllm.federation.experiment import experiment_from_run_config
+from fedllm.federation.node_registry import registry_from_environment
 from fedllm.federation.preflight import preflight
 from fedllm.federation.run_identity import ledger_run_id
 from fedllm.models.adapters import adapter_state, load_adapter_state
@@ -141,6 +142,8 @@ def run_federation(
             "base-model-sha256": base_model(config.model).sha256,
         },
         round_offset=completed,
+        # a deployed SuperLink's hospital name <-> registered key bindings (None: simulation)
+        node_registry=registry_from_environment(),
     )
     if completed:
         load_adapter_state(model, load_round_checkpoint(Path(ledger.checkpoint(run_dir.name))))

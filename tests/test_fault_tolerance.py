@@ -23,6 +23,7 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedllm.config import ConfigError, validate_config
+from fedllm.federation.node_registry import NodeRegistry, RegisteredHospital
 from fedllm.privacy.events import event_to_dict
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.privacy.plan import plan_hospital
@@ -261,3 +262,47 @@ def test_a_round_no_hospital_answers_is_not_recorded_so_a_resume_holds_it(tmp_pa
         _run(tmp_path, _config(), **everyone_drops)
     ledger = ServerLedger(f"sqlite:///{tmp_path / 'server.db'}")
     assert ledger.last_completed_round("t") == 1
+
+
+def test_a_node_claiming_a_name_its_registered_key_does_not_hold_is_refused(tmp_path):
+    """A deployed SuperLink's node registry binds each hospital name to one key's node id: an
+    impostor (beta's node claiming to be alpha) and an unregistered node take no place."""
+    config = _config()
+    node_db = f"sqlite:///{tmp_path / 'nodes.db'}"
+    hospitals = [
+        RemoteHospital(config, 11, "alpha", node_db),
+        RemoteHospital(config, 12, "alpha", node_db),  # beta's registered node, claiming alpha
+        RemoteHospital(config, 13, "gamma", node_db),  # a node the operator never registered
+    ]
+    registry = NodeRegistry(
+        tmp_path / "node-registry.json",
+        {
+            name: RegisteredHospital(name, f"{name}-key-sha256", node_id)
+            for name, node_id in (("alpha", 11), ("beta", 12), ("gamma", 14))
+        },
+    )
+    report = RunReport(tmp_path, config)
+    ledger = ServerLedger(f"sqlite:///{tmp_path / 'server.db'}")
+    ledger.start_run("t", config.model_dump_json())
+    strategy = PrivacyAwareStrategy.from_config(
+        config,
+        recorder=RunRecorder(report, ledger, "t", tmp_path, checkpoint_writer=_save_state),
+        run_context={"run-dir": str(tmp_path), "run-id": "t"},
+        node_registry=registry,
+    )
+    strategy.query_status(DroppingGrid(hospitals))
+    assert [view.name for view in strategy.views.values()] == ["alpha"]
+    assert set(strategy.problems) == {12, 13}
+    assert (
+        "claims hospital 'alpha' but its registered key belongs to 'beta'"
+        in (strategy.problems[12])
+    )
+    assert "is not in the operator's node registry" in strategy.problems[13]
+    # without a registry (a simulation) the same claims are taken as they come
+    unchecked = PrivacyAwareStrategy.from_config(
+        config,
+        recorder=RunRecorder(report, ledger, "t", tmp_path, checkpoint_writer=_save_state),
+        run_context={"run-dir": str(tmp_path), "run-id": "t"},
+    )
+    unchecked.query_status(DroppingGrid(hospitals))
+    assert not unchecked.problems
