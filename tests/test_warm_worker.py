@@ -202,6 +202,8 @@ def test_garbage_and_oversized_frames_are_refused_and_the_worker_survives(setup)
     status, _ = _raw_request(setup["socket"], FRAME_HEADER.pack(10) + b"short")
     assert status == FAILED
     assert setup["process"].poll() is None
+    # three refusals: the fixture's probe (connect, close) that the worker listens is none
+    assert len(_events(setup, "warm_worker.refused")) == 3
     reply = client_app.app(_message(setup, "query"), _context(setup))
     assert not reply.has_error(), reply.error.reason
     assert reply.content["status"]["hospital"] == "a"

@@ -148,13 +148,14 @@ class _Connection(socketserver.BaseRequestHandler):
         connection: socket.socket = self.request
         connection.settimeout(REQUEST_TIMEOUT_S)
         try:
+            if not connection.recv(1, socket.MSG_PEEK):
+                return  # connected and closed: a probe that the worker listens
             message, context = decode_request(
                 _receive_frame(connection, self.server.max_frame_bytes),
                 _receive_frame(connection, self.server.max_frame_bytes),
             )
         except (WorkerError, OSError) as error:
             log.warning("warm_worker.refused", reason=str(error))
-            self.server.refused += 1
             self._answer_failure(connection, str(error))
             return
         connection.settimeout(None)
@@ -198,7 +199,6 @@ class WorkerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.max_frame_bytes = max_frame_bytes
         self.lock = threading.Lock()
         self.handled = 0
-        self.refused = 0
         bind_private_socket_path(path)
         previous = os.umask(PRIVATE_UMASK)
         try:
