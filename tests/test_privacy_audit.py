@@ -15,6 +15,7 @@ from fedllm.audit.attacks import auc, loss_threshold_auc
 from fedllm.audit.bounds import (
     audit_one_run,
     clopper_pearson_upper,
+    many_run_audit,
     many_run_epsilon,
     one_run_epsilon,
     one_run_p_value,
@@ -99,6 +100,20 @@ def test_clopper_pearson_many_run_bound_by_hand():
     assert many_run_epsilon(500, 1000, 500, 1000, 1e-5, 0.95) == 0.0
 
 
+def test_many_run_audit_thresholds_pooled_scores():
+    # perfectly separated, 500 in and 500 out: the median threshold makes no error, and each
+    # of the 5 thresholds is tested at 1 - 0.05/5 = 99%
+    included = np.arange(1000) < 500
+    scores = included.astype(float)
+    expected = many_run_epsilon(0, 500, 0, 500, 1e-5, 0.99)
+    assert many_run_audit(scores, included, 1e-5, 0.95) == pytest.approx(expected)
+    assert expected > 4.0
+    rng = np.random.default_rng(1)
+    assert many_run_audit(rng.normal(size=1000), included, 1e-5, 0.95) < 0.5
+    with pytest.raises(ValueError, match="both included and excluded"):
+        many_run_audit(scores[:500], included[:500], 1e-5, 0.95)
+
+
 def test_one_run_audit_separates_only_what_is_separated():
     rng = np.random.default_rng(0)
     included = rng.random(400) < 0.5
@@ -144,6 +159,19 @@ def test_noise_scaled_down_tenfold_is_caught(tiny_config):
     assert row["epsilon_lower_bound"] > row["reported_epsilon"]
 
 
+def test_independent_runs_pool_their_canaries(tiny_config):
+    audit = run_audit(tiny_config, mode="whitebox", canaries=64, runs=2)
+    assert audit["independent_runs"] == 2
+    dp, no_dp = audit["runs"]["dp"]["a"], audit["runs"]["no_dp"]["a"]
+    assert dp["canaries"] == len(dp["scores"]) == 128
+    assert len(dp["per_run_epsilon_lower_bound"]) == 2
+    row = audit["summary"]["dp"]["a"]
+    assert row["epsilon_lower_bound"] <= row["reported_epsilon"]
+    assert row["many_run_epsilon_lower_bound"] <= row["reported_epsilon"]
+    assert audit["summary"]["no_dp"]["a"]["many_run_epsilon_lower_bound"] > 1.0
+    assert no_dp["epsilon_lower_bound"] > 1.0
+
+
 def test_cli_blackbox_writes_audit_json_and_plot(local_model_dir, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(_raw_config(local_model_dir, str(tmp_path / "runs"))))
@@ -168,6 +196,7 @@ def test_cli_blackbox_writes_audit_json_and_plot(local_model_dir, tmp_path):
         (["--mode", "greybox"], "--mode: got 'greybox'"),
         (["--hospital", "nowhere"], "--hospital 'nowhere' is not in this config"),
         (["--canaries", "1"], "--canaries: got 1"),
+        (["--runs", "0"], "--runs: got 0"),
     ],
 )
 def test_cli_user_mistakes_are_one_line_errors(local_model_dir, tmp_path, extra, message):

@@ -155,3 +155,39 @@ def many_run_epsilon(
         if 1.0 - delta - first > 0.0 and second > 0.0:
             bounds.append(math.log((1.0 - delta - first) / second))
     return max(bounds)
+
+
+def many_run_audit(
+    scores: Sequence[float],
+    included: Sequence[bool],
+    delta: float,
+    confidence: float,
+    quantiles: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9),
+) -> float:
+    """The classic bound of a threshold attack ("in" iff score > t) on pooled canaries.
+
+    The thresholds are the score quantiles given; choosing the best after seeing the scores
+    is a multiple test, so each is bounded at (1 − confidence) / (number of thresholds)
+    (Bonferroni), as :func:`audit_one_run` does for its guess counts.
+    """
+    _check_confidence(confidence)
+    values = np.asarray(scores, dtype=np.float64)
+    truth = np.asarray(included, dtype=bool)
+    if values.shape != truth.shape or values.ndim != 1 or truth.all() or not truth.any():
+        raise ValueError("need one score per canary, with both included and excluded ones")
+    per_test = 1.0 - (1.0 - confidence) / len(quantiles)
+    best = 0.0
+    for threshold in np.quantile(values, quantiles):
+        guessed_in = values > threshold
+        best = max(
+            best,
+            many_run_epsilon(
+                int((guessed_in & ~truth).sum()),
+                int((~truth).sum()),
+                int((~guessed_in & truth).sum()),
+                int(truth.sum()),
+                delta,
+                per_test,
+            ),
+        )
+    return best

@@ -10,7 +10,8 @@ can learn about each S_i, and the dataset size (public) does not depend on the c
   gradient ``±C·s_i·e_{j_i}`` (a Dirac direction on its own coordinate j_i of the trainable
   parameters, random sign s_i, norm equal to the clipping norm C) whenever Poisson sampling
   picks it, through the hook of :func:`fedllm.training.local.train_locally`. The server's score
-  is the projection of the hospital's released update on the canary direction.
+  is the projection of the hospital's released updates on the canary direction, after
+  subtracting what the other hospitals' updates predict (:meth:`GradientCanaries.scores`).
 * Text canaries (black-box): slot i holds one of two random token sequences behind a fixed
   prefix, a secret-sharer canary (Carlini et al. 2019). The score is how much lower the
   final model's loss is on the planted sequence's candidate than on the other one.
@@ -88,14 +89,36 @@ class GradientCanaries:
 
         return extra_samples
 
-    def scores(self, released_deltas: list[torch.Tensor]) -> np.ndarray:
-        """Σ over released updates of −Δ·(s_i e_{j_i}): a step against the canary's gradient.
+    def scores(
+        self,
+        released_deltas: list[torch.Tensor],
+        references: list[torch.Tensor] | None = None,
+    ) -> np.ndarray:
+        """Σ over rounds of the standardized step against each canary's gradient.
 
         A gradient step moves parameters *against* the gradient, so an included canary pushes
-        its coordinate by −s_i and an excluded one by +s_i.
+        its coordinate by −s_i and an excluded one by +s_i: the round's score is −Δ_j·s_i.
+        The rest of Δ_j is the hospital's own drift on that coordinate, the score's noise.
+        With ``references`` (the other hospitals' update of the same round, which the server
+        also sees) the part of Δ they predict is subtracted first, its coefficient fitted by
+        least squares on the canary-free coordinates; each round is then divided by the
+        residual's spread on those coordinates so that noisy rounds weigh less. Everything
+        used is released or public, so the score is post-processing and the bound stays sound.
         """
-        total = torch.stack([delta.double() for delta in released_deltas]).sum(dim=0)
-        return -total.numpy()[self.coordinates] * self.signs
+        free = np.ones(self.dimension, dtype=bool)
+        free[self.coordinates] = False
+        total = np.zeros(len(self.coordinates))
+        for index, delta in enumerate(released_deltas):
+            residual = delta.double().numpy()
+            if references is not None:
+                reference = references[index].double().numpy()
+                energy = float(reference[free] @ reference[free])
+                if energy > 0.0:
+                    fitted = float(residual[free] @ reference[free]) / energy
+                    residual = residual - fitted * reference
+            spread = float(residual[free].std()) if free.any() else 0.0
+            total -= residual[self.coordinates] * self.signs / (spread if spread > 0.0 else 1.0)
+        return total
 
 
 @dataclass

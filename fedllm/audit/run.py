@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import structlog
 import torch
 
 from fedllm.aggregation.rules import weighted_mean
 from fedllm.audit.attacks import auc, loss_threshold_auc
-from fedllm.audit.bounds import audit_one_run
+from fedllm.audit.bounds import audit_one_run, many_run_audit
 from fedllm.audit.canaries import GradientCanaries, TextCanaries, sequence_losses
 from fedllm.audit.plots import plot_audit
 from fedllm.config.schema import ExperimentConfig
@@ -173,13 +174,15 @@ def simulate(
                 stream=fresh_stream(privacy.random_source),
                 extra_samples=hook,
             )
-            if site.canaries is not None:
-                site.deltas.append(_flat(trainable) - before)
+            site.deltas.append(_flat(trainable) - before)
             states.append(adapter_state(model))
             weights.append(float(len(site.train)))
         global_state = weighted_mean(states, weights)
     load_adapter_state(model, global_state)
-    results = {site.name: _attack(site, model, config.privacy.delta, confidence) for site in sites}
+    results = {
+        site.name: _attack(site, _others(sites, site), model, config.privacy.delta, confidence)
+        for site in sites
+    }
     log.info("audit.simulated", dp=privacy.enabled, seconds=time.perf_counter() - started)
     return results
 
@@ -189,7 +192,25 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _attack(site: _Site, model: torch.nn.Module, delta: float, confidence: float) -> dict[str, Any]:
+def _others(sites: list[_Site], site: _Site) -> list[torch.Tensor] | None:
+    """Per round, the mean released update of every other hospital (None if there is none).
+
+    The server sees these too; they moved the same coordinates from the same global model
+    on similar data, so they predict much of ``site``'s own drift (the canary score's noise).
+    """
+    others = [other.deltas for other in sites if other is not site]
+    if not others:
+        return None
+    return [torch.stack(round_deltas).mean(dim=0) for round_deltas in zip(*others, strict=True)]
+
+
+def _attack(
+    site: _Site,
+    references: list[torch.Tensor] | None,
+    model: torch.nn.Module,
+    delta: float,
+    confidence: float,
+) -> dict[str, Any]:
     """Membership attack on real records, plus the canary audit where canaries were planted."""
     members = sequence_losses(model, site.train.select(torch.arange(site.real_units)))
     held_out = sequence_losses(model, site.held_out)
@@ -205,7 +226,7 @@ def _attack(site: _Site, model: torch.nn.Module, delta: float, confidence: float
     if site.canaries is None:
         return result
     if isinstance(site.canaries, GradientCanaries):
-        scores = site.canaries.scores(site.deltas)
+        scores = site.canaries.scores(site.deltas, references)
     else:
         scores, planted, unplanted = site.canaries.scores(model)
         result["exposure"] = {
@@ -235,12 +256,15 @@ def run_audit(
     confidence: float = 0.95,
     hospitals: Sequence[str] | None = None,
     baseline: bool = True,
+    runs: int = 1,
     trainer: Trainer = train_locally,
 ) -> dict[str, Any]:
     """The audit of ``config``: its DP run and (``baseline``) the same federation without DP.
 
-    Returns the content of ``audit.json``: per audited hospital, the empirical ε lower bound,
-    the reported ε, their ratio and the attacks' AUCs, for each run.
+    With ``runs`` K >= 2 each is simulated K times with fresh canaries and coins, and the
+    guesses are pooled (:func:`_pooled`). Returns the content of ``audit.json``: per audited
+    hospital, the empirical ε lower bound(s), the reported ε, their ratio and the attacks'
+    AUCs, for each run.
     """
     if mode not in AUDIT_MODES:
         raise ValueError(f"--mode: got {mode!r}; expected one of {', '.join(AUDIT_MODES)}")
@@ -248,18 +272,25 @@ def run_audit(
         raise ValueError(f"--canaries: got {canaries}; expected at least 2")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"--confidence: got {confidence}; expected a number in (0, 1)")
+    if runs < 1:
+        raise ValueError(f"--runs: got {runs}; expected at least 1")
     audited = audited_indices(config, hospitals)
+    names = [config.federation.profiles()[i].name for i in audited]
     started = time.perf_counter()
-    runs: dict[str, dict[str, Any]] = {}
     settings = {"mode": mode, "canaries": canaries, "audited": audited, "confidence": confidence}
+    configs: dict[str, ExperimentConfig] = {}
     if config.privacy.enabled:
-        runs["dp"] = simulate(config, **settings, trainer=trainer)
+        configs["dp"] = config
     if baseline or not config.privacy.enabled:
-        no_dp = config.model_copy(
+        configs["no_dp"] = config.model_copy(
             update={"privacy": config.privacy.model_copy(update={"enabled": False})}
         )
-        runs["no_dp"] = simulate(no_dp, **settings, trainer=trainer)
-    names = [config.federation.profiles()[i].name for i in audited]
+    results: dict[str, dict[str, Any]] = {}
+    for run, run_config in configs.items():
+        repeats = [simulate(run_config, **settings, trainer=trainer) for _ in range(runs)]
+        results[run] = (
+            repeats[0] if runs == 1 else _pooled(repeats, names, config.privacy.delta, confidence)
+        )
     return {
         "mode": mode,
         "canaries": canaries,
@@ -268,10 +299,52 @@ def run_audit(
         "rounds": config.run.rounds,
         "local_steps": config.training.local_steps,
         "audited": names,
+        "independent_runs": runs,
         "seconds": round(time.perf_counter() - started, 1),
-        "runs": runs,
-        "summary": {run: _summary(results, names) for run, results in runs.items()},
+        "runs": results,
+        "summary": {run: _summary(per_site, names) for run, per_site in results.items()},
     }
+
+
+def _pooled(
+    repeats: list[dict[str, Any]], audited: list[str], delta: float, confidence: float
+) -> dict[str, Any]:
+    """K independent runs' results per hospital, with the canaries of all K runs pooled.
+
+    Two bounds on the pooled guesses. The one-run theorem applies unchanged: K independent
+    runs are one mechanism with K·m canaries, still (ε, δ)-DP in each coin, so its bound is
+    exactly as rigorous as a single run's and can reach higher. The classic many-run bound
+    (:func:`many_run_epsilon`) thresholds the scores and bounds the false-positive and
+    false-negative rates by Clopper–Pearson, as an audit over independent training runs does;
+    it counts each canary as an independent trial, which holds across runs but only
+    approximately among the canaries of one run (they share its noise and drift).
+    """
+    pooled: dict[str, Any] = {}
+    for name, first in repeats[0].items():
+        per_run = [repeat[name] for repeat in repeats]
+        result: dict[str, Any] = {
+            key: first[key] for key in ("training_units", "held_out_units", "noise_multiplier")
+        }
+        result["reported_epsilon"] = first["reported_epsilon"]
+        memberships = [r["membership_auc"] for r in per_run if r["membership_auc"] is not None]
+        result["membership_auc"] = float(np.mean(memberships)) if memberships else None
+        if name in audited:
+            scores = np.concatenate([r["scores"] for r in per_run])
+            included = np.concatenate([r["included"] for r in per_run]).astype(bool)
+            bound = audit_one_run(scores, included, delta, confidence)
+            result |= {
+                "per_run_epsilon_lower_bound": [r["epsilon_lower_bound"] for r in per_run],
+                "canaries": bound.canaries,
+                "guesses": bound.guesses,
+                "correct_guesses": bound.correct,
+                "epsilon_lower_bound": bound.epsilon,
+                "many_run_epsilon_lower_bound": many_run_audit(scores, included, delta, confidence),
+                "canary_auc": _finite_or_none(auc(scores, included)),
+                "scores": [float(s) for s in scores],
+                "included": [bool(b) for b in included],
+            }
+        pooled[name] = result
+    return pooled
 
 
 def _summary(results: dict[str, Any], audited: list[str]) -> dict[str, Any]:
@@ -288,6 +361,12 @@ def _summary(results: dict[str, Any], audited: list[str]) -> dict[str, Any]:
                 "ratio": bound / reported if reported else None,
                 "canary_auc": result["canary_auc"],
             }
+            if "many_run_epsilon_lower_bound" in result:
+                many = result["many_run_epsilon_lower_bound"]
+                row |= {
+                    "many_run_epsilon_lower_bound": many,
+                    "many_run_ratio": many / reported if reported else None,
+                }
         rows[name] = row
     return rows
 

@@ -45,6 +45,14 @@ def audit_privacy_command(
         bool,
         typer.Option("--baseline/--no-baseline", help="Also audit the same federation without DP"),
     ] = True,
+    runs: Annotated[
+        int,
+        typer.Option(
+            "--runs",
+            help="Independent audits of each federation (fresh canaries and coins); K >= 2 "
+            "pools their guesses and adds the classic many-run Clopper–Pearson bound",
+        ),
+    ] = 1,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config key: KEY=VALUE")
     ] = None,
@@ -69,6 +77,7 @@ def audit_privacy_command(
             confidence=confidence,
             hospitals=hospital,
             baseline=baseline,
+            runs=runs,
         )
     except ValueError as error:
         fail(str(error))
@@ -90,8 +99,16 @@ def audit_privacy_command(
                 f"membership AUC {_number(row['membership_auc'])}",
                 highlight=False,
             )
+            if "many_run_epsilon_lower_bound" in row:
+                console.print(
+                    f"{'':7} {name}: many-run (Clopper–Pearson) ε ≥ "
+                    f"[bold]{_number(row['many_run_epsilon_lower_bound'])}[/] "
+                    f"(ratio {_number(row['many_run_ratio'])})",
+                    highlight=False,
+                )
     console.print(
         f"{audit['mode']} audit, {audit['canaries']} canaries per hospital, "
+        f"{audit['independent_runs']} run(s) pooled, "
         f"{audit['seconds']:.0f} s; wrote {', '.join(str(f) for f in files)}",
         highlight=False,
     )
