@@ -46,7 +46,6 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedllm.federation.experiment import experiment_from_run_config, resolve_config_path
 from fedllm.federation.node_settings import (
     ADAPTER_DIR,
     WORKER_SOCKET,
@@ -54,16 +53,19 @@ from fedllm.federation.node_settings import (
     hospital_index,
     node_settings,
 )
-from fedllm.federation.preflight import check_node_count
 from fedllm.federation.warm_worker import forward
 from fedllm.privacy.inventory import check_reply
 from fedllm.telemetry.logging import configure_logging
 
 if TYPE_CHECKING:
+    from fedllm.config import ExperimentConfig
     from fedllm.federation.hospital import HospitalSite
 
 # The app bundle this ClientApp runs from: relative experiment paths resolve here first.
 APP_DIRECTORY = Path(__file__).resolve().parents[1]
+# The run-config key that tells the worker which bundle a forwarded message's ClientApp runs
+# from (the worker imports its own copy of this module).
+APP_DIRECTORY_KEY = "fedllm-app-directory"
 
 log = structlog.get_logger(__name__)
 
@@ -73,10 +75,17 @@ HOSPITAL_FAILED = 1
 DELIVER_ACTION = "deliver"
 
 
+def _experiment(context: Context) -> ExperimentConfig:
+    """The run's experiment, its relative config path resolved in this app's bundle."""
+    from fedllm.federation.experiment import experiment_from_run_config
+
+    return experiment_from_run_config(context.run_config, APP_DIRECTORY)
+
+
 def _hospital_label(context: Context) -> str:
     """This node's hospital name when the config says it, else its Flower node id."""
     try:
-        config = experiment_from_run_config(context.run_config, APP_DIRECTORY)
+        config = _experiment(context)
         return config.federation.profiles()[hospital_index(config, context.node_config)].name
     except Exception:  # the label of a failure must never fail itself
         return f"node {context.node_id}"
@@ -111,10 +120,7 @@ def _reply_kind(message: Message) -> str:
 @reply_on_failure
 def _forwarded(message: Message, context: Context) -> Message:
     """The worker's reply to ``message``, checked against the release inventory here too."""
-    run_config = dict(context.run_config)
-    # the worker imports its own copy of this app: name the experiment file of this bundle
-    config_file = str(run_config.get("config-file", "configs/default.yaml"))
-    run_config["config-file"] = str(resolve_config_path(config_file, APP_DIRECTORY))
+    run_config = {**context.run_config, APP_DIRECTORY_KEY: str(APP_DIRECTORY)}
     sent = Context(context.run_id, context.node_id, context.node_config, context.state, run_config)
     reply, returned = forward(Path(str(context.node_config[WORKER_SOCKET])), message, sent)
     context.state = returned.state
@@ -133,9 +139,18 @@ def forward_to_worker(message: Message, context: Context, call_next: ClientAppCa
 
 
 def handle_in_worker(message: Message, context: Context) -> Message:
-    """What the hospital worker runs for each forwarded message: this app, in its process."""
+    """What the hospital worker runs for each forwarded message: this app, in its process.
+
+    A relative experiment path resolves in the sending ClientApp's bundle, as it would there.
+    """
+    from fedllm.federation.experiment import resolve_config_path
+
     node = {key: value for key, value in context.node_config.items() if key != WORKER_SOCKET}
-    local = Context(context.run_id, context.node_id, node, context.state, context.run_config)
+    run_config = dict(context.run_config)
+    bundle = Path(str(run_config.pop(APP_DIRECTORY_KEY, APP_DIRECTORY)))
+    config_file = str(run_config.get("config-file", "configs/default.yaml"))
+    run_config["config-file"] = str(resolve_config_path(config_file, bundle))
+    local = Context(context.run_id, context.node_id, node, context.state, run_config)
     return app(message, local)
 
 
@@ -150,7 +165,9 @@ def hospital_site(context: Context, message: Message) -> HospitalSite:
 
     run_dir = _run_dir(message)
     server_base = str(message.content["config"].get("base-model-sha256", ""))
-    config = experiment_from_run_config(context.run_config, APP_DIRECTORY)
+    from fedllm.federation.preflight import check_node_count
+
+    config = _experiment(context)
     check_node_count(config, context.node_config)
     settings = node_settings(config, context.node_config, run_dir)
     key = (config.model_dump_json(), settings.index, run_dir)
@@ -270,7 +287,7 @@ def deliver(message: Message, context: Context) -> Message:
     from fedllm.federation.hospital import BaseModelMismatchError
     from fedllm.models.loading import base_model
 
-    config = experiment_from_run_config(context.run_config, APP_DIRECTORY)
+    config = _experiment(context)
     own = base_model(config.model)
     server_base = str(message.content["config"].get("base-model-sha256", ""))
     if server_base != own.sha256:

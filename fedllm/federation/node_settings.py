@@ -17,14 +17,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedllm.config.schema import ExperimentConfig
-from fedllm.federation.hospital_data import (
-    LocalDataSource,
-    shared_dataset_identity,
-    simulation_split_key,
-)
-from fedllm.federation.hospital_state import load_or_create_key, simulation_state
+if TYPE_CHECKING:  # imported where used: a forwarding ClientApp reads only the keys
+    from fedllm.config.schema import ExperimentConfig
+    from fedllm.federation.hospital_data import LocalDataSource
 
 HOSPITAL_INDEX = "hospital-index"
 HOSPITAL_NAME = "hospital-name"
@@ -77,6 +74,8 @@ def hospital_index(config: ExperimentConfig, node: Mapping[str, object]) -> int:
 
 def local_data_source(node: Mapping[str, object]) -> LocalDataSource | None:
     """The hospital's own records file, when the node config names one."""
+    from fedllm.federation.hospital_data import LocalDataSource
+
     if DATA_PATH not in node:
         return None
     path = str(node[DATA_PATH])
@@ -98,6 +97,8 @@ def local_data_source(node: Mapping[str, object]) -> LocalDataSource | None:
 
 def _deployed_split_key(node: Mapping[str, object], ledger_url: str | None) -> bytes:
     """A deployed hospital's split key: its ``split-key-file``, else beside a SQLite ledger."""
+    from fedllm.federation.hospital_state import load_or_create_key
+
     if SPLIT_KEY_FILE in node:
         return load_or_create_key(Path(str(node[SPLIT_KEY_FILE])).expanduser())
     if ledger_url and ledger_url.startswith("sqlite:///"):
@@ -116,6 +117,9 @@ def node_settings(
     A simulated hospital's ledger and split key live in its state directory: under the run
     directory for synthetic data, under ``privacy.ledger_dir`` per dataset otherwise.
     """
+    from fedllm.federation.hospital_data import shared_dataset_identity, simulation_split_key
+    from fedllm.federation.hospital_state import simulation_state
+
     index = hospital_index(config, node)
     local = local_data_source(node)
     given_ledger = str(node[LEDGER_URL]) if LEDGER_URL in node else None
