@@ -7,13 +7,16 @@ worst case the accountant already assumes) and FedAvg weights n_i. Each audited 
 gets m canary slots (:mod:`fedllm.audit.canaries`), which count as units of its dataset, so
 its σ is planned for the dataset it really trains on. Then:
 
-* white-box: the server's view, each round's released update of the hospital, scored by its
-  projection on each gradient canary;
+* white-box: the server's view, each round's released update of the hospital (less what the
+  other hospitals' updates of that round predict of it), scored by its projection on each
+  gradient canary;
 * black-box: the final global model, scored by the loss gap of each text-canary pair;
 * the one-run bound (:func:`fedllm.audit.bounds.audit_one_run`) on those scores, compared with
   the ε the hospital's accountant reports for the DP-SGD steps the attacker observed;
 * a loss-threshold membership attack on the hospitals' own records (training patients vs
-  held-out patients), for the DP run and for the same federation without DP.
+  held-out patients), for the DP run and for the same federation without DP;
+* with K independent runs, the same bound on the pooled canaries and the classic many-run
+  Clopper–Pearson bound.
 
 Nothing here leaves the process or touches a ledger: the audit is an experiment on a
 simulation, not a release.
