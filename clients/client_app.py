@@ -1,7 +1,9 @@
 """The Flower ClientApp run at each hospital: answers status queries, trains and evaluates.
 
-It adapts Flower messages to :class:`fedllm.federation.hospital.HospitalSite`. A site (data,
-model, ledger) is built once per process and reused across rounds. Which hospital this node is
+It adapts Flower messages to :class:`fedllm.federation.hospital.HospitalSite`. The experiment
+comes in every message, as the JSON the ServerApp resolved (``experiment``,
+:mod:`fedllm.federation.experiment`): a hospital reads no experiment file. A site (data, model,
+ledger) is built once per process and reused across rounds. Which hospital this node is
 comes from the node config (:mod:`fedllm.federation.node_settings`): ``hospital-name`` or
 ``hospital-index`` when the operator set one, else Flower's simulation ``partition-id``;
 ``data-path`` names a deployed hospital's own records file; ``ledger-url`` and ``epsilon-cap``
@@ -61,12 +63,6 @@ if TYPE_CHECKING:
     from fedllm.config import ExperimentConfig
     from fedllm.federation.hospital import HospitalSite
 
-# The app bundle this ClientApp runs from: relative experiment paths resolve here first.
-APP_DIRECTORY = Path(__file__).resolve().parents[1]
-# The run-config key that tells the worker which bundle a forwarded message's ClientApp runs
-# from (the worker imports its own copy of this module).
-APP_DIRECTORY_KEY = "fedllm-app-directory"
-
 log = structlog.get_logger(__name__)
 
 # Error.code of a reply whose handler failed at the hospital (the reason says why, in one line)
@@ -75,17 +71,17 @@ HOSPITAL_FAILED = 1
 DELIVER_ACTION = "deliver"
 
 
-def _experiment(context: Context) -> ExperimentConfig:
-    """The run's experiment, its relative config path resolved in this app's bundle."""
-    from fedllm.federation.experiment import experiment_from_run_config
+def _experiment(message: Message) -> ExperimentConfig:
+    """The run's experiment as the ServerApp's message carries it: no file is read."""
+    from fedllm.federation.experiment import experiment_from_message
 
-    return experiment_from_run_config(context.run_config, APP_DIRECTORY)
+    return experiment_from_message(message.content["config"])
 
 
-def _hospital_label(context: Context) -> str:
-    """This node's hospital name when the config says it, else its Flower node id."""
+def _hospital_label(message: Message, context: Context) -> str:
+    """This node's hospital name when the experiment says it, else its Flower node id."""
     try:
-        config = _experiment(context)
+        config = _experiment(message)
         return config.federation.profiles()[hospital_index(config, context.node_config)].name
     except Exception:  # the label of a failure must never fail itself
         return f"node {context.node_id}"
@@ -104,7 +100,8 @@ def reply_on_failure(handler: Callable[[Message, Context], Message]):
             return handler(message, context)
         except Exception as error:
             first_line = (str(error).strip().splitlines() or [""])[0]
-            reason = f"hospital {_hospital_label(context)}: {type(error).__name__}: {first_line}"
+            hospital = _hospital_label(message, context)
+            reason = f"hospital {hospital}: {type(error).__name__}: {first_line}"
             log.error("hospital.failed", reason=reason, exc_info=True)
             return Message(Error(code=HOSPITAL_FAILED, reason=reason), reply_to=message)
 
@@ -120,9 +117,8 @@ def _reply_kind(message: Message) -> str:
 @reply_on_failure
 def _forwarded(message: Message, context: Context) -> Message:
     """The worker's reply to ``message``, checked against the release inventory here too."""
-    run_config = {**context.run_config, APP_DIRECTORY_KEY: str(APP_DIRECTORY)}
-    sent = Context(context.run_id, context.node_id, context.node_config, context.state, run_config)
-    reply, returned = forward(Path(str(context.node_config[WORKER_SOCKET])), message, sent)
+    # the message carries the experiment: the worker needs nothing of this bundle's files
+    reply, returned = forward(Path(str(context.node_config[WORKER_SOCKET])), message, context)
     context.state = returned.state
     if not reply.has_content():
         return Message(reply.error, reply_to=message)
@@ -139,18 +135,9 @@ def forward_to_worker(message: Message, context: Context, call_next: ClientAppCa
 
 
 def handle_in_worker(message: Message, context: Context) -> Message:
-    """What the hospital worker runs for each forwarded message: this app, in its process.
-
-    A relative experiment path resolves in the sending ClientApp's bundle, as it would there.
-    """
-    from fedllm.federation.experiment import resolve_config_path
-
+    """What the hospital worker runs for each forwarded message: this app, in its process."""
     node = {key: value for key, value in context.node_config.items() if key != WORKER_SOCKET}
-    run_config = dict(context.run_config)
-    bundle = Path(str(run_config.pop(APP_DIRECTORY_KEY, APP_DIRECTORY)))
-    config_file = str(run_config.get("config-file", "configs/default.yaml"))
-    run_config["config-file"] = str(resolve_config_path(config_file, bundle))
-    local = Context(context.run_id, context.node_id, node, context.state, run_config)
+    local = Context(context.run_id, context.node_id, node, context.state, context.run_config)
     return app(message, local)
 
 
@@ -167,7 +154,7 @@ def hospital_site(context: Context, message: Message) -> HospitalSite:
     server_base = str(message.content["config"].get("base-model-sha256", ""))
     from fedllm.federation.preflight import check_node_count
 
-    config = _experiment(context)
+    config = _experiment(message)
     check_node_count(config, context.node_config)
     settings = node_settings(config, context.node_config, run_dir)
     key = (config.model_dump_json(), settings.index, run_dir)
@@ -287,7 +274,7 @@ def deliver(message: Message, context: Context) -> Message:
     from fedllm.federation.hospital import BaseModelMismatchError
     from fedllm.models.loading import base_model
 
-    config = _experiment(context)
+    config = _experiment(message)
     own = base_model(config.model)
     server_base = str(message.content["config"].get("base-model-sha256", ""))
     if server_base != own.sha256:

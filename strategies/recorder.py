@@ -9,7 +9,8 @@ hands it to the strategy, which calls it at fixed points of a round:
 - once a server-side DP aggregate exists (``strategies.server_dp``): :meth:`server_side_privacy`,
   persisted at once so a release is never unaccounted, and kept for the round's row;
 - at the end of the round: :meth:`close_round`, which writes the checkpoint, then the ledger's
-  round record (one transaction), then the report row.
+  round record (one transaction), then the report row, then logs the round's progress event
+  (:mod:`fedllm.report.progress`).
 
 It also carries the run's :class:`~fedllm.telemetry.tracing.Tracing` (disabled unless the
 experiment has a ``tracing:`` section), from which the strategy makes one trace per round.
@@ -25,12 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 
 from fedllm.models.checkpoints import AdapterWriter
 from fedllm.privacy.server_ledger import ServerLedger
+from fedllm.report.progress import ROUND_EVENT, round_progress
 from fedllm.report.run_report import RunReport
 from fedllm.telemetry.tracing import DISABLED, Tracing
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -113,6 +118,8 @@ class RunRecorder:
             checkpoint=None if checkpoint is None else str(checkpoint),
         )
         self.report.add_round(row)
+        # the run's progress stream: `fedllm run` follows these, never report.json
+        log.info(ROUND_EVENT, **round_progress(row, self.report.data["config"]["run"]["rounds"]))
         return checkpoint
 
     def _save_checkpoint(

@@ -1,9 +1,12 @@
-"""The Flower ServerApp: loads the experiment, runs the strategy, writes report, plots, checkpoint.
+"""The Flower ServerApp: gets the experiment, runs the strategy, writes report, plots, checkpoint.
 
-It is started by ``fedllm run`` (which passes ``run-dir``) or directly by
-``flwr run . -c "config-file='configs/x.yaml'"`` (which lets it allocate
-``<output_dir>/<name>/`` itself). A run whose server stopped part-way resumes from the last
-round its ledger recorded when it is started again on the same run directory.
+It is started by ``fedllm run`` (which passes the validated experiment as ``experiment`` and
+``run-dir``) or directly by ``flwr run . -c "config-file='configs/x.yaml'"`` (which makes it
+read and check the YAML itself and allocate ``<output_dir>/<name>/``). Either way every message
+to a hospital carries the experiment as JSON (:mod:`fedllm.federation.experiment`). It is the
+only writer of ``report.json``, through the :class:`RunRecorder`. A run whose server stopped
+part-way resumes from the last round its ledger recorded when it is started again on the same
+run directory.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ from peft import PeftModel
 
 from fedllm.config import ExperimentConfig, dump_config
 from fedllm.federation.delivery import deliver_adapter
-from fedllm.federation.experiment import experiment_from_run_config
+from fedllm.federation.experiment import (
+    EXPERIMENT,
+    experiment_from_run_config,
+    experiment_json,
+    given_experiment,
+)
 from fedllm.federation.node_registry import registry_from_environment
 from fedllm.federation.preflight import preflight
 from fedllm.federation.run_identity import ledger_run_id
@@ -36,6 +44,7 @@ from fedllm.models.loading import base_model, load_lora_model
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.outcome import run_outcome
 from fedllm.report.plots import plot_run
+from fedllm.report.progress import STARTED_EVENT
 from fedllm.report.run_dir import allocate_run_dir
 from fedllm.report.run_report import RunReport
 from fedllm.telemetry.logging import configure_logging
@@ -55,10 +64,14 @@ APP_DIRECTORY = Path(__file__).resolve().parents[1]
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the configured rounds and record everything under the run directory."""
     configure_logging()
-    config = experiment_from_run_config(context.run_config, APP_DIRECTORY)
     try:
-        # before any hospital is asked anything (fedllm run has already checked, with data)
-        config = preflight(config, simulation=False, app_root=APP_DIRECTORY)
+        # `fedllm run` validated and checked it (with data) and recorded it as config.yaml
+        config = given_experiment(context.run_config)
+        parsed_here = config is None
+        if config is None:
+            config = experiment_from_run_config(context.run_config, APP_DIRECTORY)
+            # before any hospital is asked anything
+            config = preflight(config, simulation=False, app_root=APP_DIRECTORY)
     except ValueError as error:
         log.error("run.refused", reason=str(error))
         raise
@@ -66,7 +79,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(given) if given else allocate_run_dir(config.run.output_dir, config.run.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     # under `flwr run` this is the only way to learn where the run is written
-    log.info("run.started", run_dir=str(run_dir.resolve()))
+    log.info(STARTED_EVENT, run_dir=str(run_dir.resolve()))
     if not given and config.evaluation.baselines:
         log.warning(
             "run.baselines_skipped",
@@ -74,7 +87,7 @@ def main(grid: Grid, context: Context) -> None:
             detail="evaluation.baselines run in `fedllm run`'s own process, not under flwr run; "
             "run `fedllm run` for them, or `fedllm run --no-baselines` to match this run",
         )
-    if not (run_dir / "config.yaml").exists():
+    if parsed_here and not (run_dir / "config.yaml").exists():
         dump_config(config, run_dir / "config.yaml")
     ledger = ServerLedger(config.strategy.ledger_url or f"sqlite:///{run_dir / 'server.db'}")
     run_id = run_dir.name
@@ -140,6 +153,8 @@ def run_federation(
             # unique across researchers: what hospitals record in their ledgers
             "run-id": ledger_run_id(run_dir),
             "base-model-sha256": base_model(config.model).sha256,
+            # the experiment itself: hospitals build their site from it, never from a file
+            EXPERIMENT: experiment_json(config),
         },
         round_offset=completed,
         # a deployed SuperLink's hospital name <-> registered key bindings (None: simulation)

@@ -32,6 +32,7 @@ from fedllm.federation.delivery import (
     delivery_content,
 )
 from fedllm.federation.deployment import hospital_node_config
+from fedllm.federation.experiment import EXPERIMENT, experiment_json
 from fedllm.federation.node_settings import ADAPTER_DIR
 from fedllm.federation.run_identity import RUN_ID_FILE
 from fedllm.models.checkpoints import read_artifact, write_artifact
@@ -39,7 +40,7 @@ from fedllm.models.dp_record import DP_RECORD_FILE, parse_dp_record
 from fedllm.models.loading import base_model
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.privacy.server_ledger import ServerLedger
-from fedllm.report.run_report import RunReport
+from fedllm.report.run_report import RunReport, read_report_json
 from fedllm.serving.generation import ModelBackend
 from fedllm.serving.node_app import create_node_app
 from fedllm.serving.server import BackgroundServer
@@ -99,7 +100,7 @@ def delivered(tmp_path_factory):
         11 + index: {"partition-id": index, "num-partitions": 2, ADAPTER_DIR: str(directory)}
         for index, directory in enumerate(adapter_dirs.values())
     }
-    grid = HandlerGrid({"config-file": str(config_file)}, nodes)
+    grid = HandlerGrid({}, nodes)
     ledger = ServerLedger(f"sqlite:///{run_dir / 'server.db'}")
     ledger.start_run(run_dir.name, config.model_dump_json())
     run_federation(grid, config, run_dir, RunReport(run_dir, config), ledger, completed=0)
@@ -108,7 +109,7 @@ def delivered(tmp_path_factory):
         "run_dir": run_dir,
         "published": root / "runs" / "published",
         "adapter_dirs": adapter_dirs,
-        "report": RunReport.load(run_dir),
+        "report": read_report_json(run_dir),
         "config_file": config_file,
     }
 
@@ -156,14 +157,19 @@ def test_a_real_inference_server_serves_the_delivered_adapter(delivered):
 
 
 def _delivery(delivered, content: RecordDict, node: dict) -> Message:
-    context = Context(1, 21, node, RecordDict(), {"config-file": str(delivered["config_file"])})
+    context = Context(1, 21, node, RecordDict(), {})
     return deliver(Message(content, dst_node_id=21, message_type=DELIVER_MESSAGE), context)
 
 
 def _context(delivered) -> dict[str, str]:
     run_dir = delivered["run_dir"]
     sha = base_model(TINY).sha256
-    return {"run-dir": str(run_dir), "run-id": run_dir.name, "base-model-sha256": sha}
+    return {
+        "run-dir": str(run_dir),
+        "run-id": run_dir.name,
+        "base-model-sha256": sha,
+        EXPERIMENT: experiment_json(load_config(delivered["config_file"])),
+    }
 
 
 def test_a_hospital_on_another_base_model_refuses_in_one_line(delivered, tmp_path):
@@ -240,7 +246,7 @@ def test_resuming_a_finished_run_trains_nothing_and_delivers_again(delivered):
     config = load_config(delivered["config_file"])
     target = delivered["adapter_dirs"]["b"]
     shutil.rmtree(target)
-    grid = HandlerGrid({"config-file": str(delivered["config_file"])}, delivered["grid"].nodes)
+    grid = HandlerGrid({}, delivered["grid"].nodes)
     ledger = ServerLedger(f"sqlite:///{run_dir / 'server.db'}")
     completed = ledger.resume_state(run_dir.name).last_completed_round
     assert completed == config.run.rounds
@@ -248,7 +254,7 @@ def test_resuming_a_finished_run_trains_nothing_and_delivers_again(delivered):
     run_federation(grid, config, run_dir, report, ledger, completed=completed)
     assert grid.sent == ["query", "query", DELIVER_MESSAGE, DELIVER_MESSAGE]
     assert _weights_sha(target) == _weights_sha(delivered["published"])
-    assert RunReport.load(run_dir)["adapter_delivery"]["delivered"] == ["a", "b"]
+    assert read_report_json(run_dir)["adapter_delivery"]["delivered"] == ["a", "b"]
 
 
 def test_hospitals_record_the_runs_unique_id_not_its_directory_name(delivered):

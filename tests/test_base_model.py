@@ -31,6 +31,7 @@ from clients.client_app import status as status_handler
 from fedllm.cli.app import app as cli_app
 from fedllm.config import validate_config
 from fedllm.config.schema import ExperimentConfig, ModelConfig
+from fedllm.federation.experiment import EXPERIMENT, experiment_json
 from fedllm.federation.hospital import BaseModelMismatchError, HospitalSite
 from fedllm.models.checkpoints import read_artifact, write_artifact
 from fedllm.models.dp_record import DP_RECORD_FILE, parse_dp_record
@@ -44,7 +45,7 @@ from fedllm.models.identity import (
 from fedllm.models.loading import ModelLoadError, base_model, load_base_model
 from fedllm.models.tiny import tiny_model_dir
 from fedllm.privacy.server_ledger import ServerLedger
-from fedllm.report.run_report import RunReport
+from fedllm.report.run_report import RunReport, read_report_json
 from fedllm.serving.generation import ModelBackend
 from fedllm.serving.node_app import create_node_app
 from fedllm.serving.server import BackgroundServer
@@ -199,15 +200,14 @@ def test_a_hospital_with_another_base_hash_is_refused_before_its_ledger_is_opene
 
 @pytest.mark.usefixtures("_server_identity")
 def test_the_client_app_answers_a_foreign_base_hash_with_a_one_line_error(tmp_path, model_cache):
-    config_file = tmp_path / "experiment.yaml"
-    config_file.write_text(yaml.safe_dump(_site_config(tmp_path).model_dump(mode="json")))
+    experiment = experiment_json(_site_config(tmp_path))
     ledger = tmp_path / "own" / "ledger.db"
     ledger.parent.mkdir()
     node = {"hospital-name": "a", "ledger-url": f"sqlite:///{ledger}"}
-    context = Context(1, 7, node, RecordDict(), {"config-file": str(config_file)})
+    context = Context(1, 7, node, RecordDict(), {})
 
     def query(content: dict) -> Message:
-        run = {"run-dir": str(tmp_path / "runs" / "r"), "run-id": "r"}
+        run = {"run-dir": str(tmp_path / "runs" / "r"), "run-id": "r", EXPERIMENT: experiment}
         return Message(
             RecordDict({"config": ConfigRecord({**run, **content})}),
             message_type=MessageType.QUERY,
@@ -250,12 +250,10 @@ class ForeignModelGrid(ClientAppGrid):
 @pytest.mark.usefixtures("_server_identity")
 def test_the_server_sends_its_base_hash_and_a_foreign_hospital_stops_the_run(tmp_path, model_cache):
     config = _site_config(tmp_path)
-    config_file = tmp_path / "experiment.yaml"
-    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
     grid = ForeignModelGrid(
-        {"config-file": str(config_file)},
+        {},
         {1: {"partition-id": 0, "num-partitions": 2}, 2: {"partition-id": 1, "num-partitions": 2}},
     )
     ledger = ServerLedger(f"sqlite:///{run_dir / 'server.db'}")
@@ -263,7 +261,7 @@ def test_the_server_sends_its_base_hash_and_a_foreign_hospital_stops_the_run(tmp
     run_federation(grid, config, run_dir, RunReport(run_dir, config), ledger, completed=0)
     assert grid.sent == ["query", "query"]
     assert grid.hashes == [model_cache.sha256] * 2
-    saved = RunReport.load(run_dir)
+    saved = read_report_json(run_dir)
     assert saved["status"] == "failed"
     assert len(saved["causes"]) == 1
     assert re.match(r"hospital b: BaseModelMismatchError: .*dddddddddddd", saved["causes"][0])

@@ -205,35 +205,13 @@ def test_researcher_federation_entry(tmp_path):
     ca.write_text("x")
     home = tmp_path / "flwr"
     write_flower_connection(home, "consortium", "link.example:9092", ca)
-    target = deployed_federation(
-        "consortium",
-        APP_ROOT / "configs" / "default.yaml",
-        ["run.rounds=2", "training.local_steps=1"],
-        app_root=APP_ROOT,
-        flower_config=home / "config.toml",
-    )
+    target = deployed_federation("consortium", flower_config=home / "config.toml")
     assert target.address == "link.example:9092"
     assert target.root_certificates == ca
-    assert target.run_config == {
-        "config-file": "configs/default.yaml",
-        "overrides": "run.rounds=2; training.local_steps=1",
-    }
     with pytest.raises(
         DeploymentError, match=r"no \[superlink.other\] entry; known: \['consortium'\]"
     ):
-        deployed_federation(
-            "other",
-            APP_ROOT / "configs" / "default.yaml",
-            [],
-            app_root=APP_ROOT,
-            flower_config=home / "config.toml",
-        )
-    outside = tmp_path / "x.yaml"
-    outside.write_text("{}")
-    with pytest.raises(DeploymentError, match="outside the app directory"):
-        deployed_federation(
-            "consortium", outside, [], app_root=APP_ROOT, flower_config=home / "config.toml"
-        )
+        deployed_federation("other", flower_config=home / "config.toml")
 
 
 def test_shipped_hospital_template_is_valid_and_names_what_to_fill_in():

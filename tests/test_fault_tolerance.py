@@ -28,7 +28,7 @@ from fedllm.privacy.events import event_to_dict
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.privacy.plan import plan_hospital
 from fedllm.privacy.server_ledger import ServerLedger
-from fedllm.report.run_report import RunReport
+from fedllm.report.run_report import RunReport, read_report_json
 from strategies.cohort_rounds import RoundLostError
 from strategies.privacy_aware import PrivacyAwareStrategy
 from strategies.recorder import RunRecorder
@@ -216,7 +216,7 @@ def test_lost_hospital_does_not_stall_the_run_and_its_spending_is_mirrored(tmp_p
     assert hospitals["gamma"].ledger.rounds_participated() == 1
     # the report never under-states the lost hospital's ε: it shows its own projection, which
     # is exactly what its ledger reached by charging the round, and says it is unconfirmed
-    privacy = RunReport.load(tmp_path)["privacy"]["hospitals"]
+    privacy = read_report_json(tmp_path)["privacy"]["hospitals"]
     assert privacy["gamma"]["epsilon_confirmed"] is False
     assert privacy["gamma"]["epsilon"] == pytest.approx(hospitals["gamma"].ledger.spent_epsilon())
     assert privacy["alpha"]["epsilon_confirmed"] is True

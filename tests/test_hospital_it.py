@@ -34,7 +34,7 @@ from fedllm.models.loading import base_model
 from fedllm.privacy.events import GaussianRelease
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.privacy.server_ledger import ServerLedger
-from fedllm.report.run_report import RunReport
+from fedllm.report.run_report import RunReport, read_report_json
 from fedllm.security.certs import init_credentials
 from strategies.server_app import run_federation
 
@@ -273,8 +273,6 @@ def test_a_ledger_opened_by_a_client_app_is_private_even_with_a_loose_umask(tmp_
 @pytest.mark.usefixtures("_server_identity")
 def test_an_experiment_with_another_delta_is_refused_in_one_line(tmp_path):
     config = validate_config({**_base(tmp_path), "model": TINY.model_dump(mode="json")})
-    config_file = tmp_path / "experiment.yaml"
-    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
     own = tmp_path / "a" / "ledger.db"
     own.parent.mkdir()
     NodePrivacyLedger(f"sqlite:///{own}", "a", epsilon_cap=8.0, delta=1e-6)
@@ -283,7 +281,7 @@ def test_an_experiment_with_another_delta_is_refused_in_one_line(tmp_path):
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
     grid = ClientAppGrid(
-        {"config-file": str(config_file)},
+        {},
         {
             1: {"hospital-name": "a", "ledger-url": f"sqlite:///{own}"},
             2: {"partition-id": 1, "num-partitions": 2},
@@ -292,7 +290,7 @@ def test_an_experiment_with_another_delta_is_refused_in_one_line(tmp_path):
     ledger = ServerLedger(f"sqlite:///{run_dir / 'server.db'}")
     ledger.start_run("r", config.model_dump_json())
     run_federation(grid, config, run_dir, RunReport(run_dir, config), ledger, completed=0)
-    saved = RunReport.load(run_dir)
+    saved = read_report_json(run_dir)
     assert saved["status"] == "failed"
     assert saved["causes"] == [
         "hospital a: LedgerDeltaError: this hospital's ledger accounts at delta=1e-06, the "

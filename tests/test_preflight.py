@@ -25,7 +25,7 @@ from clients.client_app import status as status_handler
 from fedllm.cli.app import app
 from fedllm.config import validate_config
 from fedllm.data import DataError
-from fedllm.federation.experiment import APP_ROOT
+from fedllm.federation.experiment import APP_ROOT, EXPERIMENT, experiment_json
 from fedllm.federation.hospital import HospitalSite
 from fedllm.federation.hospital_data import LocalDataSource
 from fedllm.federation.preflight import PreflightError, check_node_count, preflight
@@ -34,7 +34,7 @@ from fedllm.privacy.events import GaussianRelease
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.privacy.plan import UnreachableTargetError, unreachable_target
 from fedllm.privacy.server_ledger import ServerLedger
-from fedllm.report.run_report import RunReport
+from fedllm.report.run_report import RunReport, read_report_json
 from strategies.server_app import run_federation
 
 runner = CliRunner()
@@ -339,13 +339,11 @@ class ClientAppGrid:
 @pytest.mark.usefixtures("_server_identity")
 def test_one_failing_hospital_stops_the_run_before_anything_is_charged(tmp_path, local_model_dir):
     config = _site_config(tmp_path, local_model_dir, evaluation={"release": "dp"})
-    config_file = tmp_path / "experiment.yaml"
-    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
     own_ledger = tmp_path / "a" / "ledger.db"
     grid = ClientAppGrid(
-        {"config-file": str(config_file)},
+        {},
         {
             # hospital a is deployed with its own (missing) records; b is simulated
             1: {
@@ -362,7 +360,7 @@ def test_one_failing_hospital_stops_the_run_before_anything_is_charged(tmp_path,
     ledger.start_run("r", config.model_dump_json())
     run_federation(grid, config, run_dir, report, ledger, completed=0)
     assert grid.sent == ["query", "query"]
-    saved = RunReport.load(run_dir)
+    saved = read_report_json(run_dir)
     assert saved["status"] == "failed"
     assert saved["causes"] == [
         f"hospital a: DataError: data file not found: {tmp_path / 'a' / 'missing.jsonl'} "
@@ -382,11 +380,11 @@ def test_simulated_supernodes_must_match_the_hospitals(tmp_path):
     check_node_count(config, {"hospital-name": "a"})
     with pytest.raises(PreflightError, match="num-supernodes: got 3; expected 2"):
         check_node_count(config, {"partition-id": 0, "num-partitions": 3})
-    config_file = _write_config(tmp_path, {})
     node = {"partition-id": 2, "num-partitions": 3}
-    context = Context(1, 5, node, RecordDict(), {"config-file": str(config_file)})
+    context = Context(1, 5, node, RecordDict(), {})
+    run = {"run-dir": str(tmp_path / "r"), "run-id": "r", EXPERIMENT: experiment_json(config)}
     query = Message(
-        RecordDict({"config": ConfigRecord({"run-dir": str(tmp_path / "r"), "run-id": "r"})}),
+        RecordDict({"config": ConfigRecord(run)}),
         message_type=MessageType.QUERY,
         dst_node_id=5,
     )

@@ -3,20 +3,27 @@ or, with ``--federation NAME``, on a deployed SuperLink and the hospitals' Super
 
 from __future__ import annotations
 
+import functools
 import math
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from fedllm.cli.common import console, fail, print_json
 from fedllm.config import ConfigError, ExperimentConfig, dump_config, load_config
 from fedllm.data import DataError
-from fedllm.federation.experiment import APP_ROOT
+from fedllm.federation.experiment import APP_ROOT, EXPERIMENT, experiment_json
 from fedllm.federation.flower_cli import DeployedFederation, deployed_federation
 from fedllm.federation.hospital_data import check_simulation_ledgers
 from fedllm.federation.launcher import (
@@ -26,8 +33,10 @@ from fedllm.federation.launcher import (
     run_app,
 )
 from fedllm.federation.preflight import preflight
+from fedllm.report.progress import STARTED_EVENT, progress_event
 from fedllm.report.run_dir import allocate_run_dir
-from fedllm.report.run_report import RunReport, save_report
+from fedllm.report.run_report import REPORT_FILE, read_report_json
+from fedllm.report.run_summary import SUMMARY_FILE, run_summary, with_summary, write_summary
 
 WithBaselines = Annotated[
     bool, typer.Option(help="Also run the baselines listed in evaluation.baselines")
@@ -61,11 +70,7 @@ def run_command(
                 "evaluation.release: got 'exact'; a deployed federation evaluates on hospitals' "
                 "own patients, which leaves them only as a DP release: expected 'dp' or 'off'"
             )
-        target = (
-            deployed_federation(federation, config_file, overrides or [], app_root=APP_ROOT)
-            if federation
-            else None
-        )
+        target = deployed_federation(federation) if federation else None
     except (ConfigError, FederationError) as error:
         fail(str(error))
     try:
@@ -102,6 +107,11 @@ def resume_command(
         config = load_config(run_dir / "config.yaml")
     except ConfigError as error:
         fail(f"{run_dir} is not a resumable run: {error}")
+    try:
+        # checked here, where the run starts again: the ServerApp takes the experiment as given
+        config = preflight(config, simulation=True, app_root=APP_ROOT)
+    except ValueError as error:
+        fail(str(error))
     run_and_show(config, run_dir.resolve(), baselines, json_output)
 
 
@@ -143,9 +153,10 @@ def execute(
     quiet: bool,
     target: DeployedFederation | None = None,
 ) -> dict[str, Any]:
-    """Federated run, then baselines; returns the final report with the phases' wall times."""
+    """Federated run, then baselines; writes summary.json beside the ServerApp's report.json and
+    returns both as one object (what ``--json`` prints)."""
     from fedllm.models.loading import resolve_model_path
-    from fedllm.report.plots import plot_run
+    from fedllm.report.plots import plot_baselines
 
     dump_config(config, run_dir / "config.yaml")
     if not quiet:
@@ -157,18 +168,17 @@ def execute(
     phases["base_model_s"] = time.perf_counter() - clock
     federate(config, run_dir, quiet=quiet, target=target)
     phases["federation_s"] = time.perf_counter() - clock - sum(phases.values())
-    report = RunReport.load(run_dir)
+    report = read_report_json(run_dir)
+    baselines: dict[str, Any] = {}
+    comparison: dict[str, float] = {}
     if with_baselines and config.evaluation.baselines:
-        report["baselines"] = run_baselines(config, run_dir, quiet=quiet)
-        report["comparison"] = compare(report)
+        baselines = run_baselines(config, run_dir, quiet=quiet)
+        comparison = compare(report.get("final"), baselines)
         phases["baselines_s"] = time.perf_counter() - clock - sum(phases.values())
-        plot_run(report, run_dir)
-    report["timing"] = {
-        **(report.get("timing") or {}),
-        "cli_phases": {name: round(seconds, 3) for name, seconds in phases.items()},
-    }
-    save_report(run_dir, report)
-    return report
+        plot_baselines(report, baselines, run_dir)
+    summary = run_summary(baselines, comparison, phases)
+    write_summary(run_dir, summary)
+    return with_summary(report, summary)
 
 
 def federate(
@@ -179,31 +189,39 @@ def federate(
     target: DeployedFederation | None = None,
 ) -> None:
     """Run the Flower app on a private local SuperLink (or the deployed ``target``), showing
-    per-round progress."""
+    per-round progress from the ServerApp's events in ``flwr run``'s output.
+
+    The ServerApp gets the validated experiment itself (``experiment``), not a file to parse.
+    """
     flwr_home = run_dir / ".flwr"
     log_path = run_dir / "flower.log"
     resources = SimulationResources(num_supernodes=config.federation.num_hospitals)
-    run_config = {"config-file": str(run_dir / "config.yaml"), "run-dir": str(run_dir)}
-    finished = threading.Event()
-    follower = threading.Thread(
-        target=_follow_progress,
-        args=(finished, run_dir, config.run.rounds, quiet),
-        name="progress",
-        daemon=True,
+    run_config = {EXPERIMENT: experiment_json(config), "run-dir": str(run_dir)}
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("round {task.completed}/{task.total}"),
+        TimeElapsedColumn(),
     )
-    follower.start()
-    try:
+    with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
+        task = progress.add_task("starting Flower SuperLink and hospitals", total=config.run.rounds)
+        show = functools.partial(_show_progress, progress, task)
         if target is None:
             with local_superlink(flwr_home, log_path):
-                run_app(APP_ROOT, flwr_home, run_config, resources, log_path)
+                run_app(APP_ROOT, flwr_home, run_config, resources, log_path, on_line=show)
         else:
             target.connect(flwr_home)
-            run_config |= target.run_config
-            run_app(APP_ROOT, flwr_home, run_config, None, log_path, connection=target.name)
-    finally:
-        finished.set()
-        follower.join()
-    report = RunReport.load(run_dir)
+            run_app(
+                APP_ROOT,
+                flwr_home,
+                run_config,
+                None,
+                log_path,
+                connection=target.name,
+                on_line=show,
+            )
+    report = read_report_json(run_dir)
     if report["status"] not in ("completed", "degraded"):
         raise FederationError(
             f"the federated run ended with status '{report['status']}'"
@@ -234,16 +252,16 @@ def run_baselines(config: ExperimentConfig, run_dir: Path, *, quiet: bool) -> di
             sub_dir.mkdir(parents=True, exist_ok=True)
             dump_config(no_dp, sub_dir / "config.yaml")
             federate(no_dp, sub_dir, quiet=quiet)
-            final = RunReport.load(sub_dir)["final"]
+            final = read_report_json(sub_dir)["final"]
             results[name] = {**final, "run_dir": str(sub_dir)}
     return results
 
 
-def compare(report: dict[str, Any]) -> dict[str, Any]:
+def compare(final_figures: dict[str, Any] | None, baselines: dict[str, Any]) -> dict[str, float]:
     """Final perplexity over each baseline's: the price of DP and of federation."""
-    final = (report.get("final") or {}).get("perplexity")
+    final = (final_figures or {}).get("perplexity")
     ratios = {}
-    for name, baseline in report["baselines"].items():
+    for name, baseline in baselines.items():
         reference = baseline.get("perplexity")
         if final is not None and reference:
             ratios[f"perplexity_over_{name}"] = round(final / reference, 4)
@@ -292,42 +310,30 @@ def show_summary(report: dict[str, Any], run_dir: Path) -> None:
     console.print(results)
     for key, value in (report.get("comparison") or {}).items():
         console.print(f"{key.replace('_', ' ')}: [bold]{value:.3f}×[/]")
-    console.print(f"Report: [cyan]{run_dir / 'report.json'}[/]  plots: perplexity.png, epsilon.png")
-
-
-def _follow_progress(finished: threading.Event, run_dir: Path, rounds: int, quiet: bool) -> None:
-    """Poll report.json (written by the ServerApp) and show one bar for the rounds."""
-    columns = (
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("round {task.completed}/{task.total}"),
-        TimeElapsedColumn(),
+    console.print(
+        f"Report: [cyan]{run_dir / REPORT_FILE}[/]  summary: {SUMMARY_FILE}"
+        "  plots: perplexity.png, epsilon.png"
+        + (", comparison.png" if report.get("baselines") else "")
     )
-    with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
-        task = progress.add_task("starting Flower SuperLink and hospitals", total=rounds)
-        while not finished.wait(timeout=1.0):
-            rows = _rows(run_dir)
-            if rows:
-                last = rows[-1]
-                epsilons = [e for e in last["epsilon"].values() if e is not None]
-                progress.update(
-                    task,
-                    completed=len(rows),
-                    description=(
-                        f"cohort {len(last['selected'])} | ppl {_fmt(last['perplexity'])}"
-                        f" | max ε {_fmt(max(epsilons) if epsilons else None)}"
-                    ),
-                )
-            elif (run_dir / "report.json").exists():
-                progress.update(task, description="federated training")
 
 
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    try:
-        return RunReport.load(run_dir)["rounds"]
-    except (OSError, ValueError):
-        return []
+def _show_progress(progress: Progress, task: TaskID, line: str) -> None:
+    """Move the rounds' bar when a line of ``flwr run``'s output is a ServerApp progress event."""
+    event = progress_event(line)
+    if event is None:
+        return
+    if event["event"] == STARTED_EVENT:
+        progress.update(task, description="federated training")
+        return
+    progress.update(
+        task,
+        completed=event["round"],
+        total=event["rounds"],
+        description=(
+            f"cohort {event['cohort']} | ppl {_fmt(event['perplexity'])}"
+            f" | max ε {_fmt(event['max_epsilon'])}"
+        ),
+    )
 
 
 def _count(value: int | None) -> str:

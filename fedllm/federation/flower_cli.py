@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import tomllib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,19 +94,17 @@ def register_supernode(
 
 @dataclass(frozen=True)
 class DeployedFederation:
-    """A deployed SuperLink as the researcher's Flower config names it, plus how to run there.
+    """A deployed SuperLink as the researcher's Flower config names it.
 
-    ``run_config`` carries the experiment by reference (``config-file`` relative to the app,
-    ``overrides``): the Flower App Bundle that ``flwr run`` uploads contains the app's
-    ``configs/``, so the ServerApp and every hospital's ClientApp load the same experiment
-    without any file of the researcher's machine.
+    The experiment goes there as data, like on a local SuperLink (``fedllm run`` passes the
+    validated config to the ServerApp, which sends it to every hospital): no experiment file
+    needs to be inside the Flower App Bundle.
     """
 
     name: str
     address: str
     root_certificates: Path | None
     insecure: bool
-    run_config: dict[str, str]
 
     def connect(self, flwr_home: Path) -> None:
         """Point a private FLWR_HOME at this SuperLink (``flwr run`` reads it)."""
@@ -122,16 +119,9 @@ def flower_config_path() -> Path:
     return (Path(home) if home else Path.home() / ".flwr") / "config.toml"
 
 
-def deployed_federation(
-    name: str,
-    config_file: Path,
-    overrides: Sequence[str],
-    *,
-    app_root: Path,
-    flower_config: Path | None = None,
-) -> DeployedFederation:
+def deployed_federation(name: str, *, flower_config: Path | None = None) -> DeployedFederation:
     """Resolve ``fedllm run --federation NAME``: the ``[superlink.NAME]`` entry of the Flower
-    config (``address``, ``root-certificates`` or ``insecure = true``) and the experiment."""
+    config (``address``, ``root-certificates`` or ``insecure = true``)."""
     path = flower_config or flower_config_path()
     if not path.is_file():
         raise DeploymentError(
@@ -161,27 +151,4 @@ def deployed_federation(
         root = root if root.is_absolute() else path.parent / root
         if not root.is_file():
             raise DeploymentError(f"root-certificates of [superlink.{name}] not found: {root}")
-    return DeployedFederation(
-        name, address, root, insecure, experiment_reference(config_file, overrides, app_root)
-    )
-
-
-def experiment_reference(
-    config_file: Path, overrides: Sequence[str], app_root: Path
-) -> dict[str, str]:
-    """``config-file`` relative to the app and the overrides, as the run config passes them."""
-    try:
-        relative = config_file.resolve().relative_to(app_root.resolve())
-    except ValueError:
-        raise DeploymentError(
-            f"{config_file} is outside the app directory {app_root}: with --federation the "
-            "experiment YAML travels in the Flower App Bundle, so put it under configs/"
-        ) from None
-    # ';' separates overrides in one run-config value, which Flower's CLI double-quotes
-    awkward = [o for o in overrides if ";" in o or '"' in o]
-    if awkward:
-        raise DeploymentError(
-            f"override {awkward[0]!r} contains ';' or '\"', which cannot travel in the run "
-            "config; use single quotes for YAML strings"
-        )
-    return {"config-file": relative.as_posix(), "overrides": "; ".join(overrides)}
+    return DeployedFederation(name, address, root, insecure)

@@ -14,14 +14,19 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, BinaryIO
 
 import httpx
 import psutil
+import structlog
+
+log = structlog.get_logger(__name__)
 
 CONNECTION_NAME = "fedllm-local"
 STARTUP_TIMEOUT_S = 60.0
@@ -111,10 +116,13 @@ def run_app(
     resources: SimulationResources | None,
     log_path: Path,
     connection: str = CONNECTION_NAME,
+    on_line: Callable[[str], None] | None = None,
 ) -> None:
     """``flwr run`` the app on the SuperLink ``connection`` of ``flwr_home``; block until it ends.
 
     ``resources`` sizes a simulation; a deployed SuperLink (``None``) has real SuperNodes.
+    Every line ``flwr run --stream`` prints (the ServerApp's log, streamed from the SuperLink)
+    goes to ``log_path`` and, as text, to ``on_line``: the run's one progress stream.
     """
     command = ["flwr", "run", str(app_dir), connection, "--stream"]
     if resources is not None:
@@ -125,22 +133,61 @@ def run_app(
             f"client-resources-num-gpus={resources.gpus_per_client}",
         ]
     for key, value in run_config.items():
-        command += ["--run-config", f"{key}={json.dumps(value)}"]
+        command += ["--run-config", f"{key}={_run_config_value(value)}"]
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             command,
             env=flower_environment(flwr_home),
-            stdout=log_file,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        pump = threading.Thread(
+            target=_copy_lines,
+            args=(process.stdout, log_file, on_line),
+            name="flwr-run-output",
+            daemon=True,
+        )
+        pump.start()
         try:
             code = process.wait()
         finally:
             # `flwr run --stream` only follows the run's log: no reason to give it long
             stop_process_tree(process, grace_s=1.0)
+            pump.join(timeout=5.0)
     if code != 0:
         raise FederationError(f"`flwr run` exited with code {code}; see {log_path}")
+
+
+def _run_config_value(value: object) -> str:
+    """A ``--run-config`` value as Flower's parser reads it: a string in single quotes verbatim.
+
+    Its pattern takes ``'...'`` or ``"..."`` with no quote of the same kind inside, so a JSON
+    value (full of ``"``) travels in single quotes; a string holding ``'`` falls back to JSON.
+    """
+    if isinstance(value, str) and "'" not in value and "\n" not in value:
+        return f"'{value}'"
+    return json.dumps(value)
+
+
+def _copy_lines(
+    output: IO[bytes], log_file: BinaryIO, on_line: Callable[[str], None] | None
+) -> None:
+    """Copy a process's output into its log, line by line, handing each line to ``on_line``.
+
+    The copy goes on to the end whatever ``on_line`` does: a pipe nobody reads would stall
+    ``flwr run``, and with it the run, over a display problem.
+    """
+    for line in output:
+        log_file.write(line)
+        log_file.flush()
+        if on_line is None:
+            continue
+        try:
+            on_line(line.decode("utf-8", errors="replace"))
+        except Exception:
+            log.warning("flwr_run.progress_lost", exc_info=True)
+            on_line = None
 
 
 def stop_process_tree(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:

@@ -1,4 +1,5 @@
-"""PNG plots of a run, drawn from report.json alone so any finished run can be re-plotted."""
+"""PNG plots of a run, drawn from report.json (plus summary.json's baselines for the comparison)
+so any finished run can be re-plotted."""
 
 from __future__ import annotations
 
@@ -21,10 +22,24 @@ def plot_run(report: dict[str, Any], run_dir: Path) -> list[Path]:
     """Write the perplexity and ε plots next to report.json; returns their paths."""
     if not report["rounds"]:
         return []
-    return [_plot_perplexity(report, run_dir), _plot_epsilon(report, run_dir)]
+    return [
+        _plot_perplexity(report, {}, run_dir / "perplexity.png"),
+        _plot_epsilon(report, run_dir),
+    ]
 
 
-def _plot_perplexity(report: dict[str, Any], run_dir: Path) -> Path:
+def plot_baselines(report: dict[str, Any], baselines: dict[str, Any], run_dir: Path) -> Path | None:
+    """``comparison.png``: the perplexity plot with each baseline as a dashed line.
+
+    ``fedllm run`` draws it (it runs the baselines); the ServerApp's ``perplexity.png`` stays
+    as the ServerApp wrote it. None when the run has no round to plot.
+    """
+    if not report["rounds"]:
+        return None
+    return _plot_perplexity(report, baselines, run_dir / "comparison.png")
+
+
+def _plot_perplexity(report: dict[str, Any], baselines: dict[str, Any], path: Path) -> Path:
     rows = report["rounds"]
     initial = report.get("initial") or {}
     rounds = [0, *[row["round"] for row in rows]] if initial else [row["round"] for row in rows]
@@ -38,7 +53,7 @@ def _plot_perplexity(report: dict[str, Any], run_dir: Path) -> Path:
         if initial:
             values = [initial["perplexity_per_hospital"].get(hospital), *values]
         axes.plot(rounds, values, marker=".", linewidth=1, alpha=0.7, label=hospital)
-    for name, baseline in (report.get("baselines") or {}).items():
+    for name, baseline in baselines.items():
         if baseline.get("perplexity") is not None:
             color, label = BASELINE_STYLES.get(name, ("gray", name))
             axes.axhline(baseline["perplexity"], linestyle="--", color=color, label=label)
@@ -49,7 +64,6 @@ def _plot_perplexity(report: dict[str, Any], run_dir: Path) -> Path:
     axes.set_title(f"Perplexity per round — {report['config']['run']['name']}")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    path = run_dir / "perplexity.png"
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -2,7 +2,9 @@
 
 The schema is documented in ``docs/report.md`` and versioned by ``schema_version``. Writing
 after each round (to a temporary file renamed into place) means a crash loses at most the
-round in flight and a reader never sees a half-written file.
+round in flight and a reader never sees a half-written file. The ServerApp is its only writer
+(through :class:`RunReport`); ``fedllm run`` writes what it adds beside it, in ``summary.json``
+(:mod:`fedllm.report.run_summary`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from fedllm.config.schema import ExperimentConfig
 from fedllm.privacy.accountant import HOSPITAL_NEIGHBOURING
 from fedllm.privacy.inventory import reply_keys
 
-SCHEMA_VERSION = 1
+# 2: baselines, comparison and timing.cli_phases moved to fedllm run's summary.json
+SCHEMA_VERSION = 2
 REPORT_FILE = "report.json"
 
 
@@ -54,11 +57,17 @@ def evaluation_description(config: ExperimentConfig) -> dict[str, Any]:
     return {"release": release, "metric": metric, "simulation_only": release == "exact"}
 
 
-def save_report(run_dir: Path, data: dict[str, Any]) -> None:
-    """Write report.json through a temporary file renamed into place (atomic on POSIX)."""
-    staging = run_dir / f"{REPORT_FILE}.tmp"
+def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON through a temporary file renamed into place (atomic on POSIX)."""
+    staging = path.with_name(f"{path.name}.tmp")
     staging.write_text(json.dumps(data, indent=2, allow_nan=False), encoding="utf-8")
-    os.replace(staging, run_dir / REPORT_FILE)
+    os.replace(staging, path)
+
+
+def read_report_json(run_dir: Path) -> dict[str, Any]:
+    """The parsed ``report.json`` of ``run_dir``, as the ServerApp (maybe another process) last
+    wrote it."""
+    return json.loads((run_dir / REPORT_FILE).read_text(encoding="utf-8"))
 
 
 class RunReport:
@@ -92,7 +101,6 @@ class RunReport:
             "timing": None,
             "checkpoint": None,
             "published_adapter": None,
-            "baselines": {},
         }
 
     @classmethod
@@ -100,7 +108,7 @@ class RunReport:
         """Continue a run's report after a restart, keeping the rounds the ledger completed."""
         report = cls(run_dir, config)
         if (run_dir / REPORT_FILE).is_file():
-            previous = cls.load(run_dir)
+            previous = read_report_json(run_dir)
             report.data.update({key: previous[key] for key in ("started_at", "initial", "privacy")})
             report.data["releases"] = previous.get("releases", {})
             report.data["rounds"] = [
@@ -109,14 +117,9 @@ class RunReport:
         report.data["resumed_after_round"] = completed_rounds
         return report
 
-    @classmethod
-    def load(cls, run_dir: Path) -> dict[str, Any]:
-        """Read a report written by a (possibly other) process."""
-        return json.loads((run_dir / REPORT_FILE).read_text(encoding="utf-8"))
-
     def write(self) -> None:
         """Atomically replace report.json with the current state."""
-        save_report(self.path.parent, self.data)
+        write_json_atomically(self.path, self.data)
 
     def update_hospital_privacy(self, hospital: str, metrics: dict[str, Any]) -> None:
         """Mirror a hospital's cumulative privacy state from its latest reply."""
