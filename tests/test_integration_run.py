@@ -11,6 +11,8 @@ import yaml
 from federation_helpers import TINY_TEST_MODEL, flower_processes, run_cli, run_experiment
 from test_release_inventory import documented_inventory
 
+from fedllm.report.progress import ROUND_EVENT, progress_event
+
 pytestmark = pytest.mark.integration
 
 CONFIG = {
@@ -99,6 +101,18 @@ def test_outputs_baseline_and_checkpoint(finished_run):
     }
     assert report["baselines"]["centralized"]["perplexity"] > 1.0
     assert report["comparison"]["perplexity_over_centralized"] > 0
+    # report.json is the ServerApp's alone: what the CLI adds is in summary.json beside it
+    assert not {"baselines", "comparison"} & set(saved)
+    assert "cli_phases" not in saved["timing"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["baselines"] == report["baselines"]
+    assert summary["comparison"] == report["comparison"]
+    assert summary["cli_phases"] == report["timing"]["cli_phases"]
+    assert (run_dir / "comparison.png").stat().st_size > 1000
+    # the progress the CLI showed came from the ServerApp's events in `flwr run`'s output
+    lines = (run_dir / "flower.log").read_text().splitlines()
+    events = [event for event in map(progress_event, lines) if event is not None]
+    assert [event["round"] for event in events if event["event"] == ROUND_EVENT] == [1, 2]
     # DP evaluations of a few held-out patients are mostly noise; the server clamps each
     # hospital's noised mean clipped loss to [0, L] (post-processing), so perplexities stay
     # within [1, e^L] (L = evaluation.loss_clip = 8)

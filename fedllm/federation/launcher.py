@@ -133,7 +133,7 @@ def run_app(
             f"client-resources-num-gpus={resources.gpus_per_client}",
         ]
     for key, value in run_config.items():
-        command += ["--run-config", f"{key}={_run_config_value(value)}"]
+        command += ["--run-config", f"{key}={run_config_value(value)}"]
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             command,
@@ -159,7 +159,7 @@ def run_app(
         raise FederationError(f"`flwr run` exited with code {code}; see {log_path}")
 
 
-def _run_config_value(value: object) -> str:
+def run_config_value(value: object) -> str:
     """A ``--run-config`` value as Flower's parser reads it: a string in single quotes verbatim.
 
     Its pattern takes ``'...'`` or ``"..."`` with no quote of the same kind inside, so a JSON
