@@ -67,7 +67,6 @@ def main(grid: Grid, context: Context) -> None:
     try:
         # `fedllm run` validated and checked it (with data) and recorded it as config.yaml
         config = given_experiment(context.run_config)
-        parsed_here = config is None
         if config is None:
             config = experiment_from_run_config(context.run_config, APP_DIRECTORY)
             # before any hospital is asked anything
@@ -87,7 +86,8 @@ def main(grid: Grid, context: Context) -> None:
             detail="evaluation.baselines run in `fedllm run`'s own process, not under flwr run; "
             "run `fedllm run` for them, or `fedllm run --no-baselines` to match this run",
         )
-    if parsed_here and not (run_dir / "config.yaml").exists():
+    if not (run_dir / "config.yaml").exists():
+        # fedllm run has written it where it runs; a deployed SuperLink's host keeps a copy
         dump_config(config, run_dir / "config.yaml")
     ledger = ServerLedger(config.strategy.ledger_url or f"sqlite:///{run_dir / 'server.db'}")
     run_id = run_dir.name
