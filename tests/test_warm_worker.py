@@ -27,6 +27,7 @@ from fedllm.config import validate_config
 from fedllm.config.hospital import load_hospital_config
 from fedllm.federation import delivery
 from fedllm.federation.deployment import hospital_node_config
+from fedllm.federation.experiment import EXPERIMENT, experiment_json
 from fedllm.federation.node_settings import WORKER_SOCKET
 from fedllm.federation.warm_worker import (
     FAILED,
@@ -83,8 +84,6 @@ def setup(tmp_path_factory, local_model_dir):
             "evaluation": {"baselines": []},
         }
     )
-    experiment = root / "experiment.yaml"
-    experiment.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
     hospital_file = _hospital_yaml(root)
     socket_path = worker_socket_path(root / "state")
     log_path = root / "worker.log"
@@ -100,7 +99,9 @@ def setup(tmp_path_factory, local_model_dir):
         global_adapter = adapter_state(load_lora_model(config.model, torch.device("cpu")))
         yield {
             "root": root,
-            "run_config": {"config-file": str(experiment)},
+            # the experiment travels in each message; neither process reads an experiment file
+            "run_config": {},
+            "experiment": experiment_json(config),
             "socket": socket_path,
             "log": log_path,
             "process": process,
@@ -123,6 +124,7 @@ def _message(setup, kind: str, run_dir: str = "run", **config) -> Message:
         "run-dir": str(setup["root"] / run_dir),
         "run-id": "r",
         "base-model-sha256": setup["sha256"],
+        EXPERIMENT: setup["experiment"],
         **config,
     }
     content = RecordDict({"config": ConfigRecord(settings)})
