@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import structlog
 import yaml
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.config import parse_config_args
@@ -19,6 +20,7 @@ from test_adapter_delivery import HandlerGrid
 from test_node_server import TINY
 from test_preflight import _base
 
+from clients import client_app
 from clients.client_app import status
 from fedllm.config import ConfigError, load_config, validate_config
 from fedllm.federation.experiment import (
@@ -34,6 +36,17 @@ from fedllm.report.run_report import RunReport, read_report_json
 from fedllm.telemetry.logging import configure_logging
 from strategies.recorder import RunRecorder
 from strategies.server_app import main
+
+
+@pytest.fixture(autouse=True)
+def _leave_no_state():
+    """The ServerApp (and a test here) point structlog at this test's captured stderr, which
+    pytest closes afterwards, and ClientApps cache their sites per process: later tests must
+    log where they did before and build their own sites."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+    client_app._SITES.clear()
 
 
 @pytest.fixture
