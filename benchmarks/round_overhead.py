@@ -125,6 +125,7 @@ class Bench:
         from flwr.supercore.task_identity import TaskIdentity
 
         from fedllm.config import validate_config
+        from fedllm.federation.experiment import experiment_json
         from fedllm.models.adapters import adapter_state
         from fedllm.models.loading import base_model, load_lora_model
 
@@ -132,8 +133,8 @@ class Bench:
         TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 1, 1, 0
         self.root = root
         config = validate_config(experiment(model_name, args.local_steps, args.rounds))
-        self.config_file = root / "experiment.yaml"
-        self.config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")), "utf-8")
+        # what the ServerApp puts in every message: the ClientApp reads no experiment file
+        self.experiment = experiment_json(config)
         self.sha256 = base_model(config.model).sha256
         model = load_lora_model(config.model, torch.device("cpu"))
         self.adapter = adapter_state(model)
@@ -145,6 +146,7 @@ class Bench:
         """One message through a fresh ClientApp process; seconds until its reply is back."""
         from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+        from fedllm.federation.experiment import EXPERIMENT
         from fedllm.federation.warm_worker import decode_request, encode_request
 
         settings = {
@@ -152,12 +154,13 @@ class Bench:
             "run-id": mode,
             "run-dir": str(self.root / mode),
             "base-model-sha256": self.sha256,
+            EXPERIMENT: self.experiment,
         }
         content = RecordDict(
             {"arrays": ArrayRecord(self.adapter), "config": ConfigRecord(settings)}
         )
         message = Message(content, dst_node_id=11, message_type="train")
-        context = Context(1, 11, node, RecordDict(), {"config-file": str(self.config_file)})
+        context = Context(1, 11, node, RecordDict(), {})
         directory = self.root / f"{mode}-{server_round}"
         directory.mkdir()
         message_bytes, context_bytes = encode_request(message, context)
