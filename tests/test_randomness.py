@@ -97,6 +97,15 @@ def test_noise_cannot_be_regenerated_from_any_config_value(site):
             assert abs(_correlation(noise, draw)) < 0.1
 
 
+def test_building_a_site_leaves_torch_global_generator_as_it_found_it(local_model_dir, tmp_path):
+    """The LoRA initialisation follows run.seed; nothing after it may (a warm worker builds a
+    site once and trains for many rounds in the same process)."""
+    torch.manual_seed(12345)
+    before = torch.random.get_rng_state()
+    HospitalSite(_config(local_model_dir), 0, f"sqlite:///{tmp_path / 'a.db'}")
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_two_hospitals_with_the_same_config_draw_different_noise(local_model_dir, tmp_path):
     config = _config(local_model_dir)
     one = HospitalSite(config, 0, f"sqlite:///{tmp_path / 'a.db'}")

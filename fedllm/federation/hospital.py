@@ -21,7 +21,7 @@ from fedllm.federation.hospital_data import LocalDataSource, hospital_data, trai
 from fedllm.federation.preflight import attach_lora
 from fedllm.federation.private_files import create_private_file, sqlite_path
 from fedllm.models.adapters import AdapterState, adapter_state, load_adapter_state
-from fedllm.models.loading import base_model, load_base_model, load_tokenizer
+from fedllm.models.loading import base_model, load_base_model, load_tokenizer, public_seed
 from fedllm.privacy.events import event_to_dict
 from fedllm.privacy.node_ledger import BudgetExceededError, NodePrivacyLedger
 from fedllm.privacy.plan import HospitalPrivacyPlan, plan_hospital
@@ -180,8 +180,8 @@ class HospitalSite:
         self.eval_data = encode_texts(tokenizer, evaluation_texts(data.eval, config), length)
         self.specialty_counts = specialty_counts(data.train, config.privacy.unit)
         base = load_base_model(config.model, self.device)
-        torch.manual_seed(config.run.seed)
-        self.model = attach_lora(base, config.model)
+        with public_seed(config.run.seed, self.device):
+            self.model = attach_lora(base, config.model)
         self.plan: HospitalPrivacyPlan | None = None
         self.ledger: NodePrivacyLedger | None = None
         if config.privacy.enabled:

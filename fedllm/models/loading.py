@@ -9,6 +9,9 @@ hash was recorded, and a changed or missing file is a clear ``ModelLoadError`` n
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
@@ -82,8 +85,23 @@ def with_lora(model: PreTrainedModel, config: ModelConfig) -> PeftModel:
     return get_peft_model(model, lora)
 
 
+@contextlib.contextmanager
+def public_seed(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch for a public initialisation (a LoRA adapter) only, then restore its generators.
+
+    A process that builds a model keeps running (a hospital's warm worker trains for many
+    rounds): without the restore, every later draw from torch's global generators (dropout)
+    would follow the config's seed. DP noise and sampling never use them (they draw from
+    :mod:`fedllm.privacy.randomness`), and this keeps it so for everything else too.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def load_lora_model(config: ModelConfig, device: torch.device, seed: int = 0) -> PeftModel:
     """Base model on ``device`` plus a LoRA adapter initialised from ``seed`` (``run.seed``)."""
     base = load_base_model(config, device)
-    torch.manual_seed(seed)
-    return with_lora(base, config)
+    with public_seed(seed, device):
+        return with_lora(base, config)

@@ -88,26 +88,28 @@ def build_pretrained_tiny_model(
     model on the same hardware, whatever experiment asks for it.
     """
     seed = config.build_seed
-    torch.manual_seed(seed)
-    public_texts = public_corpus(config.pretrain_texts, seed)
-    tokenizer = train_tokenizer([*vocabulary_corpus(seed), *public_texts], TINY_VOCAB_SIZE)
-    model = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=TINY_MAX_POSITIONS,
-            n_embd=config.hidden_size,
-            n_layer=config.layers,
-            n_head=config.heads,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+    # the build's own generator state; restored after, so the builder's later draws are its own
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        public_texts = public_corpus(config.pretrain_texts, seed)
+        tokenizer = train_tokenizer([*vocabulary_corpus(seed), *public_texts], TINY_VOCAB_SIZE)
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=len(tokenizer),
+                n_positions=TINY_MAX_POSITIONS,
+                n_embd=config.hidden_size,
+                n_layer=config.layers,
+                n_head=config.heads,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         )
-    )
-    pretrain(model, tokenizer, public_texts, config.pretrain_steps, seed)
-    return model, tokenizer
+        pretrain(model, tokenizer, public_texts, config.pretrain_steps, seed)
+        return model, tokenizer
 
 
 def public_corpus(num_texts: int, seed: int) -> list[str]:
