@@ -42,12 +42,6 @@ from fedllm.federation.deployment import (
 from fedllm.federation.hospital_health import hospital_health, wait_for_inference
 from fedllm.federation.hospital_status import hospital_status
 from fedllm.federation.launcher import stop_process_tree
-from fedllm.federation.private_files import (
-    create_private_file,
-    private_directory,
-    sqlite_path,
-    use_private_umask,
-)
 from fedllm.federation.processes import (
     log_tail,
     sigterm_as_interrupt,
@@ -62,6 +56,8 @@ from fedllm.federation.warm_worker import (
 from fedllm.federation.warm_worker import (
     serve as serve_worker,
 )
+from fedllm.storage.database import sqlite_path
+from fedllm.storage.files import create_private_file, private_directory, use_private_umask
 
 hospital_app = typer.Typer(
     name="hospital",

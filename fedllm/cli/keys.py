@@ -20,8 +20,8 @@ from fedllm.security.encryption import (
     load_keyring,
     logical_name,
     rotate_files,
-    write_atomic,
 )
+from fedllm.storage.files import write_atomic
 
 keys_app = typer.Typer(
     name="keys",

@@ -19,7 +19,6 @@ from fedllm.config.schema import ExperimentConfig
 from fedllm.data import SPECIALTIES, ClinicalRecord
 from fedllm.federation.hospital_data import LocalDataSource, hospital_data, training_texts
 from fedllm.federation.preflight import attach_lora
-from fedllm.federation.private_files import create_private_file, sqlite_path
 from fedllm.models.adapters import AdapterState, adapter_state, load_adapter_state
 from fedllm.models.loading import base_model, load_base_model, load_tokenizer, public_seed
 from fedllm.privacy.events import event_to_dict
@@ -27,6 +26,8 @@ from fedllm.privacy.node_ledger import BudgetExceededError, NodePrivacyLedger
 from fedllm.privacy.plan import HospitalPrivacyPlan, plan_hospital
 from fedllm.privacy.randomness import fresh_stream
 from fedllm.privacy.releases import release_counts, release_scalar
+from fedllm.storage.database import sqlite_path
+from fedllm.storage.files import create_private_file
 from fedllm.training.evaluation import EvaluationResult, evaluate, evaluate_clipped_units
 from fedllm.training.local import DpSgdSettings, train_locally
 from fedllm.training.sequences import EncodedSequences, encode_texts

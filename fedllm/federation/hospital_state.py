@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from fedllm.config.schema import ExperimentConfig
+from fedllm.storage.files import create_exclusive
 
 LEDGER_DIR_ENV = "FEDLLM_LEDGER_DIR"
 SPLIT_KEY_BYTES = 32
@@ -55,29 +56,6 @@ class HospitalState:
     def ledger_url(self) -> str:
         """The SQLite ledger inside the state directory."""
         return f"sqlite:///{self.directory / 'ledger.db'}"
-
-
-def create_exclusive(path: Path, text: str) -> bool:
-    """Write ``text`` to ``path`` (0600) only if it does not exist; False if it already did.
-
-    The file is written and synced under a temporary name, then hard-linked into place, which
-    fails if another process got there first: ``path`` never exists half-written, even if the
-    process is killed, and two processes racing to create it agree on one content.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.link(staging, path)
-    except FileExistsError:
-        return False
-    finally:
-        staging.unlink(missing_ok=True)
-    return True
 
 
 def load_or_create_key(path: Path) -> bytes:

@@ -15,7 +15,7 @@ import math
 from typing import Any
 
 from fedllm.config.hospital import HospitalConfig
-from fedllm.federation.private_files import sqlite_path
+from fedllm.storage.database import sqlite_path
 
 
 def hospital_status(config: HospitalConfig) -> dict[str, Any]:

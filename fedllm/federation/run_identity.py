@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from fedllm.federation.hospital_state import create_exclusive
+from fedllm.storage.files import create_exclusive
 
 RUN_ID_FILE = "run-id"
 SUFFIX_BYTES = 6

@@ -42,7 +42,7 @@ from flwr.common.serde import (
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
-from fedllm.federation.private_files import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, PRIVATE_UMASK
+from fedllm.storage.files import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, PRIVATE_UMASK
 
 log = structlog.get_logger(__name__)
 

@@ -43,9 +43,9 @@ from fedllm.security.encryption import (
     decrypt_file,
     environment_keyring,
     is_encrypted,
-    write_atomic,
     write_encrypted,
 )
+from fedllm.storage.files import write_atomic
 
 STAGING_SUFFIX = ".staging"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import structlog
 
 from fedllm.config.schema import ModelConfig
+from fedllm.storage.files import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -135,7 +135,8 @@ def write_identity(
         "revision": revision,
         "files": files,
     }
-    _write_atomically(target, (json.dumps(payload, indent=2) + "\n").encode())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, (json.dumps(payload, indent=2) + "\n").encode(), mode=0o644)
     return identity
 
 
@@ -269,16 +270,3 @@ def _signature(directory: Path, store: Path) -> tuple[Any, ...]:
             continue
         entries.append((path.name, stat.st_size, stat.st_mtime_ns))
     return tuple(entries)
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    """Write ``target`` through a temporary file renamed into place: never half-written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".base-model-", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -34,7 +34,6 @@ from fedllm.privacy.accountant import (
     check_neighbouring,
     compute_epsilon,
 )
-from fedllm.privacy.database import ledger_engines
 from fedllm.privacy.events import (
     PrivacyEvent,
     SampledGaussianSteps,
@@ -42,6 +41,7 @@ from fedllm.privacy.events import (
     event_to_dict,
 )
 from fedllm.security.encryption import EncryptedJSON, environment_keyring
+from fedllm.storage.database import sql_engines
 
 # Comparisons of ε against the cap allow for floating-point noise, nothing more.
 CAP_TOLERANCE = 1e-9
@@ -130,7 +130,7 @@ class NodePrivacyLedger:
         self._delta = float(delta)
         self._accountant = accountant
 
-        self._engine, self._writer = ledger_engines(url)
+        self._engine, self._writer = sql_engines(url)
         _Base.metadata.create_all(self._writer)
         self._register()
 
@@ -300,7 +300,7 @@ def recorded_delta(url: str, hospital_id: str) -> float | None:
     Read only (nothing is created), for tools that show a ledger without knowing the
     experiment: a ledger cannot be opened at any other δ.
     """
-    engine, _ = ledger_engines(url)
+    engine, _ = sql_engines(url)
     try:
         if not inspect(engine).has_table(_Hospital.__tablename__):
             return None

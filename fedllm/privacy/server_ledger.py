@@ -36,9 +36,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedllm.privacy.accountant import compute_epsilon
-from fedllm.privacy.database import create_schema, ledger_engines
 from fedllm.privacy.events import PrivacyEvent, event_from_dict, event_to_dict
 from fedllm.security.encryption import EncryptedJSON, environment_keyring
+from fedllm.storage.database import create_schema, sql_engines
 
 
 class _Base(DeclarativeBase):
@@ -219,7 +219,7 @@ class ServerLedger:
     """
 
     def __init__(self, url: str) -> None:
-        self._engine, self._writer = ledger_engines(url)
+        self._engine, self._writer = sql_engines(url)
         create_schema(_Base.metadata, self._writer)
 
     def start_run(self, run_id: str, config_json: str) -> None:

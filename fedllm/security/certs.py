@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedllm.security.encryption import write_atomic
 from fedllm.security.tokens import generate_ed25519_keypair
+from fedllm.storage.files import write_atomic
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
 DEFAULT_DAYS = 365

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import io
 import json
 import os
@@ -36,6 +35,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
+
+from fedllm.storage.files import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -462,39 +463,6 @@ class EncryptedJSON(TypeDecorator[Any]):
 
 
 _MAGIC_B64 = base64.b64encode(MAGIC)[:12].decode("ascii")  # 12 chars encode 9 whole bytes
-
-
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
-
-    The temporary file is created with ``mode`` already set (never briefly world-readable),
-    flushed to disk, then renamed over the target; the directory is synced so that the rename
-    survives a power cut.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _parse_header(blob: bytes) -> tuple[str, int]:

@@ -3,7 +3,7 @@
 Users live in a SQL database (SQLite by default) so that the router's replicas and the
 ``fedllm users`` CLI share one source of truth. Failed-login counters and lockouts are stored
 with the user, not in memory, so restarting the router cannot reset an attacker's guess count.
-Writes go through `fedllm.privacy.database.ledger_engines`, whose SQLite transactions take the
+Writes go through `fedllm.storage.database.sql_engines`, whose SQLite transactions take the
 write lock at BEGIN, so two processes counting failures for one user never lose an increment.
 """
 
@@ -23,8 +23,8 @@ from sqlalchemy import DateTime, Float, Integer, String, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fedllm.privacy.database import create_schema, ledger_engines
 from fedllm.security.passwords import hash_password, needs_rehash, verify_password
+from fedllm.storage.database import create_schema, sql_engines
 
 logger = structlog.get_logger(__name__)
 
@@ -174,7 +174,7 @@ class UserStore:
         self._max_failed = max_failed_logins
         self._lockout_s = float(lockout_s)
         self._clock = clock
-        self._engine, self._writer = ledger_engines(url)
+        self._engine, self._writer = sql_engines(url)
         create_schema(_Base.metadata, self._writer)
 
     def close(self) -> None:

@@ -44,7 +44,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fedllm.privacy.database import create_schema, ledger_engines
+from fedllm.storage.database import create_schema, sql_engines
 
 log = structlog.get_logger(__name__)
 
@@ -283,7 +283,7 @@ class BudgetLedger:
         self._clock = clock
         try:
             make_url(url)
-            self._engine, self._writer = ledger_engines(url)
+            self._engine, self._writer = sql_engines(url)
         except (ArgumentError, SQLAlchemyError, ImportError) as error:
             raise ValueError(f"invalid budget database URL: {error}") from error
         self._schema_lock = threading.Lock()

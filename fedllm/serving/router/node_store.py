@@ -18,8 +18,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fedllm.privacy.database import create_schema, ledger_engines
 from fedllm.serving.router.config import NodeConfig
+from fedllm.storage.database import create_schema, sql_engines
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +50,7 @@ class NodeStore:
     def __init__(self, url: str) -> None:
         try:
             make_url(url)
-            self._engine, self._writer = ledger_engines(url)
+            self._engine, self._writer = sql_engines(url)
             create_schema(_Base.metadata, self._writer)
         except (ArgumentError, SQLAlchemyError, ImportError) as error:
             raise ValueError(f"cannot open the node table: {error}") from None

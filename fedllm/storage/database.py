@@ -1,4 +1,6 @@
-"""SQLAlchemy engines for the privacy ledgers, with writes that serialise on SQLite too.
+"""SQLAlchemy engines whose writes serialise on SQLite too, for every database fedllm keeps.
+
+The privacy ledgers, the router's users, ε quotas and node list all open their database here.
 
 pysqlite defers BEGIN until the first write, so a read-check-insert sequence in two processes
 could both pass a budget check. Taking over transaction control (SQLAlchemy's documented
@@ -11,6 +13,7 @@ the same moment; `create_schema` serialises their CREATE TABLEs so none fails on
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, MetaData, create_engine, event, text
@@ -27,7 +30,7 @@ WRITE_LOCK_OPTION = "fedllm_sqlite_write_lock"
 SCHEMA_LOCK_KEY = 0x666564_6C6C6D
 
 
-def ledger_engines(url: str) -> tuple[Engine, Engine]:
+def sql_engines(url: str) -> tuple[Engine, Engine]:
     """A reader engine and a writer view of it whose transactions take the write lock at BEGIN."""
     is_sqlite = make_url(url).get_backend_name() == "sqlite"
     connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S} if is_sqlite else {}
@@ -61,3 +64,11 @@ def _enable_sqlite_write_locks(engine: Engine) -> None:
     def _begin(connection: Any) -> None:
         immediate = connection.get_execution_options().get(WRITE_LOCK_OPTION, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL, or None for another database or an in-memory one."""
+    if not url.startswith("sqlite:///"):
+        return None
+    database = url.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(database) if database and database != ":memory:" else None
