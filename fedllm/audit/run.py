@@ -47,13 +47,12 @@ from fedllm.federation.hospital_data import hospital_data, training_texts
 from fedllm.models.adapters import adapter_state, load_adapter_state
 from fedllm.models.loading import load_lora_model, load_tokenizer
 from fedllm.privacy.accountant import compute_epsilon
-from fedllm.privacy.events import SampledGaussianSteps
+from fedllm.privacy.events import SampledGaussianSteps, sample_rate_for
 from fedllm.privacy.plan import plan_hospital
 from fedllm.privacy.randomness import fresh_stream
 from fedllm.training.local import (
     DpSgdSettings,
     LocalTrainingResult,
-    sample_rate_for,
     train_locally,
 )
 from fedllm.training.sequences import EncodedSequences, encode_texts

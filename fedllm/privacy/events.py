@@ -60,6 +60,14 @@ class SampledGaussianSteps:
         _check_count("steps", self.steps)
 
 
+def sample_rate_for(expected_batch_size: int, num_sequences: int) -> float:
+    """Poisson sampling rate giving ``expected_batch_size`` in expectation (at most 1).
+
+    The q of :class:`SampledGaussianSteps`: the privacy plan and DP-SGD compute it alike.
+    """
+    return min(1.0, expected_batch_size / num_sequences)
+
+
 RELEASE_PURPOSES = ("", "profile", "utility", "evaluation", "consensus")
 
 

@@ -14,8 +14,12 @@ from dataclasses import dataclass, replace
 from fedllm.config.schema import ExperimentConfig
 from fedllm.privacy.accountant import compute_epsilon
 from fedllm.privacy.calibration import calibrate_noise_multiplier
-from fedllm.privacy.events import GaussianRelease, PrivacyEvent, SampledGaussianSteps
-from fedllm.training.local import sample_rate_for
+from fedllm.privacy.events import (
+    GaussianRelease,
+    PrivacyEvent,
+    SampledGaussianSteps,
+    sample_rate_for,
+)
 
 
 class UnreachableTargetError(ValueError):

@@ -26,6 +26,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
+from fedllm.privacy.events import sample_rate_for
 from fedllm.privacy.randomness import RandomStream
 from fedllm.training.loss import per_sequence_loss
 from fedllm.training.sequences import EncodedSequences
@@ -55,11 +56,6 @@ class LocalTrainingResult:
     noise_multiplier: float | None
     mean_loss: float
     seconds: float
-
-
-def sample_rate_for(expected_batch_size: int, num_sequences: int) -> float:
-    """Poisson sampling rate giving ``expected_batch_size`` in expectation (at most 1)."""
-    return min(1.0, expected_batch_size / num_sequences)
 
 
 class StreamNoiseDPOptimizer(DPOptimizer):
