@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedllm.serving.budgets import (
+from fedllm.serving.router.budgets import (
     BudgetLedger,
     LedgerUnavailableError,
     QuotaExceededError,

@@ -15,7 +15,7 @@ import pytest
 
 from fedllm.privacy import SampledGaussianSteps, compute_epsilon, event_to_dict
 from fedllm.privacy.server_ledger import ServerLedger
-from fedllm.serving.budgets import BudgetLedger, QuotaExceededError
+from fedllm.serving.router.budgets import BudgetLedger, QuotaExceededError
 
 pytest_plugins = ["postgres_server"]
 

@@ -30,7 +30,7 @@ from fedllm.security.audit import verify_audit_log
 from fedllm.security.tokens import TokenIssuer
 from fedllm.security.users import Role, User
 from fedllm.serving.backends import ConstantBackend
-from fedllm.serving.budgets import BudgetLedger
+from fedllm.serving.router.budgets import BudgetLedger
 from fedllm.serving.server import BackgroundServer
 
 USERS = {

@@ -20,7 +20,7 @@ from router_helpers import (
 )
 
 from fedllm.security.users import Role
-from fedllm.serving.budgets import BudgetLedger
+from fedllm.serving.router.budgets import BudgetLedger
 from fedllm.serving.server import BackgroundServer
 
 QUOTA_STATUS = 403  # documented in docs/router.md: quota exhausted is 403, not 429 (rate limits)

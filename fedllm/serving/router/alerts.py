@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 from prometheus_client import Counter
 
-from fedllm.serving.budgets import BudgetLedger, LedgerUnavailableError
+from fedllm.serving.router.budgets import BudgetLedger, LedgerUnavailableError
 from fedllm.serving.router.config import AlertsConfig
 from fedllm.serving.router.metrics import RouterMetrics
 

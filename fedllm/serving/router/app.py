@@ -35,10 +35,10 @@ from pydantic import BaseModel, ValidationError
 from fedllm.config.loading import ConfigError, validate_model
 from fedllm.security.tokens import Principal, TokenError
 from fedllm.security.users import Role
-from fedllm.serving.budgets import LedgerUnavailableError
 from fedllm.serving.http_limits import install_http_guard
 from fedllm.serving.router.admin import AdminConfigUpdate, apply_quotas, apply_runtime
 from fedllm.serving.router.alerts import AlertMonitor
+from fedllm.serving.router.budgets import LedgerUnavailableError
 from fedllm.serving.router.cache import cache_key
 from fedllm.serving.router.config import NodeConfig, RouterConfig
 from fedllm.serving.router.errors import (

@@ -21,13 +21,13 @@ from typing import Any
 import structlog
 
 from fedllm.security.tokens import Principal
-from fedllm.serving.budgets import LedgerUnavailableError, QuotaExceededError, Reservation
+from fedllm.serving.router.budgets import LedgerUnavailableError, QuotaExceededError, Reservation
 from fedllm.serving.router.cache import cache_key
-from fedllm.serving.router.consensus import ConsensusError, ConsensusRun, choose_voters
 from fedllm.serving.router.errors import ApiError
 from fedllm.serving.router.node_pool import NodeCallError
 from fedllm.serving.router.policies import POLICIES, privacy_aware
 from fedllm.serving.router.state import RouterState
+from fedllm.serving.router.voting import ConsensusError, ConsensusRun, choose_voters
 from fedllm.serving.schemas import POST_PROCESSING_NOTE, InferenceRequest
 
 log = structlog.get_logger(__name__)

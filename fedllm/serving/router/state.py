@@ -19,13 +19,13 @@ from fedllm.security.audit import AuditLog, AuditLogError
 from fedllm.security.ratelimit import RateLimiter
 from fedllm.security.tokens import KeyLoadError, read_key_source
 from fedllm.security.users import UserStore
-from fedllm.serving.budgets import BudgetLedger, BudgetStatus
 from fedllm.serving.router.auth import LoginGate, RouterTokens, key_source
+from fedllm.serving.router.budgets import BudgetLedger, BudgetStatus
 from fedllm.serving.router.cache import ResponseCache
 from fedllm.serving.router.config import AuditConfig, RouterConfig
-from fedllm.serving.router.consensus import ConsensusSettings
 from fedllm.serving.router.metrics import RouterMetrics
 from fedllm.serving.router.node_pool import NodePool
+from fedllm.serving.router.voting import ConsensusSettings
 from fedllm.telemetry.tracing import Tracing
 
 # Plain (0 ε) answers report the user's remaining quota from this short-lived view instead of
