@@ -23,7 +23,6 @@ from test_preflight import _base
 
 from clients.client_app import deliver, evaluate, status, train
 from fedllm.config import load_config, validate_config
-from fedllm.config.hospital import HospitalConfig
 from fedllm.federation.delivery import (
     ACK_RECORD,
     ADAPTER_RECORD,
@@ -33,6 +32,7 @@ from fedllm.federation.delivery import (
 )
 from fedllm.federation.deployment import hospital_node_config
 from fedllm.federation.experiment import EXPERIMENT, experiment_json
+from fedllm.federation.hospital_config import HospitalConfig
 from fedllm.federation.node_settings import ADAPTER_DIR
 from fedllm.federation.run_identity import RUN_ID_FILE
 from fedllm.models.checkpoints import read_artifact, write_artifact

@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from fedllm.config import ConfigError, validate_config
-from fedllm.config.hospital import load_hospital_config
 from fedllm.federation.deployment import (
     DeploymentError,
     SuperLinkTls,
@@ -24,6 +23,7 @@ from fedllm.federation.deployment import (
 )
 from fedllm.federation.experiment import APP_ROOT
 from fedllm.federation.flower_cli import deployed_federation, write_flower_connection
+from fedllm.federation.hospital_config import load_hospital_config
 from fedllm.federation.hospital_data import hospital_data
 from fedllm.federation.node_settings import NodeConfigError, node_settings
 

@@ -25,8 +25,8 @@ from typer.testing import CliRunner
 from fedllm.cli.app import app
 from fedllm.cli.hospital import prepare_private_state
 from fedllm.config import validate_config
-from fedllm.config.hospital import load_hospital_config
 from fedllm.federation.hospital import LedgerDeltaError, open_ledger
+from fedllm.federation.hospital_config import load_hospital_config
 from fedllm.federation.run_identity import RUN_ID_FILE, ledger_run_id
 from fedllm.models.checkpoints import read_artifact, write_artifact
 from fedllm.models.dp_record import DP_RECORD_FILE, parse_dp_record

@@ -24,10 +24,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients import client_app
 from fedllm.config import validate_config
-from fedllm.config.hospital import load_hospital_config
 from fedllm.federation import delivery
 from fedllm.federation.deployment import hospital_node_config
 from fedllm.federation.experiment import EXPERIMENT, experiment_json
+from fedllm.federation.hospital_config import load_hospital_config
 from fedllm.federation.node_settings import WORKER_SOCKET
 from fedllm.federation.warm_worker import (
     FAILED,

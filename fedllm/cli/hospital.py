@@ -26,7 +26,6 @@ import typer
 from rich.table import Table
 
 from fedllm.cli.common import console, error_console, fail, print_json
-from fedllm.config.hospital import HospitalConfig, load_hospital_config
 from fedllm.config.loading import ConfigError
 from fedllm.federation.deployment import (
     INSECURE_WARNING,
@@ -39,6 +38,7 @@ from fedllm.federation.deployment import (
     superlink_handshake,
     write_inference_config,
 )
+from fedllm.federation.hospital_config import HospitalConfig, load_hospital_config
 from fedllm.federation.hospital_health import hospital_health, wait_for_inference
 from fedllm.federation.hospital_status import hospital_status
 from fedllm.federation.launcher import stop_process_tree

@@ -27,8 +27,8 @@ from pathlib import Path
 import structlog
 import yaml
 
-from fedllm.config.hospital import HospitalConfig
 from fedllm.federation import node_settings as keys
+from fedllm.federation.hospital_config import HospitalConfig
 from fedllm.federation.launcher import FederationError
 from fedllm.federation.warm_worker import worker_socket_path
 

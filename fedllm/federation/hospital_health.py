@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from fedllm.config.hospital import HospitalConfig
+from fedllm.federation.hospital_config import HospitalConfig
 from fedllm.federation.warm_worker import wait_until_listening, worker_socket_path
 
 LOOPBACK = "127.0.0.1"

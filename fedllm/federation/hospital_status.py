@@ -14,7 +14,7 @@ import hashlib
 import math
 from typing import Any
 
-from fedllm.config.hospital import HospitalConfig
+from fedllm.federation.hospital_config import HospitalConfig
 from fedllm.storage.database import sqlite_path
 
 

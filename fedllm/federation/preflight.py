@@ -3,8 +3,8 @@
 A mistake found inside Flower is found after hospitals have released statistics and charged
 their ledgers: a misspelt solver used to cost every hospital ε 0.16 before the server tried
 to use it. So ``fedllm run`` (and the ServerApp, for ``flwr run``) call this module first. It
-checks the solver, the strategy class and its hooks, the base model and the LoRA targets
-(on a model built on PyTorch's meta device, so it takes milliseconds and no memory), the
+checks the solver, the base model and the LoRA targets (on a model built on PyTorch's meta
+device, so it takes milliseconds and no memory), the
 simulated hospitals' data files, and whether the target ε is reachable at all with the
 statistics the run will release. Nothing here writes anything, so a refused run leaves every
 ledger, split key and run directory as it was.
@@ -16,11 +16,7 @@ by the checks that need them.
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import sys
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,9 +24,6 @@ from fedllm.config.schema import ExperimentConfig, ModelConfig
 
 if TYPE_CHECKING:
     from torch import nn
-
-# Hooks a strategy subclass may override, with the arguments the plumbing passes them.
-STRATEGY_HOOKS = ("is_eligible", "utility", "redundancy", "solve_cohort", "aggregation_weights")
 
 
 class PreflightError(ValueError):
@@ -41,21 +34,19 @@ class PreflightError(ValueError):
         super().__init__(f"{key}: got {value!r}; expected {expected}")
 
 
-def preflight(config: ExperimentConfig, *, simulation: bool, app_root: Path) -> ExperimentConfig:
+def preflight(config: ExperimentConfig, *, simulation: bool) -> ExperimentConfig:
     """Every check that needs no private data, cheapest first; raises :class:`PreflightError`.
 
     ``simulation``: the hospitals are simulated from this config, so their data files are
     checked too (a deployed hospital checks its own before it charges anything).
-    ``app_root`` is the Flower app's directory, from which the ServerApp imports a strategy
-    class. Returns `config` as it will run: ``model.lora.target_modules`` filled in with the
-    modules peft picks when the YAML leaves them ``null``, so the run directory records them.
+    Returns `config` as it will run: ``model.lora.target_modules`` filled in with the modules
+    peft picks when the YAML leaves them ``null``, so the run directory records them. The
+    strategy class is checked by ``strategies.contract``, whose contract it is.
     """
     check_solver(config)
     if simulation:
         check_simulation_data(config)
     check_target_epsilon(config)
-    if config.strategy.strategy_class:
-        check_strategy_class(config.strategy.strategy_class, app_root)
     modules = check_model(config.model)
     lora = config.model.lora.model_copy(update={"target_modules": modules})
     return config.model_copy(update={"model": config.model.model_copy(update={"lora": lora})})
@@ -114,7 +105,7 @@ def check_solver(config: ExperimentConfig) -> None:
         raise PreflightError(
             "strategy.solver_options",
             settings.solver_options,
-            f"options the {name!r} solver accepts ({_one_line(error)})",
+            f"options the {name!r} solver accepts ({one_line(error)})",
         ) from None
 
 
@@ -131,7 +122,7 @@ def check_simulation_data(config: ExperimentConfig) -> None:
         # the very partitioning every simulated hospital will compute (cached per process)
         parts = _file_partitions(data.model_dump_json(), tuple(names), config.run.seed)
     except DataError as error:
-        message = _one_line(error)
+        message = one_line(error)
         raise PreflightError(
             _data_key(config, message),
             _data_value(config, message),
@@ -174,93 +165,6 @@ def check_target_epsilon(config: ExperimentConfig) -> None:
     reason = unreachable_target(config)
     if reason is not None:
         raise UnreachableTargetError(f"privacy.target_epsilon: {reason}")
-
-
-def check_strategy_class(spec: str, app_root: Path) -> None:
-    """``package.module:Class`` imports (as the ServerApp imports it) and fits the plumbing.
-
-    The class must subclass ``PrivacyAwareStrategy``; its ``from_config`` and constructor must
-    take what the ServerApp passes, and each overridden hook must accept the arguments the
-    plumbing gives.
-    """
-    key = "strategy.strategy_class"
-    module_name, _, class_name = spec.partition(":")
-    try:
-        with _importable_from(app_root):
-            module = importlib.import_module(module_name)
-    except Exception as error:  # a user's module may fail on import in any way
-        raise PreflightError(
-            key,
-            spec,
-            f"an importable module {module_name!r} ({type(error).__name__}: {_one_line(error)})",
-        ) from None
-    from strategies.privacy_aware import PrivacyAwareStrategy, strategy_keywords
-
-    strategy_class = getattr(module, class_name, None)
-    if strategy_class is None:
-        raise PreflightError(key, spec, f"a class {class_name!r} in module {module_name!r}")
-    if not (isinstance(strategy_class, type) and issubclass(strategy_class, PrivacyAwareStrategy)):
-        raise PreflightError(
-            key, spec, "a subclass of strategies.privacy_aware:PrivacyAwareStrategy"
-        )
-    # the ServerApp calls `from_config`, which calls the constructor with every keyword the
-    # built-in one takes: an override of either must still accept them
-    builder = inspect.signature(strategy_class.from_config)
-    if not _accepts(builder, ("config",), ("recorder", "run_context", "round_offset")):
-        raise PreflightError(
-            key,
-            spec,
-            f"a classmethod from_config(config, *, recorder, run_context, round_offset), "
-            f"got from_config{builder}",
-        )
-    constructor = inspect.signature(strategy_class)
-    keywords = strategy_keywords()
-    if not _accepts(constructor, (), keywords):
-        raise PreflightError(
-            key,
-            spec,
-            f"a constructor accepting the keywords ({', '.join(keywords)}), "
-            f"got {class_name}{constructor}",
-        )
-    for hook in STRATEGY_HOOKS:
-        override = getattr(strategy_class, hook)
-        if override is getattr(PrivacyAwareStrategy, hook):
-            continue
-        base = inspect.signature(getattr(PrivacyAwareStrategy, hook))
-        positional = tuple(base.parameters)[1:]
-        signature = inspect.signature(override)
-        if not callable(override) or not _accepts(signature, ("self", *positional), ()):
-            raise PreflightError(
-                key,
-                spec,
-                f"hook {hook}{base} (as PrivacyAwareStrategy defines it), got {hook}{signature}",
-            )
-
-
-def _accepts(
-    signature: inspect.Signature, positional: tuple[str, ...], named: tuple[str, ...]
-) -> bool:
-    """Whether a callable with ``signature`` can be called with these arguments."""
-    try:
-        signature.bind(*positional, **dict.fromkeys(named))
-    except TypeError:
-        return False
-    return True
-
-
-@contextmanager
-def _importable_from(app_root: Path) -> Iterator[None]:
-    """Import as Flower runs the app: with the app's directory first on ``sys.path``.
-
-    (Third-party packages can shadow an app's top-level names otherwise: opacus installs a
-    package called ``examples``.)
-    """
-    root = str(app_root)
-    sys.path.insert(0, root)
-    try:
-        yield
-    finally:
-        sys.path.remove(root)
 
 
 def check_model(model: ModelConfig) -> list[str]:
@@ -308,7 +212,7 @@ def _model_config(model: ModelConfig) -> Any:
             else "'tiny', a local model directory, or a Hugging Face id already in the local "
             "Hugging Face cache (download it first; runs never download)"
         )
-        raise PreflightError("model.name", model.name, f"{where} ({_one_line(error)})") from None
+        raise PreflightError("model.name", model.name, f"{where} ({one_line(error)})") from None
     return config
 
 
@@ -333,7 +237,7 @@ def attach_lora(base: nn.Module, model: ModelConfig) -> nn.Module:
                 if isinstance(module, torch.nn.Linear | Conv1D)
             }
         )
-        reason = _one_line(error)
+        reason = one_line(error)
         raise PreflightError(
             "model.lora.target_modules",
             model.lora.target_modules,
@@ -341,6 +245,6 @@ def attach_lora(base: nn.Module, model: ModelConfig) -> nn.Module:
         ) from None
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     """The first line of an error's message (library messages may span many)."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
