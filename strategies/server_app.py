@@ -49,6 +49,7 @@ from fedllm.report.run_dir import allocate_run_dir
 from fedllm.report.run_report import RunReport
 from fedllm.telemetry.logging import configure_logging
 from fedllm.telemetry.tracing import DISABLED, Tracing
+from strategies.contract import check_strategy_class
 from strategies.privacy_aware import PrivacyAwareStrategy
 from strategies.recorder import RunRecorder
 from strategies.server_dp import HospitalLevelDpStrategy
@@ -70,7 +71,9 @@ def main(grid: Grid, context: Context) -> None:
         if config is None:
             config = experiment_from_run_config(context.run_config, APP_DIRECTORY)
             # before any hospital is asked anything
-            config = preflight(config, simulation=False, app_root=APP_DIRECTORY)
+            config = preflight(config, simulation=False)
+            if config.strategy.strategy_class:
+                check_strategy_class(config.strategy.strategy_class, APP_DIRECTORY)
     except ValueError as error:
         log.error("run.refused", reason=str(error))
         raise

@@ -35,6 +35,7 @@ from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.privacy.plan import UnreachableTargetError, unreachable_target
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport, read_report_json
+from strategies.contract import check_strategy_class
 from strategies.server_app import run_federation
 
 runner = CliRunner()
@@ -230,7 +231,8 @@ def test_a_valid_experiment_passes_every_check(tmp_path, local_model_dir):
             },
         )
     )
-    assert preflight(config, simulation=True, app_root=APP_ROOT) == config
+    assert preflight(config, simulation=True) == config
+    check_strategy_class(config.strategy.strategy_class, APP_ROOT)
     assert not (tmp_path / "ledgers").exists()
 
 
@@ -238,7 +240,7 @@ def test_preflight_records_the_lora_modules_peft_picks(tmp_path):
     """`target_modules: null` comes back as what peft adapts, so the run directory says it."""
     config = validate_config(_base(tmp_path))
     assert config.model.lora.target_modules is None
-    resolved = preflight(config, simulation=True, app_root=APP_ROOT)
+    resolved = preflight(config, simulation=True)
     assert resolved.model.lora.target_modules == ["c_attn"]
     assert resolved.model_copy(update={"model": config.model}) == config
 

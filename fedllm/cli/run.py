@@ -37,6 +37,7 @@ from fedllm.report.progress import STARTED_EVENT, progress_event
 from fedllm.report.run_dir import allocate_run_dir
 from fedllm.report.run_report import REPORT_FILE, read_report_json
 from fedllm.report.run_summary import SUMMARY_FILE, run_summary, with_summary, write_summary
+from strategies.contract import check_strategy_class
 
 WithBaselines = Annotated[
     bool, typer.Option(help="Also run the baselines listed in evaluation.baselines")
@@ -75,7 +76,9 @@ def run_command(
         fail(str(error))
     try:
         # before any process starts or any hospital releases anything (docs/configuration.md)
-        config = preflight(config, simulation=target is None, app_root=APP_ROOT)
+        config = preflight(config, simulation=target is None)
+        if config.strategy.strategy_class:
+            check_strategy_class(config.strategy.strategy_class, APP_ROOT)
     except ValueError as error:
         fail(str(error))
     if target is None:
@@ -109,7 +112,9 @@ def resume_command(
         fail(f"{run_dir} is not a resumable run: {error}")
     try:
         # checked here, where the run starts again: the ServerApp takes the experiment as given
-        config = preflight(config, simulation=True, app_root=APP_ROOT)
+        config = preflight(config, simulation=True)
+        if config.strategy.strategy_class:
+            check_strategy_class(config.strategy.strategy_class, APP_ROOT)
     except ValueError as error:
         fail(str(error))
     run_and_show(config, run_dir.resolve(), baselines, json_output)
