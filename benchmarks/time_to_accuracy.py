@@ -19,8 +19,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fedllm.cli.run import execute
-from fedllm.config import validate_config
+from fedllm.config import ExperimentConfig, dump_config, validate_config
+from fedllm.federation.experiment import APP_ROOT
+from fedllm.federation.launcher import SimulationResources, local_superlink, run_app
+from fedllm.models.loading import resolve_model_path
+from fedllm.report.run_report import RunReport
 from fedllm.telemetry.logging import quiet_third_party_output
 
 STRATEGIES = {
@@ -124,6 +127,21 @@ def time_to(target: float, report: dict[str, Any]) -> float | None:
     return None
 
 
+def simulate(config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    """One simulated federation on a private SuperLink, as `fedllm run` starts it; its report.
+
+    Built from the launcher, not the CLI: a benchmark sits on the library like any other caller.
+    """
+    dump_config(config, run_dir / "config.yaml")
+    resolve_model_path(config.model)  # build the base model once, before hospitals race for it
+    flwr_home, log_path = run_dir / ".flwr", run_dir / "flower.log"
+    run_config = {"config-file": str(run_dir / "config.yaml"), "run-dir": str(run_dir)}
+    resources = SimulationResources(num_supernodes=config.federation.num_hospitals)
+    with local_superlink(flwr_home, log_path):
+        run_app(APP_ROOT, flwr_home, run_config, resources, log_path)
+    return RunReport.load(run_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
@@ -138,7 +156,7 @@ def main() -> None:
             config = validate_config(experiment(args.rounds, strategy, Path(scratch) / label[:6]))
             run_dir = Path(scratch) / label[:6] / "tta"
             run_dir.mkdir(parents=True)
-            reports[label] = execute(config, run_dir, with_baselines=False, quiet=True)
+            reports[label] = simulate(config, run_dir)
     target = max(min(r["perplexity"] for r in rep["rounds"]) for rep in reports.values())
     times = {label: time_to(target, rep) for label, rep in reports.items()}
     random_time = times["random FedAvg"]
