@@ -15,11 +15,11 @@ from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.security.certs import Credentials as ConsortiumCredentials
 from fedllm.security.certs import init_credentials
 from fedllm.security.users import Role, UserStore
-from fedllm.serving.backends import ConstantBackend
-from fedllm.serving.node_app import create_node_app
-from fedllm.serving.node_config import NodeConsensusConfig, NodeLedgerConfig, NodeServerConfig
+from fedllm.serving.node.app import create_node_app
+from fedllm.serving.node.backends import ConstantBackend
+from fedllm.serving.node.config import NodeConsensusConfig, NodeLedgerConfig, NodeServerConfig
+from fedllm.serving.node.server import BackgroundServer
 from fedllm.serving.router import RouterConfig, create_router_app
-from fedllm.serving.server import BackgroundServer
 
 PASSWORD = "correct horse battery staple"
 DELTA = 1e-5

@@ -41,9 +41,9 @@ from fedllm.models.loading import base_model
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport, read_report_json
-from fedllm.serving.generation import ModelBackend
-from fedllm.serving.node_app import create_node_app
-from fedllm.serving.server import BackgroundServer
+from fedllm.serving.node.app import create_node_app
+from fedllm.serving.node.generation import ModelBackend
+from fedllm.serving.node.server import BackgroundServer
 from strategies.server_app import run_federation
 
 HANDLERS = {"query": status, "train": train, "evaluate": evaluate, DELIVER_MESSAGE: deliver}

@@ -46,9 +46,9 @@ from fedllm.models.loading import ModelLoadError, base_model, load_base_model
 from fedllm.models.tiny import tiny_model_dir
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport, read_report_json
-from fedllm.serving.generation import ModelBackend
-from fedllm.serving.node_app import create_node_app
-from fedllm.serving.server import BackgroundServer
+from fedllm.serving.node.app import create_node_app
+from fedllm.serving.node.generation import ModelBackend
+from fedllm.serving.node.server import BackgroundServer
 from strategies.server_app import run_federation
 
 REPO = Path(__file__).resolve().parents[1]

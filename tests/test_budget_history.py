@@ -25,8 +25,8 @@ from router_helpers import (
 
 from fedllm.security.audit import verify_audit_log
 from fedllm.security.users import Role
+from fedllm.serving.node.server import BackgroundServer
 from fedllm.serving.router.budgets import BudgetLedger
-from fedllm.serving.server import BackgroundServer
 
 CONSENSUS = {"prompt": "q", "max_tokens": CONSENSUS_TOKENS, "require_consensus": True}
 ALERTS = {

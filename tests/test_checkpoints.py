@@ -23,7 +23,7 @@ from fedllm.security.encryption import (
     KeyRing,
     save_torch_encrypted,
 )
-from fedllm.serving.generation import AdapterLoadError, read_adapter
+from fedllm.serving.node.generation import AdapterLoadError, read_adapter
 
 MODEL = ModelConfig.model_validate({**TINY_TEST_MODEL, "lora": {"r": 2, "alpha": 4.0}})
 ROUND_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"]

@@ -341,7 +341,7 @@ PYTHON_FRAGMENTS: dict[str, str] = {
     'client = openai.OpenAI(base_url="https://router:8443/v1", api_key=access_token)': (
         "tests/test_serving_stack.py::test_openai_client_through_the_router_gets_a_free_answer"
     ),
-    "from fedllm.serving.backends import ConstantBackend": (
+    "from fedllm.serving.node.backends import ConstantBackend": (
         "tests/test_node_server.py::test_serve_node_serves_a_config_until_stopped"
     ),
 }

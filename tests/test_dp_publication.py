@@ -39,10 +39,10 @@ from fedllm.models.dp_record import (
 from fedllm.models.loading import base_model, load_lora_model
 from fedllm.report.run_report import RunReport
 from fedllm.security.encryption import ENV_VAR, KeyRing
-from fedllm.serving.generation import ModelBackend, read_adapter, read_dp_record
-from fedllm.serving.node_app import create_node_app
-from fedllm.serving.node_config import validate_node_config
-from fedllm.serving.server import BackgroundServer, build_backend
+from fedllm.serving.node.app import create_node_app
+from fedllm.serving.node.config import validate_node_config
+from fedllm.serving.node.generation import ModelBackend, read_adapter, read_dp_record
+from fedllm.serving.node.server import BackgroundServer, build_backend
 from strategies.server_app import publish_final_adapter
 
 MODEL = {**TINY_TEST_MODEL, "lora": {"r": 2, "alpha": 4.0}}

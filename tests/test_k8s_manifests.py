@@ -23,9 +23,9 @@ import pytest
 import yaml
 from cryptography import x509
 
-from fedllm.serving.backends import ConstantBackend
-from fedllm.serving.node_app import create_node_app, create_probe_app
-from fedllm.serving.node_config import load_node_config
+from fedllm.serving.node.app import create_node_app, create_probe_app
+from fedllm.serving.node.backends import ConstantBackend
+from fedllm.serving.node.config import load_node_config
 from fedllm.serving.router import create_router_app
 from fedllm.serving.router.config import load_router_config
 from fedllm.serving.router.metrics import RouterMetrics

@@ -13,10 +13,10 @@ import pytest
 from fedllm.config.loading import ConfigError
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.security.certs import init_credentials
-from fedllm.serving.backends import ConstantBackend
-from fedllm.serving.node_app import create_node_app
-from fedllm.serving.node_config import validate_node_config
-from fedllm.serving.server import BackgroundServer, tls_options
+from fedllm.serving.node.app import create_node_app
+from fedllm.serving.node.backends import ConstantBackend
+from fedllm.serving.node.config import validate_node_config
+from fedllm.serving.node.server import BackgroundServer, tls_options
 
 DELTA = 1e-5
 FLOOR = 3.0

@@ -13,10 +13,10 @@ import pytest
 from raw_http import connect, exchange, read_response, send_until_refused, uvicorn_errors
 
 from fedllm.config.loading import ConfigError
-from fedllm.serving.backends import ConstantBackend
-from fedllm.serving.node_app import create_node_app
-from fedllm.serving.node_config import NodeServerConfig, validate_node_config
-from fedllm.serving.server import BackgroundServer
+from fedllm.serving.node.app import create_node_app
+from fedllm.serving.node.backends import ConstantBackend
+from fedllm.serving.node.config import NodeServerConfig, validate_node_config
+from fedllm.serving.node.server import BackgroundServer
 
 LIMITS = {
     "max_request_bytes": 64 * 1024,

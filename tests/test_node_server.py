@@ -33,11 +33,12 @@ from fedllm.privacy.consensus import ledger_event
 from fedllm.privacy.events import GaussianRelease
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.security.certs import init_credentials
-from fedllm.serving.backends import ConstantBackend
-from fedllm.serving.generation import ModelBackend
-from fedllm.serving.node_app import CONSENSUS_DISABLED, create_node_app
-from fedllm.serving.node_config import NodeServerConfig, load_node_config, validate_node_config
-from fedllm.serving.server import BackgroundServer, tls_options
+from fedllm.serving.node.app import create_node_app
+from fedllm.serving.node.backends import ConstantBackend
+from fedllm.serving.node.ballots import CONSENSUS_DISABLED
+from fedllm.serving.node.config import NodeServerConfig, load_node_config, validate_node_config
+from fedllm.serving.node.generation import ModelBackend
+from fedllm.serving.node.server import BackgroundServer, tls_options
 
 TINY = ModelConfig.model_validate({**TINY_TEST_MODEL, "lora": {"r": 2, "alpha": 4.0}})
 PROMPT = "Question: a patient reports chest pain. Answer:"
@@ -484,8 +485,8 @@ def _free_port() -> int:
 
 SERVE_NODE = (
     "import sys\n"
-    "from fedllm.serving.node_config import load_node_config\n"
-    "from fedllm.serving.server import serve_node\n"
+    "from fedllm.serving.node.config import load_node_config\n"
+    "from fedllm.serving.node.server import serve_node\n"
     "serve_node(load_node_config(sys.argv[1]))\n"
 )
 

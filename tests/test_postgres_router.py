@@ -32,8 +32,8 @@ from fedllm.federation.launcher import free_port, stop_process_tree
 from fedllm.security.audit import verify_audit_log
 from fedllm.security.certs import init_credentials
 from fedllm.security.users import Role, UserStore
+from fedllm.serving.node.server import BackgroundServer
 from fedllm.serving.router.budgets import BudgetLedger
-from fedllm.serving.server import BackgroundServer
 
 pytest_plugins = ["postgres_server"]
 

@@ -27,10 +27,10 @@ from router_helpers import Credentials, make_credentials, node_app, router_confi
 
 from fedllm.config.schema import ModelConfig
 from fedllm.security.users import Role
-from fedllm.serving.generation import ModelBackend
-from fedllm.serving.node_app import create_node_app, create_probe_app
-from fedllm.serving.node_config import NodeServerConfig
-from fedllm.serving.server import BackgroundServer
+from fedllm.serving.node.app import create_node_app, create_probe_app
+from fedllm.serving.node.config import NodeServerConfig
+from fedllm.serving.node.generation import ModelBackend
+from fedllm.serving.node.server import BackgroundServer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig.model_validate({**TINY_TEST_MODEL, "lora": {"r": 2, "alpha": 4.0}})

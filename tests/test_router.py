@@ -29,9 +29,9 @@ from router_helpers import (
 from fedllm.security.audit import verify_audit_log
 from fedllm.security.tokens import TokenIssuer
 from fedllm.security.users import Role, User
-from fedllm.serving.backends import ConstantBackend
+from fedllm.serving.node.backends import ConstantBackend
+from fedllm.serving.node.server import BackgroundServer
 from fedllm.serving.router.budgets import BudgetLedger
-from fedllm.serving.server import BackgroundServer
 
 USERS = {
     "alice": (Role.CLINICIAN, "cardiology"),

@@ -32,11 +32,11 @@ from fedllm.security.audit import (
     redaction_digest,
 )
 from fedllm.security.users import Role
-from fedllm.serving.backends import ConstantBackend
-from fedllm.serving.node_app import create_node_app
-from fedllm.serving.node_config import NodeServerConfig
+from fedllm.serving.node.app import create_node_app
+from fedllm.serving.node.backends import ConstantBackend
+from fedllm.serving.node.config import NodeServerConfig
+from fedllm.serving.node.server import BackgroundServer
 from fedllm.serving.router.config import load_router_config
-from fedllm.serving.server import BackgroundServer
 
 USERS = {"alice": (Role.CLINICIAN, "cardiology"), "dana": (Role.CLINICIAN, "oncology")}
 FLOOD_LOGINS = 200

@@ -20,8 +20,8 @@ from router_helpers import (
 )
 
 from fedllm.security.users import Role
+from fedllm.serving.node.server import BackgroundServer
 from fedllm.serving.router.budgets import BudgetLedger
-from fedllm.serving.server import BackgroundServer
 
 QUOTA_STATUS = 403  # documented in docs/router.md: quota exhausted is 403, not 429 (rate limits)
 

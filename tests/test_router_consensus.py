@@ -21,7 +21,7 @@ from router_helpers import (
 
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.security.users import Role
-from fedllm.serving.server import BackgroundServer
+from fedllm.serving.node.server import BackgroundServer
 
 # The router asks for σ = 20 (noise multiplier 14.1); "strict" requires more.
 STRICT_FLOOR = 100.0

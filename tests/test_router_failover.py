@@ -17,7 +17,7 @@ from router_helpers import (
 )
 
 from fedllm.security.users import Role
-from fedllm.serving.server import BackgroundServer
+from fedllm.serving.node.server import BackgroundServer
 
 
 def _wait_for(predicate, timeout_s: float = 10.0) -> bool:

@@ -25,12 +25,12 @@ from router_helpers import (
 
 from fedllm.config.loading import ConfigError
 from fedllm.security.users import Role, UserStore
-from fedllm.serving.backends import ConstantBackend
-from fedllm.serving.node_app import create_node_app
-from fedllm.serving.node_config import NodeServerConfig
+from fedllm.serving.node.app import create_node_app
+from fedllm.serving.node.backends import ConstantBackend
+from fedllm.serving.node.config import NodeServerConfig
+from fedllm.serving.node.server import BackgroundServer
 from fedllm.serving.router import create_router_app
 from fedllm.serving.router.config import load_router_config
-from fedllm.serving.server import BackgroundServer
 
 USERS = {
     "root": (Role.ADMIN, "ops"),

@@ -28,16 +28,16 @@ from router_helpers import DELTA, PASSWORD, bearer, login, make_credentials, rou
 from fedllm.config.loading import ConfigError
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.security.users import Role
-from fedllm.serving.backends import ConstantBackend
-from fedllm.serving.node_app import create_node_app
-from fedllm.serving.node_config import (
+from fedllm.serving.node.app import create_node_app
+from fedllm.serving.node.backends import ConstantBackend
+from fedllm.serving.node.config import (
     NodeConsensusConfig,
     NodeLedgerConfig,
     NodeServerConfig,
     validate_node_config,
 )
+from fedllm.serving.node.server import BackgroundServer
 from fedllm.serving.router import create_router_app
-from fedllm.serving.server import BackgroundServer
 from fedllm.telemetry.tracing import (
     DISABLED,
     RoundTracing,

@@ -10,9 +10,9 @@ import typer
 from fedllm.cli.common import console, fail
 from fedllm.config.loading import ConfigError
 from fedllm.models.loading import ModelLoadError
-from fedllm.serving.generation import AdapterLoadError
-from fedllm.serving.node_config import NodeServerConfig, load_node_config
-from fedllm.serving.server import build_node_app, serve_node
+from fedllm.serving.node.config import NodeServerConfig, load_node_config
+from fedllm.serving.node.generation import AdapterLoadError
+from fedllm.serving.node.server import build_node_app, serve_node
 from fedllm.telemetry.logging import configure_logging
 
 

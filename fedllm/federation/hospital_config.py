@@ -4,7 +4,7 @@ One file per hospital, filled in from ``configs/hospital.yaml`` without reading 
 the hospital (as the researcher's experiment lists it), where the consortium's SuperLink is and
 the certificate that proves it, the hospital's SuperNode authentication key, its own records
 file, where its privacy ledger lives and its ε cap, and optionally its inference server (the
-``inference`` section is a ``node.yaml``, :class:`fedllm.serving.node_config.NodeServerConfig`).
+``inference`` section is a ``node.yaml``, :class:`fedllm.serving.node.config.NodeServerConfig`).
 Relative paths (a relative SQLite ledger path included) are resolved against the directory of
 the YAML file, so the file and the credentials it points to can be moved together.
 """
@@ -19,7 +19,7 @@ from pydantic import Field, PositiveFloat, model_validator
 
 from fedllm.config.loading import read_yaml, validate_model
 from fedllm.config.schema import StrictModel
-from fedllm.serving.node_config import NodeServerConfig
+from fedllm.serving.node.config import NodeServerConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 SQLITE_URL_KEYS = ("privacy.ledger_url", "inference.ledger.url")

@@ -1,1 +1,2 @@
-"""Serving: the hospital inference server (node) and the shared HTTP API contract."""
+"""Serving: the hospital inference server (`node/`), the router (`router/`), and the HTTP API
+contract they share (`schemas.py`, `http_limits.py`); neither side imports the other."""

@@ -3,7 +3,7 @@
 Validation lives here, in the models, so that every server built on them rejects the same bad
 input the same way: as HTTP 422 with a message naming the field, never as a 500 from deep inside
 generation. The limits below are hard ceilings of the protocol; a node may configure stricter
-ones (see `fedllm.serving.node_config.NodeLimits`).
+ones (see `fedllm.serving.node.config.NodeLimits`).
 
 The OpenAI-shaped models follow the public `/v1/completions` and `/v1/chat/completions` API
 closely enough for the official `openai` client; fields of that API we do not implement (e.g.

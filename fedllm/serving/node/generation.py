@@ -44,7 +44,7 @@ from fedllm.models.dp_record import (
     parse_dp_record,
 )
 from fedllm.models.loading import base_model, load_base_model, load_tokenizer
-from fedllm.serving.backends import Generation
+from fedllm.serving.node.backends import Generation
 
 log = structlog.get_logger(__name__)
 

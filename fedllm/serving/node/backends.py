@@ -2,7 +2,7 @@
 
 The HTTP layer talks to a `GenerationBackend`, never to torch, so the router can be tested and
 its overhead measured against nodes whose "model" costs nothing (`ConstantBackend`), while real
-nodes run `fedllm.serving.generation.ModelBackend`.
+nodes run `fedllm.serving.node.generation.ModelBackend`.
 """
 
 from __future__ import annotations

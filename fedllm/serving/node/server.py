@@ -23,10 +23,10 @@ import uvicorn
 from fastapi import FastAPI
 
 from fedllm.privacy.node_ledger import NodePrivacyLedger
-from fedllm.serving.backends import ConstantBackend, GenerationBackend
 from fedllm.serving.http_limits import uvicorn_options
-from fedllm.serving.node_app import create_node_app, create_probe_app
-from fedllm.serving.node_config import NodeServerConfig
+from fedllm.serving.node.app import create_node_app, create_probe_app
+from fedllm.serving.node.backends import ConstantBackend, GenerationBackend
+from fedllm.serving.node.config import NodeServerConfig
 
 LOOPBACK = "127.0.0.1"
 STARTUP_TIMEOUT_S = 15.0
@@ -143,7 +143,7 @@ def build_backend(config: NodeServerConfig) -> GenerationBackend:
     """The configured model: ``constant`` (tests, benchmarks) or the real model + adapters."""
     if config.backend == "constant":
         return ConstantBackend()
-    from fedllm.serving.generation import ModelBackend  # torch/transformers only when needed
+    from fedllm.serving.node.generation import ModelBackend  # torch/transformers only when needed
 
     return ModelBackend(
         config.model,
