@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import ExperimentConfig, dump_config, validate_config
-from fedllm.federation.experiment import APP_ROOT
+from fedllm.federation.experiment import APP_ROOT, EXPERIMENT, experiment_json
 from fedllm.federation.launcher import SimulationResources, local_superlink, run_app
 from fedllm.models.loading import resolve_model_path
-from fedllm.report.run_report import RunReport
+from fedllm.report.run_report import read_report_json
 from fedllm.telemetry.logging import quiet_third_party_output
 
 STRATEGIES = {
@@ -135,11 +135,11 @@ def simulate(config: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     dump_config(config, run_dir / "config.yaml")
     resolve_model_path(config.model)  # build the base model once, before hospitals race for it
     flwr_home, log_path = run_dir / ".flwr", run_dir / "flower.log"
-    run_config = {"config-file": str(run_dir / "config.yaml"), "run-dir": str(run_dir)}
+    run_config = {EXPERIMENT: experiment_json(config), "run-dir": str(run_dir)}
     resources = SimulationResources(num_supernodes=config.federation.num_hospitals)
     with local_superlink(flwr_home, log_path):
         run_app(APP_ROOT, flwr_home, run_config, resources, log_path)
-    return RunReport.load(run_dir)
+    return read_report_json(run_dir)
 
 
 def main() -> None:
