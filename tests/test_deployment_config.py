@@ -34,7 +34,7 @@ def _hospital_file(folder: Path, **changes) -> Path:
         (folder / "creds" / name).write_text("x")
     (folder / "notes.csv").write_text(
         "body,ward,pid\n"
-        + "".join(f"note {i} about the heart,cardiology,p{i % 7}\n" for i in range(40))
+        + "".join(f"note {i} about the heart,cardiology,p{i % 40}\n" for i in range(80))
     )
     raw = {
         "hospital": "north",
@@ -175,7 +175,7 @@ def test_hospital_command_and_node_config_round_trip_to_the_client(tmp_path):
     )
     assert settings.evaluation_allowed
     texts = {r.text for r in data.train + data.eval}
-    assert texts == {f"note {i} about the heart" for i in range(40)}
+    assert texts == {f"note {i} about the heart" for i in range(80)}
     assert {r.specialty for r in data.train} == {"cardiology"}
     train_patients = {r.patient_id for r in data.train}
     assert train_patients.isdisjoint({r.patient_id for r in data.eval})
