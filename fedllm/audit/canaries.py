@@ -36,6 +36,11 @@ from fedllm.training.sequences import EncodedSequences
 CANARY_PREFIX = "patient access code:"
 SECRET_TOKENS = 8
 REFERENCE_SECRETS = 255
+# A gradient canary's norm before clipping, in clipping norms. Under DP, Opacus clips it to C
+# like any patient's gradient, so the audited mechanism is unchanged; without DP nothing bounds
+# a patient's gradient, and a canary as large as an outlier patient's (real per-patient norms
+# reach ~5 C on the quick start) shows what an unprotected run exposes.
+CANARY_NORM_IN_CLIPPING_NORMS = 20.0
 _SCORING_BATCH = 128
 
 

@@ -39,7 +39,12 @@ import torch
 from fedllm.aggregation.rules import weighted_mean
 from fedllm.audit.attacks import auc, loss_threshold_auc
 from fedllm.audit.bounds import audit_one_run, many_run_audit
-from fedllm.audit.canaries import GradientCanaries, TextCanaries, sequence_losses
+from fedllm.audit.canaries import (
+    CANARY_NORM_IN_CLIPPING_NORMS,
+    GradientCanaries,
+    TextCanaries,
+    sequence_losses,
+)
 from fedllm.audit.plots import plot_audit
 from fedllm.config.schema import ExperimentConfig
 from fedllm.federation.hospital import pick_device
@@ -134,7 +139,9 @@ def simulate(
         held_out = encode_texts(tokenizer, training_texts(data.eval, privacy.unit), length)
         planted: GradientCanaries | TextCanaries | None = None
         if index in audited and mode == "whitebox":
-            planted = GradientCanaries.draw(canaries, dimension, privacy.max_grad_norm)
+            planted = GradientCanaries.draw(
+                canaries, dimension, CANARY_NORM_IN_CLIPPING_NORMS * privacy.max_grad_norm
+            )
         elif index in audited:
             planted = TextCanaries.draw(canaries, tokenizer, length)
         units = len(train) + (canaries if planted is not None else 0)
