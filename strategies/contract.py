@@ -41,7 +41,8 @@ def check_strategy_class(spec: str, app_root: Path) -> None:
             f"an importable module {module_name!r} ({type(error).__name__}: {one_line(error)})",
         ) from None
     # imported here, not at the top: `fedllm run --help` must not load torch and Flower
-    from strategies.privacy_aware import PrivacyAwareStrategy, strategy_keywords
+    from strategies.privacy_aware import PrivacyAwareStrategy
+    from strategies.settings import strategy_keywords
 
     strategy_class = getattr(module, class_name, None)
     if strategy_class is None:

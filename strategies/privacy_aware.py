@@ -34,11 +34,11 @@ from fedllm.selection.utility import profile_similarity
 from strategies.cohort_rounds import CohortRounds
 from strategies.recorder import RunRecorder
 from strategies.rounds import Contribution, HospitalView
-from strategies.settings import strategy_keywords, strategy_settings
+from strategies.settings import strategy_settings
 
 QUBO_SOLVERS = {"quantum": DEFAULT_SOLVER, "exact": "exact"}
 log = structlog.get_logger(__name__)
-__all__ = ["Contribution", "HospitalView", "PrivacyAwareStrategy", "strategy_keywords"]
+__all__ = ["Contribution", "HospitalView", "PrivacyAwareStrategy"]
 
 
 class PrivacyAwareStrategy(CohortRounds):

@@ -90,15 +90,18 @@ def superlink_command(
     ]
     if tls is None:
         return [*command, "--insecure"]
+    return [*command, *tls_arguments(tls), "--enable-supernode-auth"]
+
+
+def tls_arguments(tls: SuperLinkTls) -> list[str]:
+    """The server-side TLS options ``flower-superlink`` and the front take alike."""
     return [
-        *command,
         "--ssl-ca-certfile",
         str(tls.ca_cert),
         "--ssl-certfile",
         str(tls.cert),
         "--ssl-keyfile",
         str(tls.key),
-        "--enable-supernode-auth",
     ]
 
 
@@ -124,15 +127,7 @@ def front_command(
     ]
     if tls is None:
         return [*command, "--insecure"]
-    return [
-        *command,
-        "--ssl-ca-certfile",
-        str(tls.ca_cert),
-        "--ssl-certfile",
-        str(tls.cert),
-        "--ssl-keyfile",
-        str(tls.key),
-    ]
+    return [*command, *tls_arguments(tls)]
 
 
 def supernode_command(

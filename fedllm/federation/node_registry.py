@@ -24,6 +24,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization.ssh import SSHPublicKeyTypes
 
+from fedllm.storage.files import write_atomic
+
 REGISTRY_ENV = "FEDLLM_NODE_REGISTRY"
 REGISTRY_FILE = "node-registry.json"
 
@@ -140,12 +142,7 @@ class NodeRegistry:
         """Write the file atomically, readable by the operator's account only (0600)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = [asdict(entry) for _, entry in sorted(self.entries.items())]
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump({"hospitals": rows}, handle, indent=2)
-            handle.write("\n")
-        os.replace(temporary, self.path)
+        write_atomic(self.path, (json.dumps({"hospitals": rows}, indent=2) + "\n").encode())
 
     def hospital_of(self, node_id: int) -> str | None:
         """The hospital whose registered key Flower knows as ``node_id``."""

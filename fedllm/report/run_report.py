@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ from typing import Any
 from fedllm.config.schema import ExperimentConfig
 from fedllm.privacy.accountant import HOSPITAL_NEIGHBOURING
 from fedllm.privacy.inventory import reply_keys
+from fedllm.storage.files import write_atomic
 
 # 2: baselines, comparison and timing.cli_phases moved to fedllm run's summary.json
 SCHEMA_VERSION = 2
@@ -59,9 +59,7 @@ def evaluation_description(config: ExperimentConfig) -> dict[str, Any]:
 
 def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
     """Write JSON through a temporary file renamed into place (atomic on POSIX)."""
-    staging = path.with_name(f"{path.name}.tmp")
-    staging.write_text(json.dumps(data, indent=2, allow_nan=False), encoding="utf-8")
-    os.replace(staging, path)
+    write_atomic(path, json.dumps(data, indent=2, allow_nan=False).encode(), mode=0o644)
 
 
 def read_report_json(run_dir: Path) -> dict[str, Any]:
