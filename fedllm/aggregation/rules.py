@@ -121,16 +121,16 @@ def inclusion_weights(
         E[Σ_{i∈S} (n_i/π_i) u_i] = Σ_j π_j (n_j/π_j) u_j = Σ_j n_j u_j,
 
     and the Horvitz–Thompson estimator Σ_{i∈S} (n_i/π_i) u_i / Σ_j n_j is exactly unbiased for
-    the full-participation mean Σ_j n_j u_j / Σ_j n_j (see `horvitz_thompson_mean`). Without
-    the 1/π_i factor, hospitals the selector favours are over-represented and the aggregate
-    drifts toward their data.
+    the full-participation mean Σ_j n_j u_j / Σ_j n_j. Without the 1/π_i factor, hospitals the
+    selector favours are over-represented and the aggregate drifts toward their data.
 
     These weights feed `weighted_mean`, which divides by Σ_{i∈S} n_i/π_i (a random estimate
     of Σ_j n_j) instead of the known total: a ratio estimator. It is slightly biased (the
     ratio of unbiased estimates is not unbiased; the bias is O(1/K) for cohort size K) but
     consistent, its weights always sum to one, and its variance is usually much lower because
-    the numerator and the denominator fluctuate together. Use it on absolute adapter weights
-    or deltas; use `horvitz_thompson_mean` on deltas when exact unbiasedness matters more.
+    the numerator and the denominator fluctuate together. Unlike Horvitz–Thompson (whose
+    coefficients do not sum to one), it applies to absolute adapter weights as well as deltas;
+    tests/test_aggregation.py compares the two.
     """
     counts = _check_weights("num_examples", num_examples, len(num_examples))
     probabilities = _check_probabilities(inclusion_probabilities, len(counts))
@@ -139,36 +139,6 @@ def inclusion_weights(
     if total <= 0:
         raise ValueError("num_examples are all zero; inclusion weights are undefined")
     return [w / total for w in raw]
-
-
-def horvitz_thompson_mean(
-    updates: Sequence[AdapterState],
-    num_examples: Sequence[float],
-    inclusion_probabilities: Sequence[float],
-    total_examples: float,
-) -> OrderedDict[str, torch.Tensor]:
-    """Σ_{i∈S} (n_i/π_i) u_i / Σ_j n_j: the exactly unbiased estimate of the full mean.
-
-    `total_examples` is Σ_j n_j over ALL hospitals (selected or not), which the server must
-    know; dividing by it instead of the cohort's own Σ n_i/π_i is what makes the estimator
-    exactly unbiased (see `inclusion_weights` for the argument and the ratio alternative).
-    Its coefficients do not sum to one in a given round, so apply it to update deltas (new
-    minus global adapter, see `update_delta`), never to absolute adapter weights, which it
-    would rescale.
-    """
-    keys = check_compatible(updates)
-    counts = _check_weights("num_examples", num_examples, len(updates))
-    probabilities = _check_probabilities(inclusion_probabilities, len(updates))
-    total = float(total_examples)
-    if not math.isfinite(total) or total <= 0:
-        raise ValueError(f"total_examples must be finite and > 0, got {total_examples!r}")
-    if math.fsum(counts) > total * (1 + 1e-9):
-        raise ValueError(
-            f"total_examples={total_examples!r} is less than the cohort's own examples "
-            f"({math.fsum(counts)!r}); it must count every hospital's examples"
-        )
-    coefficients = [n / (p * total) for n, p in zip(counts, probabilities, strict=True)]
-    return _linear_combination(updates, coefficients, keys)
 
 
 def _coordinatewise(

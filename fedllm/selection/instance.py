@@ -80,11 +80,6 @@ class CohortInstance:
         """Indices of hospitals that may be chosen, ascending."""
         return np.flatnonzero(self.eligible)
 
-    @property
-    def is_sparse(self) -> bool:
-        """Whether the similarity is a scipy sparse array."""
-        return sp.issparse(self.similarity)
-
 
 def _checked_similarity(similarity: Any, n: int) -> Similarity:
     """Return the similarity as float ndarray or CSR, or raise with the first problem found."""
