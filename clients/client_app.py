@@ -57,6 +57,7 @@ from fedllm.federation.node_settings import (
 )
 from fedllm.federation.warm_worker import forward
 from fedllm.privacy.inventory import check_reply
+from fedllm.security.environment import keyring_from_environment
 from fedllm.telemetry.logging import configure_logging
 
 if TYPE_CHECKING:
@@ -171,6 +172,8 @@ def hospital_site(context: Context, message: Message) -> HospitalSite:
             split_key=settings.split_key,
             evaluation_allowed=settings.evaluation_allowed,
             base_model_sha256=server_base,
+            # the hospital's key ring enters here (this process's environment), nowhere below
+            keyring=keyring_from_environment(),
         )
         log.info("hospital.site_built", hospital=_SITES[key].name, sites=len(_SITES))
     return _SITES[key]
@@ -288,7 +291,10 @@ def deliver(message: Message, context: Context) -> Message:
         digest = ""
     else:
         digest = install_delivery(
-            message.content[ADAPTER_RECORD], adapter_dir(context.node_config), own.sha256
+            message.content[ADAPTER_RECORD],
+            adapter_dir(context.node_config),
+            own.sha256,
+            keyring=keyring_from_environment(),
         )
     return _reply(
         message,

@@ -47,6 +47,8 @@ from fedllm.report.plots import plot_run
 from fedllm.report.progress import STARTED_EVENT
 from fedllm.report.run_dir import allocate_run_dir
 from fedllm.report.run_report import RunReport
+from fedllm.security.encryption import KeyRingSource
+from fedllm.security.environment import keyring_from_environment
 from fedllm.telemetry.logging import configure_logging
 from fedllm.telemetry.tracing import DISABLED, Tracing
 from strategies.contract import check_strategy_class
@@ -92,7 +94,11 @@ def main(grid: Grid, context: Context) -> None:
     if not (run_dir / "config.yaml").exists():
         # fedllm run has written it where it runs; a deployed SuperLink's host keeps a copy
         dump_config(config, run_dir / "config.yaml")
-    ledger = ServerLedger(config.strategy.ledger_url or f"sqlite:///{run_dir / 'server.db'}")
+    # the one place the server's key ring enters: ledger rows and checkpoints at rest
+    keyring = keyring_from_environment()
+    ledger = ServerLedger(
+        config.strategy.ledger_url or f"sqlite:///{run_dir / 'server.db'}", keyring=keyring
+    )
     run_id = run_dir.name
     ledger.start_run(run_id, config.model_dump_json())
     state = ledger.resume_state(run_id)
@@ -104,7 +110,7 @@ def main(grid: Grid, context: Context) -> None:
     # one trace per round, to the collector of the experiment's `tracing:` section (if any)
     tracing = Tracing.from_config(config.tracing, "fedllm-server", "fedllm.federation")
     try:
-        run_federation(grid, config, run_dir, report, ledger, completed, tracing)
+        run_federation(grid, config, run_dir, report, ledger, completed, tracing, keyring=keyring)
     except BaseException as error:
         report.finish("failed", error=f"{type(error).__name__}: {error}")
         raise
@@ -132,8 +138,14 @@ def run_federation(
     ledger: ServerLedger,
     completed: int,
     tracing: Tracing = DISABLED,
+    *,
+    keyring: KeyRingSource | None,
 ) -> None:
-    """Initial evaluation (fresh runs), the remaining rounds, then checkpoint and final report."""
+    """Initial evaluation (fresh runs), the remaining rounds, then checkpoint and final report.
+
+    ``keyring`` encrypts the round checkpoints, the final and published adapters at rest (and
+    decrypts what a resumed run reads back).
+    """
     model = load_lora_model(config.model, torch.device("cpu"), config.run.seed)
     strategy_class = load_strategy_class(config.strategy.strategy_class)
     # the strategy decides, the recorder writes: report rows, the ledger's round records and
@@ -144,7 +156,7 @@ def run_federation(
         ledger,
         run_dir.name,
         run_dir,
-        checkpoint_writer=adapter_directory_writer(model),
+        checkpoint_writer=adapter_directory_writer(model, keyring=keyring),
         tracing=tracing,
     )
     strategy = strategy_class.from_config(
@@ -164,7 +176,8 @@ def run_federation(
         node_registry=registry_from_environment(),
     )
     if completed:
-        load_adapter_state(model, load_round_checkpoint(Path(ledger.checkpoint(run_dir.name))))
+        last = Path(ledger.checkpoint(run_dir.name))
+        load_adapter_state(model, load_round_checkpoint(last, keyring=keyring))
         log.info("run.resumed", run_dir=str(run_dir), after_round=completed)
     arrays = ArrayRecord(adapter_state(model))
     strategy.query_status(grid)
@@ -197,21 +210,25 @@ def run_federation(
             arrays = result.arrays
     load_adapter_state(model, arrays.to_torch_state_dict())
     checkpoint = run_dir / "checkpoint"
-    save_adapter_directory(model, checkpoint)
+    save_adapter_directory(model, checkpoint, keyring=keyring)
     rows = report.data["rounds"]
     outcome = run_outcome(rows, strategy.problems.values(), remaining)
     # a run that trained nothing has nothing to publish: its adapter is the initial one
     published = (
         None
         if outcome.status == "failed"
-        else publish_final_adapter(model, config, run_dir, report)
+        else publish_final_adapter(model, config, run_dir, report, keyring=keyring)
     )
     # the federation brings the published adapter to every hospital's inference server
     delivery = (
         None
         if published is None
         else deliver_adapter(
-            grid, published, strategy.run_context, config.strategy.round_timeout_s
+            grid,
+            published,
+            strategy.run_context,
+            config.strategy.round_timeout_s,
+            keyring=keyring,
         ).summary()
     )
     final = (
@@ -235,7 +252,12 @@ def run_federation(
 
 
 def publish_final_adapter(
-    model: PeftModel, config: ExperimentConfig, run_dir: Path, report: RunReport
+    model: PeftModel,
+    config: ExperimentConfig,
+    run_dir: Path,
+    report: RunReport,
+    *,
+    keyring: KeyRingSource | None,
 ) -> Path | None:
     """Publish the final adapter to ``run.publish_adapter_dir`` if this run may; its path or None.
 
@@ -254,6 +276,7 @@ def publish_final_adapter(
             run_id=run_dir.name,
             privacy=report.data["privacy"],
             model_config=config.model,
+            keyring=keyring,
         )
     except PublicationRefusedError as refusal:  # a non-DP run (e.g. federated_no_dp)
         log.warning("adapter.not_published", path=str(target), reason=str(refusal))

@@ -103,7 +103,9 @@ def delivered(tmp_path_factory):
     grid = HandlerGrid({}, nodes)
     ledger = ServerLedger(f"sqlite:///{run_dir / 'server.db'}")
     ledger.start_run(run_dir.name, config.model_dump_json())
-    run_federation(grid, config, run_dir, RunReport(run_dir, config), ledger, completed=0)
+    run_federation(
+        grid, config, run_dir, RunReport(run_dir, config), ledger, completed=0, keyring=None
+    )
     return {
         "grid": grid,
         "run_dir": run_dir,
@@ -115,19 +117,19 @@ def delivered(tmp_path_factory):
 
 
 def _weights_sha(directory: Path) -> str:
-    return hashlib.sha256(read_artifact(directory / ADAPTER_WEIGHTS)).hexdigest()
+    return hashlib.sha256(read_artifact(directory / ADAPTER_WEIGHTS, keyring=None)).hexdigest()
 
 
 def test_a_dp_run_delivers_its_published_adapter_to_both_hospitals(delivered):
     assert delivered["grid"].sent[-2:] == [DELIVER_MESSAGE, DELIVER_MESSAGE]
     published = delivered["published"]
     digest = _weights_sha(published)
-    record = parse_dp_record(read_artifact(published / DP_RECORD_FILE))
+    record = parse_dp_record(read_artifact(published / DP_RECORD_FILE, keyring=None))
     assert record.adapter_sha256 == digest
     for directory in delivered["adapter_dirs"].values():
         assert _weights_sha(directory) == digest
-        assert read_artifact(directory / DP_RECORD_FILE) == read_artifact(
-            published / DP_RECORD_FILE
+        assert read_artifact(directory / DP_RECORD_FILE, keyring=None) == read_artifact(
+            published / DP_RECORD_FILE, keyring=None
         )
         assert not directory.with_name("adapter.staging").exists()
     report = delivered["report"]
@@ -176,15 +178,20 @@ def test_a_hospital_on_another_base_model_refuses_in_one_line(delivered, tmp_pat
     published = tmp_path / "published"
     published.mkdir()
     for name in ("adapter_config.json", ADAPTER_WEIGHTS, DP_RECORD_FILE):
-        write_artifact(published / name, read_artifact(delivered["published"] / name))
-    record = parse_dp_record(read_artifact(published / DP_RECORD_FILE))
+        data = read_artifact(delivered["published"] / name, keyring=None)
+        write_artifact(published / name, data, keyring=None)
+    record = parse_dp_record(read_artifact(published / DP_RECORD_FILE, keyring=None))
     foreign = {**record.base_model, "sha256": "c" * 64}
     write_artifact(
-        published / DP_RECORD_FILE, record.model_copy(update={"base_model": foreign}).to_bytes()
+        published / DP_RECORD_FILE,
+        record.model_copy(update={"base_model": foreign}).to_bytes(),
+        keyring=None,
     )
     target = tmp_path / "adapter"
     node = {"partition-id": 0, "num-partitions": 2, ADAPTER_DIR: str(target)}
-    reply = _delivery(delivered, delivery_content(published, _context(delivered)), node)
+    reply = _delivery(
+        delivered, delivery_content(published, _context(delivered), keyring=None), node
+    )
     assert reply.has_error()
     reason = reply.error.reason
     assert reason.startswith("hospital a: DeliveryRefusedError: refused the delivered adapter: ")
@@ -194,7 +201,9 @@ def test_a_hospital_on_another_base_model_refuses_in_one_line(delivered, tmp_pat
 
     # the server's own hash differs from this hospital's: refused before anything is read
     other_server = {**_context(delivered), "base-model-sha256": "d" * 64}
-    reply = _delivery(delivered, delivery_content(delivered["published"], other_server), node)
+    reply = _delivery(
+        delivered, delivery_content(delivered["published"], other_server, keyring=None), node
+    )
     assert reply.error.reason.startswith(
         "hospital a: BaseModelMismatchError: the server's base model is dddddddddddd"
     )
@@ -202,7 +211,7 @@ def test_a_hospital_on_another_base_model_refuses_in_one_line(delivered, tmp_pat
 
 
 def test_tampered_weights_are_refused_and_nothing_is_written(delivered, tmp_path):
-    content = delivery_content(delivered["published"], _context(delivered))
+    content = delivery_content(delivered["published"], _context(delivered), keyring=None)
     weights = bytearray(content[ADAPTER_RECORD][ADAPTER_WEIGHTS])
     weights[-1] ^= 0x01
     content[ADAPTER_RECORD][ADAPTER_WEIGHTS] = bytes(weights)
@@ -218,7 +227,7 @@ def test_tampered_weights_are_refused_and_nothing_is_written(delivered, tmp_path
 def test_a_hospital_without_an_inference_server_is_skipped_not_refused(delivered):
     """Training-only (and simulated) hospitals have no adapter directory: they acknowledge with
     an empty hash, which the server lists as skipped, writing nothing."""
-    content = delivery_content(delivered["published"], _context(delivered))
+    content = delivery_content(delivered["published"], _context(delivered), keyring=None)
     reply = _delivery(delivered, content, {"partition-id": 0, "num-partitions": 2})
     assert not reply.has_error()
     assert dict(reply.content[ACK_RECORD]) == {"hospital": "a", "adapter-sha256": ""}
@@ -251,7 +260,7 @@ def test_resuming_a_finished_run_trains_nothing_and_delivers_again(delivered):
     completed = ledger.resume_state(run_dir.name).last_completed_round
     assert completed == config.run.rounds
     report = RunReport.resume(run_dir, config, completed)
-    run_federation(grid, config, run_dir, report, ledger, completed=completed)
+    run_federation(grid, config, run_dir, report, ledger, completed=completed, keyring=None)
     assert grid.sent == ["query", "query", DELIVER_MESSAGE, DELIVER_MESSAGE]
     assert _weights_sha(target) == _weights_sha(delivered["published"])
     assert read_report_json(run_dir)["adapter_delivery"]["delivered"] == ["a", "b"]

@@ -258,7 +258,9 @@ def test_the_server_sends_its_base_hash_and_a_foreign_hospital_stops_the_run(tmp
     )
     ledger = ServerLedger(f"sqlite:///{run_dir / 'server.db'}")
     ledger.start_run("r", config.model_dump_json())
-    run_federation(grid, config, run_dir, RunReport(run_dir, config), ledger, completed=0)
+    run_federation(
+        grid, config, run_dir, RunReport(run_dir, config), ledger, completed=0, keyring=None
+    )
     assert grid.sent == ["query", "query"]
     assert grid.hashes == [model_cache.sha256] * 2
     saved = read_report_json(run_dir)
@@ -280,9 +282,11 @@ def _health(backend: ModelBackend, adapter_dir: Path) -> dict:
 
 def _rebase(adapter_dir: Path, base: dict) -> None:
     """Rewrite the adapter's DP record as if its run had trained on base model ``base``."""
-    record = parse_dp_record(read_artifact(adapter_dir / DP_RECORD_FILE))
+    record = parse_dp_record(read_artifact(adapter_dir / DP_RECORD_FILE, keyring=None))
     write_artifact(
-        adapter_dir / DP_RECORD_FILE, record.model_copy(update={"base_model": base}).to_bytes()
+        adapter_dir / DP_RECORD_FILE,
+        record.model_copy(update={"base_model": base}).to_bytes(),
+        keyring=None,
     )
 
 

@@ -1,6 +1,11 @@
-"""Adapter checkpoints at rest: plaintext without a key ring, AES-GCM with one, tamper-evident."""
+"""Adapter checkpoints at rest: plaintext without a key ring, AES-GCM with one, tamper-evident.
+
+Key rings are handed in, as the ServerApp hands in the one it read from its environment.
+"""
 
 from __future__ import annotations
+
+import io
 
 import pytest
 import torch
@@ -16,13 +21,7 @@ from fedllm.models.checkpoints import (
     save_adapter_directory,
 )
 from fedllm.models.loading import load_base_model, load_lora_model
-from fedllm.security.encryption import (
-    ENV_VAR,
-    EncryptionError,
-    IntegrityError,
-    KeyRing,
-    save_torch_encrypted,
-)
+from fedllm.security.encryption import EncryptionError, IntegrityError, KeyRing, write_encrypted
 from fedllm.serving.node.generation import AdapterLoadError, read_adapter
 
 MODEL = ModelConfig.model_validate({**TINY_TEST_MODEL, "lora": {"r": 2, "alpha": 4.0}})
@@ -35,16 +34,14 @@ def lora_model():
 
 
 @pytest.fixture(scope="module")
-def writer():
-    """The ServerApp's round-checkpoint writer, on a model of its own (it overwrites it)."""
-    return adapter_directory_writer(load_lora_model(MODEL, torch.device("cpu"), seed=0))
+def writer_model():
+    """The model the ServerApp's round-checkpoint writer overwrites (one of its own)."""
+    return load_lora_model(MODEL, torch.device("cpu"), seed=0)
 
 
 @pytest.fixture
-def keyring(monkeypatch) -> KeyRing:
-    ring = KeyRing.generate()
-    monkeypatch.setenv(ENV_VAR, ring.to_json())
-    return ring
+def keyring() -> KeyRing:
+    return KeyRing.generate()
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
@@ -59,8 +56,8 @@ def _assert_same(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) 
         assert torch.equal(left[name].cpu(), right[name].cpu()), name
 
 
-def test_round_checkpoint_is_a_peft_directory_without_a_key_ring(tmp_path, writer, monkeypatch):
-    monkeypatch.delenv(ENV_VAR, raising=False)
+def test_round_checkpoint_is_a_peft_directory_without_a_key_ring(tmp_path, writer_model):
+    writer = adapter_directory_writer(writer_model, keyring=None)
     state = _state(seed=2)
     directory = tmp_path / "checkpoints" / "round-0001"
     writer(state, directory)
@@ -68,18 +65,17 @@ def test_round_checkpoint_is_a_peft_directory_without_a_key_ring(tmp_path, write
     assert sorted(p.name for p in directory.parent.iterdir()) == ["round-0001"]  # no staging
     # what resume reads back is bit-identical to what the strategy handed over, and so is the
     # global adapter it restarts from (as run_federation loads it into a fresh model)
-    _assert_same(load_round_checkpoint(directory), state)
+    _assert_same(load_round_checkpoint(directory, keyring=None), state)
     resumed = load_lora_model(MODEL, torch.device("cpu"), seed=5)
-    load_adapter_state(resumed, load_round_checkpoint(directory))
+    load_adapter_state(resumed, load_round_checkpoint(directory, keyring=None))
     _assert_same(adapter_state(resumed), state)
     # and it is an ordinary peft adapter
     loaded = PeftModel.from_pretrained(load_base_model(MODEL, torch.device("cpu")), directory)
     _assert_same(adapter_state(loaded), state)
 
 
-def test_round_checkpoint_is_encrypted_and_tampering_is_detected(
-    tmp_path, writer, keyring, monkeypatch
-):
+def test_round_checkpoint_is_encrypted_and_tampering_is_detected(tmp_path, writer_model, keyring):
+    writer = adapter_directory_writer(writer_model, keyring=keyring)
     state = _state(seed=3)
     first = tmp_path / "checkpoints" / "round-0001"
     writer(state, first)
@@ -87,69 +83,68 @@ def test_round_checkpoint_is_encrypted_and_tampering_is_detected(
     weights = first / "adapter_model.safetensors"
     assert b"lora_A" not in weights.read_bytes()
     assert b"peft_type" not in (first / "adapter_config.json").read_bytes()
-    _assert_same(load_round_checkpoint(first), state)
+    _assert_same(load_round_checkpoint(first, keyring=keyring), state)
 
     blob = bytearray(weights.read_bytes())
     blob[len(blob) // 2] ^= 0x01
     weights.write_bytes(bytes(blob))
     with pytest.raises(IntegrityError):
-        load_round_checkpoint(first)
+        load_round_checkpoint(first, keyring=keyring)
 
     # Planting a plaintext adapter where ciphertext is expected is refused too.
-    monkeypatch.delenv(ENV_VAR)
     plain = tmp_path / "plain"
-    writer(state, plain)
+    adapter_directory_writer(writer_model, keyring=None)(state, plain)
     weights.write_bytes((plain / "adapter_model.safetensors").read_bytes())
-    monkeypatch.setenv(ENV_VAR, keyring.to_json())
     with pytest.raises(IntegrityError, match="plaintext"):
-        load_round_checkpoint(first)
+        load_round_checkpoint(first, keyring=keyring)
 
     second = tmp_path / "checkpoints" / "round-0002"
     writer(state, second)
-    monkeypatch.delenv(ENV_VAR)
     with pytest.raises(EncryptionError, match="encrypted"):
-        load_round_checkpoint(second)
+        load_round_checkpoint(second, keyring=None)
 
 
-def test_round_checkpoints_of_older_runs_are_still_read(tmp_path, keyring, monkeypatch):
+def test_round_checkpoints_of_older_runs_are_still_read(tmp_path, keyring):
     """Runs from before round checkpoints were peft directories recorded round-NNNN.pt."""
     state = _state(seed=4)
     encrypted = tmp_path / "round-0001.pt"
-    save_torch_encrypted(state, encrypted, keyring)
-    _assert_same(load_round_checkpoint(encrypted), state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # as those runs wrote it: torch.save, then encrypted
+    write_encrypted(encrypted, buffer.getvalue(), keyring)
+    _assert_same(load_round_checkpoint(encrypted, keyring=keyring), state)
 
-    monkeypatch.delenv(ENV_VAR)
     plain = tmp_path / "round-0002.pt"
     torch.save(state, plain)
-    _assert_same(load_round_checkpoint(plain), state)
+    _assert_same(load_round_checkpoint(plain, keyring=None), state)
 
     with pytest.raises(FileNotFoundError, match="no round checkpoint"):
-        load_round_checkpoint(tmp_path / "round-0003")
+        load_round_checkpoint(tmp_path / "round-0003", keyring=keyring)
 
 
 def test_adapter_directory_is_served_encrypted_and_refused_when_tampered(
     tmp_path, lora_model, keyring
 ):
     directory = tmp_path / "checkpoint"
-    save_adapter_directory(lora_model, directory)
+    save_adapter_directory(lora_model, directory, keyring=keyring)
     assert not (tmp_path / "checkpoint.staging").exists()
     weights = directory / "adapter_model.safetensors"
     assert b"lora_A" not in weights.read_bytes()
     assert b"peft_type" not in (directory / "adapter_config.json").read_bytes()
 
-    loaded = read_adapter(directory)
+    loaded = read_adapter(directory, keyring=keyring)
     _assert_same(loaded.state, get_peft_model_state_dict(lora_model))
+    with pytest.raises(AdapterLoadError, match="encrypted"):
+        read_adapter(directory, keyring=None)
 
     blob = bytearray(weights.read_bytes())
     blob[-1] ^= 0x01
     weights.write_bytes(bytes(blob))
     with pytest.raises(AdapterLoadError, match="unreadable adapter"):
-        read_adapter(directory)
+        read_adapter(directory, keyring=keyring)
 
 
-def test_adapter_directory_without_key_ring_is_plain_peft(tmp_path, lora_model, monkeypatch):
-    monkeypatch.delenv(ENV_VAR, raising=False)
+def test_adapter_directory_without_key_ring_is_plain_peft(tmp_path, lora_model):
     directory = tmp_path / "checkpoint"
-    save_adapter_directory(lora_model, directory)
-    assert b"peft_type" in read_artifact(directory / "adapter_config.json")
-    _assert_same(read_adapter(directory).state, get_peft_model_state_dict(lora_model))
+    save_adapter_directory(lora_model, directory, keyring=None)
+    assert b"peft_type" in read_artifact(directory / "adapter_config.json", keyring=None)
+    _assert_same(read_adapter(directory, keyring=None).state, get_peft_model_state_dict(lora_model))

@@ -571,6 +571,7 @@ def _published_adapter(sandbox: Path) -> None:
             },
         },
         model_config=model_config,
+        keyring=None,  # the docs' commands run without FEDLLM_ENCRYPTION_* set
     )
 
 

@@ -38,7 +38,7 @@ from fedllm.models.dp_record import (
 )
 from fedllm.models.loading import base_model, load_lora_model
 from fedllm.report.run_report import RunReport
-from fedllm.security.encryption import ENV_VAR, KeyRing
+from fedllm.security.encryption import KeyRing
 from fedllm.serving.node.app import create_node_app
 from fedllm.serving.node.config import validate_node_config
 from fedllm.serving.node.generation import ModelBackend, read_adapter, read_dp_record
@@ -93,11 +93,6 @@ def lora_model():
     return randomised_lora_model(TINY, seed=2)
 
 
-@pytest.fixture
-def plaintext(monkeypatch):
-    monkeypatch.delenv(ENV_VAR, raising=False)
-
-
 def _health(backend: ModelBackend, adapter_dir: Path) -> dict:
     app = create_node_app(node_config(backend="model", adapter_dir=str(adapter_dir)), backend)
     with BackgroundServer(app) as server:
@@ -107,12 +102,12 @@ def _health(backend: ModelBackend, adapter_dir: Path) -> dict:
 # --- publishing ------------------------------------------------------------------------------
 
 
-def test_a_non_dp_run_never_publishes(tmp_path, lora_model, plaintext):
+def test_a_non_dp_run_never_publishes(tmp_path, lora_model):
     config = experiment(tmp_path, dp=False)
     run_dir = tmp_path / "pub"
     report = finished_report(run_dir, config)
     with capture_logs() as logs:
-        published = publish_final_adapter(lora_model, config, run_dir, report)
+        published = publish_final_adapter(lora_model, config, run_dir, report, keyring=None)
     assert published is None
     assert not (tmp_path / "published").exists()
     refusals = [e for e in logs if e["event"] == "adapter.not_published"]
@@ -129,17 +124,20 @@ def test_a_non_dp_run_never_publishes(tmp_path, lora_model, plaintext):
             run_id="x",
             privacy=report.data["privacy"],
             model_config=config.model,
+            keyring=None,
         )
     assert not (tmp_path / "direct").exists()
     assert not (tmp_path / "direct.staging").exists()
 
 
-def test_the_no_dp_baseline_does_not_overwrite_the_published_dp_adapter(
-    tmp_path, lora_model, plaintext
-):
+def test_the_no_dp_baseline_does_not_overwrite_the_published_dp_adapter(tmp_path, lora_model):
     dp_config = experiment(tmp_path, dp=True)
     published = publish_final_adapter(
-        lora_model, dp_config, tmp_path / "pub", finished_report(tmp_path / "pub", dp_config)
+        lora_model,
+        dp_config,
+        tmp_path / "pub",
+        finished_report(tmp_path / "pub", dp_config),
+        keyring=None,
     )
     assert published == tmp_path / "published"
     before = {p.name: p.read_bytes() for p in published.iterdir()}
@@ -155,16 +153,17 @@ def test_the_no_dp_baseline_does_not_overwrite_the_published_dp_adapter(
     torch.manual_seed(9)
     other = load_lora_model(TINY, torch.device("cpu"), seed=9)
     sub_dir = tmp_path / "pub" / "baselines" / "federated_no_dp"
-    assert publish_final_adapter(other, no_dp, sub_dir, finished_report(sub_dir, no_dp)) is None
+    report = finished_report(sub_dir, no_dp)
+    assert publish_final_adapter(other, no_dp, sub_dir, report, keyring=None) is None
     assert {p.name: p.read_bytes() for p in published.iterdir()} == before
 
 
-def test_a_dp_publish_writes_a_record_that_matches_the_report(tmp_path, lora_model, plaintext):
+def test_a_dp_publish_writes_a_record_that_matches_the_report(tmp_path, lora_model):
     config = experiment(tmp_path, dp=True)
     run_dir = tmp_path / "pub"
     report = finished_report(run_dir, config)
     with capture_logs() as logs:
-        published = publish_final_adapter(lora_model, config, run_dir, report)
+        published = publish_final_adapter(lora_model, config, run_dir, report, keyring=None)
     assert published == tmp_path / "published"
     assert any(e["event"] == "adapter.published" for e in logs)
 
@@ -194,27 +193,26 @@ def test_a_dp_publish_writes_a_record_that_matches_the_report(tmp_path, lora_mod
     # bound to exactly the weights published next to it (which the node hashes as its version)
     digest = hashlib.sha256((published / WEIGHTS).read_bytes()).hexdigest()
     assert raw["adapter_sha256"] == digest
-    files = read_adapter(published)
+    files = read_adapter(published, keyring=None)
     assert files.version == digest[:12]
-    assert read_dp_record(published, files).run_id == "pub"
+    assert read_dp_record(published, files, keyring=None).run_id == "pub"
     assert not (tmp_path / "published.staging").exists()
 
 
-def test_a_published_adapter_and_its_record_are_encrypted_with_a_key_ring(
-    tmp_path, lora_model, monkeypatch
-):
-    monkeypatch.setenv(ENV_VAR, KeyRing.generate().to_json())
+def test_a_published_adapter_and_its_record_are_encrypted_with_a_key_ring(tmp_path, lora_model):
+    keyring = KeyRing.generate()
     config = experiment(tmp_path, dp=True)
-    published = publish_final_adapter(
-        lora_model, config, tmp_path / "pub", finished_report(tmp_path / "pub", config)
-    )
+    report = finished_report(tmp_path / "pub", config)
+    published = publish_final_adapter(lora_model, config, tmp_path / "pub", report, keyring=keyring)
     assert published is not None
     assert b"run_id" not in (published / DP_RECORD_FILE).read_bytes()
-    record = parse_dp_record(read_artifact(published / DP_RECORD_FILE))
+    record = parse_dp_record(read_artifact(published / DP_RECORD_FILE, keyring=keyring))
     assert record.run_id == "pub"
 
     with capture_logs() as logs:
-        backend = ModelBackend(TINY, adapter_dir=published, reload_interval_s=0, device="cpu")
+        backend = ModelBackend(
+            TINY, adapter_dir=published, reload_interval_s=0, device="cpu", keyring=keyring
+        )
     assert backend.served is not None
     assert backend.served.dp_record == record
     # run.seed (7) does not shape the base model: the node's own is the run's, by hash
@@ -224,10 +222,10 @@ def test_a_published_adapter_and_its_record_are_encrypted_with_a_key_ring(
     # A plaintext record planted next to encrypted weights is not accepted.
     (published / DP_RECORD_FILE).write_bytes(record.to_bytes())
     with pytest.raises(DPRecordError, match="plaintext"):
-        read_dp_record(published, read_adapter(published))
+        read_dp_record(published, read_adapter(published, keyring=keyring), keyring=keyring)
 
 
-def test_records_are_strict(tmp_path, plaintext):
+def test_records_are_strict(tmp_path):
     good = json.loads(_published_record(tmp_path))
     parse_dp_record(json.dumps(good).encode())
     for broken in (
@@ -253,7 +251,7 @@ def _published_record(tmp_path: Path) -> bytes:
 # --- serving ---------------------------------------------------------------------------------
 
 
-def test_node_refuses_an_adapter_without_a_record(tmp_path, plaintext):
+def test_node_refuses_an_adapter_without_a_record(tmp_path):
     adapter_dir = tmp_path / "published"
     version = write_adapter(adapter_dir, seed=21, dp=False)
     with capture_logs() as logs:
@@ -276,9 +274,7 @@ def test_node_refuses_an_adapter_without_a_record(tmp_path, plaintext):
     assert health["adapter_issue"] is None
 
 
-def test_node_refuses_a_record_saying_privacy_disabled_and_keeps_the_previous_adapter(
-    tmp_path, plaintext
-):
+def test_node_refuses_a_record_saying_privacy_disabled_and_keeps_the_previous_adapter(tmp_path):
     adapter_dir = tmp_path / "published"
     good = write_adapter(adapter_dir, seed=22)
     backend = ModelBackend(TINY, adapter_dir=adapter_dir, reload_interval_s=0, device="cpu")
@@ -295,7 +291,7 @@ def test_node_refuses_a_record_saying_privacy_disabled_and_keeps_the_previous_ad
     parse_dp_record(disabled.to_bytes())  # valid as a record: refused for what it says
     for name in (WEIGHTS, "adapter_config.json"):
         shutil.copy(candidate / name, adapter_dir / name)
-    write_artifact(adapter_dir / DP_RECORD_FILE, disabled.to_bytes())
+    write_artifact(adapter_dir / DP_RECORD_FILE, disabled.to_bytes(), keyring=None)
     with capture_logs() as logs:
         assert backend.check_for_update() is False
     refused = [e for e in logs if e["event"] == "adapter.refused"]
@@ -311,7 +307,7 @@ def test_node_refuses_a_record_saying_privacy_disabled_and_keeps_the_previous_ad
     assert "privacy was disabled" in health["adapter_issue"]
 
     # A DP record left from an earlier adapter does not vouch for new weights either.
-    write_artifact(adapter_dir / DP_RECORD_FILE, record.to_bytes())
+    write_artifact(adapter_dir / DP_RECORD_FILE, record.to_bytes(), keyring=None)
     stale = write_adapter(adapter_dir, seed=24, dp=False)
     assert backend.check_for_update() is False
     assert backend.model_version == good
@@ -319,7 +315,7 @@ def test_node_refuses_a_record_saying_privacy_disabled_and_keeps_the_previous_ad
     assert "describes other weights" in backend.adapter_issue
 
 
-def test_node_serves_an_adapter_with_a_valid_record(tmp_path, plaintext):
+def test_node_serves_an_adapter_with_a_valid_record(tmp_path):
     adapter_dir = tmp_path / "published"
     version = write_adapter(adapter_dir, seed=25)
     backend = ModelBackend(TINY, adapter_dir=adapter_dir, reload_interval_s=0, device="cpu")
@@ -340,7 +336,7 @@ def test_node_serves_an_adapter_with_a_valid_record(tmp_path, plaintext):
     }
 
 
-def test_allow_non_dp_adapters_serves_an_unrecorded_adapter(tmp_path, plaintext):
+def test_allow_non_dp_adapters_serves_an_unrecorded_adapter(tmp_path):
     adapter_dir = tmp_path / "published"
     version = write_adapter(adapter_dir, seed=26, dp=False)
     config = validate_node_config(
@@ -355,7 +351,7 @@ def test_allow_non_dp_adapters_serves_an_unrecorded_adapter(tmp_path, plaintext)
         }
     )
     with capture_logs() as logs:
-        backend = build_backend(config)
+        backend = build_backend(config, keyring=None)
     try:
         events = [e["event"] for e in logs]
         assert "node.non_dp_adapters_allowed" in events

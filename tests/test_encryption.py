@@ -4,37 +4,38 @@ from __future__ import annotations
 
 import base64
 import json
-import pickle
 import stat
 from pathlib import Path
 
 import pytest
-import torch
-from sqlalchemy import Integer, create_engine, select, text
+from sqlalchemy import Integer, Text, create_engine, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from fedllm.cli.keys import keys_app
 from fedllm.security.encryption import (
-    ENV_VAR,
-    FILE_ENV_VAR,
     MAGIC,
     EncryptedJSON,
     EncryptionError,
     IntegrityError,
+    KeyFile,
     KeyRing,
+    current_keyring,
     decrypt_bytes,
     decrypt_file,
     encrypt_bytes,
     encrypt_file,
-    environment_keyring,
     generate_key_file,
     key_id_of,
-    load_torch_encrypted,
     rotate_files,
-    save_torch_encrypted,
     write_encrypted,
+)
+from fedllm.security.environment import (
+    ENV_VAR,
+    FILE_ENV_VAR,
+    keyring_from_environment,
+    keyring_from_variable,
 )
 
 SECRET = b"patient 4711: metformin 500mg"
@@ -176,10 +177,10 @@ def test_key_ring_formats_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert decrypt_bytes(blob, from_lines, associated_data=b"x") == SECRET
 
     monkeypatch.setenv("HOSPITAL_KEYS", ",".join(entries))
-    assert KeyRing.from_env("HOSPITAL_KEYS").current_key_id == "k2"
+    assert keyring_from_variable("HOSPITAL_KEYS").current_key_id == "k2"
     monkeypatch.delenv("HOSPITAL_KEYS")
     with pytest.raises(EncryptionError, match="not set"):
-        KeyRing.from_env("HOSPITAL_KEYS")
+        keyring_from_variable("HOSPITAL_KEYS")
     with pytest.raises(EncryptionError, match="16 bytes"):
         KeyRing.from_text(f"k1:{base64.b64encode(bytes(16)).decode()}")
     with pytest.raises(EncryptionError, match="ID:BASE64"):
@@ -187,96 +188,87 @@ def test_key_ring_formats_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert entries[0].split(":")[1] not in repr(ring)
 
 
-def test_environment_keyring_follows_the_environment_and_rotation(
+def test_the_edge_reads_the_variables_and_follows_a_rotated_key_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """What every entry point does: read the environment once, pass the source down."""
     monkeypatch.delenv(ENV_VAR, raising=False)
     monkeypatch.delenv(FILE_ENV_VAR, raising=False)
-    assert environment_keyring() is None
+    assert keyring_from_environment() is None
     key_file = tmp_path / "keys.json"
     ring = generate_key_file(key_file, key_id="k1")
     monkeypatch.setenv(FILE_ENV_VAR, str(key_file))
-    assert environment_keyring().current_key_id == "k1"
-    ring.with_new_key("k2").save(key_file)
-    assert environment_keyring().current_key_id == "k2"
+    source = keyring_from_environment()
+    assert isinstance(source, KeyFile)
+    assert current_keyring(source).current_key_id == "k1"
+    ring.with_new_key("k2").save(key_file)  # `fedllm keys rotate` in another process
+    assert current_keyring(source).current_key_id == "k2"  # no restart needed
     monkeypatch.setenv(ENV_VAR, KeyRing.generate("k9").to_json())
-    assert environment_keyring().current_key_id == "k9"  # the variable wins over the file
+    assert current_keyring(keyring_from_environment()).current_key_id == "k9"  # variable wins
 
-
-class _NotATensor:
-    pass
-
-
-def test_torch_helpers_round_trip_with_weights_only(tmp_path: Path, ring: KeyRing) -> None:
-    state = {"lora_A": torch.arange(12, dtype=torch.float32).reshape(3, 4), "step": 7}
-    path = tmp_path / "adapter.pt"
-    save_torch_encrypted(state, path, ring)
-    assert path.read_bytes().startswith(MAGIC)
-    assert b"lora_A" not in path.read_bytes()
-    loaded = load_torch_encrypted(path, ring)
-    assert torch.equal(loaded["lora_A"], state["lora_A"])
-    assert loaded["step"] == 7
-    unsafe = tmp_path / "unsafe.pt"
-    save_torch_encrypted({"obj": _NotATensor()}, unsafe, ring)
-    with pytest.raises(pickle.UnpicklingError):
-        load_torch_encrypted(unsafe, ring)
+    missing = {FILE_ENV_VAR: str(tmp_path / "gone.json")}
+    with pytest.raises(EncryptionError, match=r"FEDLLM_ENCRYPTION_KEY_FILE: no key file"):
+        keyring_from_environment(missing)  # at start, before anything is written
+    assert keyring_from_environment({}) is None
 
 
 class _Base(DeclarativeBase):
     pass
 
 
-_RINGS: dict[str, KeyRing] = {}
-
-
 class _Event(_Base):
     __tablename__ = "events"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    event: Mapped[dict] = mapped_column(
-        EncryptedJSON(lambda: _RINGS.get("ledger"), name="events.event")
-    )
+    event: Mapped[str] = mapped_column(Text)
 
 
 def test_encrypted_json_column_in_sqlite(tmp_path: Path, ring: KeyRing) -> None:
     engine = create_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
     _Base.metadata.create_all(engine)
     payload = {"kind": "sampled_gaussian", "noise_multiplier": 1.1, "patient": "4711"}
-    _RINGS["ledger"] = ring
-    try:
-        with Session(engine) as session:
-            session.add_all([_Event(id=1, event=payload), _Event(id=2, event={"n": 2})])
-            session.commit()
-        with Session(engine) as session:
-            assert session.get(_Event, 1).event == payload
-        with engine.connect() as conn:
-            raw = conn.execute(text("SELECT event FROM events WHERE id = 1")).scalar_one()
-        assert "4711" not in raw
-        assert "noise_multiplier" not in raw
-        assert base64.b64decode(raw).startswith(MAGIC)
+    events = EncryptedJSON(ring, name="events.event")
 
-        with engine.begin() as conn:  # an attacker editing the database file
-            tampered = bytearray(base64.b64decode(raw))
-            tampered[-1] ^= 1
-            conn.execute(
-                text("UPDATE events SET event = :v WHERE id = 2"),
-                {"v": base64.b64encode(bytes(tampered)).decode()},
+    def read(row_id: int, codec: EncryptedJSON) -> object:
+        with Session(engine) as session:
+            return codec.loads(
+                session.scalars(select(_Event.event).where(_Event.id == row_id)).one()
             )
-            conn.execute(
-                text("INSERT INTO events (id, event) VALUES (3, :v)"), {"v": json.dumps(payload)}
-            )
-        with Session(engine) as session, pytest.raises(IntegrityError):
-            session.execute(select(_Event).where(_Event.id == 2)).scalar_one()
-        with Session(engine) as session, pytest.raises(IntegrityError, match="plaintext"):
-            session.execute(select(_Event).where(_Event.id == 3)).scalar_one()
-        _RINGS["ledger"] = KeyRing.generate(ring.current_key_id)
-        with Session(engine) as session, pytest.raises(IntegrityError):
-            session.execute(select(_Event).where(_Event.id == 1)).scalar_one()
-    finally:
-        _RINGS.clear()
-    with Session(engine) as session:  # no key ring: plaintext mode reads plaintext rows only
-        assert session.get(_Event, 3).event == payload
-        with pytest.raises(EncryptionError, match="no key ring"):
-            session.execute(select(_Event).where(_Event.id == 1)).scalar_one()
+
+    with Session(engine) as session:
+        session.add_all(
+            [_Event(id=1, event=events.dumps(payload)), _Event(id=2, event=events.dumps({"n": 2}))]
+        )
+        session.commit()
+    assert read(1, events) == payload
+    with engine.connect() as conn:
+        raw = conn.execute(text("SELECT event FROM events WHERE id = 1")).scalar_one()
+    assert "4711" not in raw
+    assert "noise_multiplier" not in raw
+    assert base64.b64decode(raw).startswith(MAGIC)
+    with pytest.raises(IntegrityError):  # bound to its column: another column refuses it
+        EncryptedJSON(ring, name="other.event").loads(raw)
+
+    with engine.begin() as conn:  # an attacker editing the database file
+        tampered = bytearray(base64.b64decode(raw))
+        tampered[-1] ^= 1
+        conn.execute(
+            text("UPDATE events SET event = :v WHERE id = 2"),
+            {"v": base64.b64encode(bytes(tampered)).decode()},
+        )
+        conn.execute(
+            text("INSERT INTO events (id, event) VALUES (3, :v)"), {"v": json.dumps(payload)}
+        )
+    with pytest.raises(IntegrityError):
+        read(2, events)
+    with pytest.raises(IntegrityError, match="plaintext"):
+        read(3, events)
+    assert read(3, EncryptedJSON(ring, name="events.event", accept_plaintext=True)) == payload
+    with pytest.raises(IntegrityError):
+        read(1, EncryptedJSON(KeyRing.generate(ring.current_key_id), name="events.event"))
+    plain = EncryptedJSON(None, name="events.event")  # no key ring: plaintext rows only
+    assert read(3, plain) == payload
+    with pytest.raises(EncryptionError, match="no key ring"):
+        read(1, plain)
 
 
 def test_cli_generate_encrypt_rotate_decrypt(tmp_path: Path) -> None:

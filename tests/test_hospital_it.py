@@ -226,9 +226,9 @@ def test_status_shows_budget_history_base_model_and_served_adapter(tmp_path, cre
     assert base_model(TINY).sha256 in text.output
 
     # an adapter of another base model is shown as one the server would not serve
-    record = parse_dp_record(read_artifact(adapter_dir / DP_RECORD_FILE))
+    record = parse_dp_record(read_artifact(adapter_dir / DP_RECORD_FILE, keyring=None))
     foreign = record.model_copy(update={"base_model": {**record.base_model, "sha256": "c" * 64}})
-    write_artifact(adapter_dir / DP_RECORD_FILE, foreign.to_bytes())
+    write_artifact(adapter_dir / DP_RECORD_FILE, foreign.to_bytes(), keyring=None)
     result = runner.invoke(app, ["hospital", "status", "--config", str(config), "--json"])
     assert "trained on base model cccccccccccc" in json.loads(result.output)["adapter"]["refusal"]
 
@@ -289,7 +289,9 @@ def test_an_experiment_with_another_delta_is_refused_in_one_line(tmp_path):
     )
     ledger = ServerLedger(f"sqlite:///{run_dir / 'server.db'}")
     ledger.start_run("r", config.model_dump_json())
-    run_federation(grid, config, run_dir, RunReport(run_dir, config), ledger, completed=0)
+    run_federation(
+        grid, config, run_dir, RunReport(run_dir, config), ledger, completed=0, keyring=None
+    )
     saved = read_report_json(run_dir)
     assert saved["status"] == "failed"
     assert saved["causes"] == [

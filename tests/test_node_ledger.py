@@ -21,7 +21,7 @@ from fedllm.privacy import (
     compute_epsilon,
     event_to_dict,
 )
-from fedllm.security.encryption import ENV_VAR, IntegrityError, KeyRing
+from fedllm.security.encryption import EncryptionError, IntegrityError, KeyRing
 
 DELTA = 1e-5
 ROUND = SampledGaussianSteps(1.0, 0.02, 20)
@@ -217,13 +217,18 @@ def test_charge_rejects_non_events_without_recording(tmp_path: Path) -> None:
     assert ledger.events() == []
 
 
-def test_ledger_events_are_encrypted_at_rest_and_tampering_is_refused(tmp_path, monkeypatch):
-    """With a key ring configured, the event column holds AES-GCM ciphertext, not mechanisms."""
-    monkeypatch.setenv(ENV_VAR, KeyRing.generate().to_json())
-    ledger = NodePrivacyLedger(_url(tmp_path), "h1", epsilon_cap=100.0, delta=DELTA)
+def test_ledger_events_are_encrypted_at_rest_and_tampering_is_refused(tmp_path):
+    """With a key ring, the event column holds AES-GCM ciphertext, not mechanisms."""
+    keyring = KeyRing.generate()
+    ledger = NodePrivacyLedger(
+        _url(tmp_path), "h1", epsilon_cap=100.0, delta=DELTA, keyring=keyring
+    )
     ledger.charge([ROUND, ROUND], round_id=1, run_id="r")
     assert ledger.events() == [ROUND, ROUND]
     assert ledger.spent_epsilon() == pytest.approx(_epsilon_of_rounds(2))
+    keyless = NodePrivacyLedger(_url(tmp_path), "h1", epsilon_cap=100.0, delta=DELTA)
+    with pytest.raises(EncryptionError, match="no key ring"):
+        keyless.spent_epsilon()
 
     with sqlite3.connect(tmp_path / "ledger.db") as raw:
         stored = [row[0] for row in raw.execute("SELECT event FROM privacy_events ORDER BY id")]

@@ -92,14 +92,14 @@ def write_adapter(directory: Path, seed: int, *, dp: bool = True) -> str:
 
 def record_adapter(directory: Path, privacy: dict = DP_PRIVACY, run_id: str = "test-run") -> None:
     """Write the dp-record.json of a DP run for the weights now in ``directory``."""
-    weights = read_artifact(directory / "adapter_model.safetensors")
+    weights = read_artifact(directory / "adapter_model.safetensors", keyring=None)
     record = record_from_report(
         run_id=run_id,
         privacy=privacy,
         model=TINY,
         adapter_sha256=hashlib.sha256(weights).hexdigest(),
     )
-    write_artifact(directory / DP_RECORD_FILE, record.to_bytes())
+    write_artifact(directory / DP_RECORD_FILE, record.to_bytes(), keyring=None)
 
 
 def wait_for(predicate, timeout_s: float = 15.0) -> None:
@@ -486,8 +486,10 @@ def _free_port() -> int:
 SERVE_NODE = (
     "import sys\n"
     "from fedllm.serving.node.config import load_node_config\n"
-    "from fedllm.serving.node.server import serve_node\n"
-    "serve_node(load_node_config(sys.argv[1]))\n"
+    "from fedllm.serving.node.server import build_node_app, serve_node\n"
+    "from fedllm.security.environment import keyring_from_environment\n"
+    "config = load_node_config(sys.argv[1])\n"
+    "serve_node(config, build_node_app(config, keyring=keyring_from_environment()))\n"
 )
 
 

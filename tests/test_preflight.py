@@ -360,7 +360,7 @@ def test_one_failing_hospital_stops_the_run_before_anything_is_charged(tmp_path,
     report = RunReport(run_dir, config)
     ledger = ServerLedger(f"sqlite:///{run_dir / 'server.db'}")
     ledger.start_run("r", config.model_dump_json())
-    run_federation(grid, config, run_dir, report, ledger, completed=0)
+    run_federation(grid, config, run_dir, report, ledger, completed=0, keyring=None)
     assert grid.sent == ["query", "query"]
     saved = read_report_json(run_dir)
     assert saved["status"] == "failed"

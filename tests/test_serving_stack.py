@@ -31,7 +31,8 @@ from fedllm.models.loading import load_lora_model
 from fedllm.privacy.consensus import ConsensusMechanism, ledger_event
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.security.certs import load_credentials
-from fedllm.security.encryption import ENV_VAR, KeyRing
+from fedllm.security.encryption import KeyRing
+from fedllm.security.environment import ENV_VAR
 
 pytestmark = pytest.mark.integration
 
@@ -112,27 +113,27 @@ def stack(tmp_path_factory, keyring) -> Iterator[dict[str, Any]]:
     assert result.exit_code == 0, result.output
 
     env = {**os.environ, ENV_VAR: keyring.to_json(), "FEDLLM_LOG_LEVEL": "WARNING"}
-    with pytest.MonkeyPatch.context() as patch:  # the server publishes the adapter encrypted
-        patch.setenv(ENV_VAR, keyring.to_json())
-        model_config = ModelConfig.model_validate(MODEL)
-        model = load_lora_model(model_config, torch.device("cpu"), seed=3)
-        publish_adapter(  # with its DP record: nodes serve no adapter without one
-            model,
-            work / "checkpoint",
-            run_id="stack",
-            privacy={
-                "enabled": True,
-                "delta": DELTA,
-                "accountant": "pld",
-                "unit": "patient",
-                "neighbouring": "replace-one",
-                "hospitals": {
-                    name: {"epsilon": 1.0, "epsilon_cap": CAP, "epsilon_confirmed": True}
-                    for name in HOSPITALS
-                },
+    # the server publishes the adapter encrypted; the nodes read their key ring from `env`
+    model_config = ModelConfig.model_validate(MODEL)
+    model = load_lora_model(model_config, torch.device("cpu"), seed=3)
+    publish_adapter(  # with its DP record: nodes serve no adapter without one
+        model,
+        work / "checkpoint",
+        run_id="stack",
+        privacy={
+            "enabled": True,
+            "delta": DELTA,
+            "accountant": "pld",
+            "unit": "patient",
+            "neighbouring": "replace-one",
+            "hospitals": {
+                name: {"epsilon": 1.0, "epsilon_cap": CAP, "epsilon_confirmed": True}
+                for name in HOSPITALS
             },
-            model_config=model_config,
-        )
+        },
+        model_config=model_config,
+        keyring=keyring,
+    )
 
     nodes = []
     for name in HOSPITALS:
@@ -250,9 +251,7 @@ def _wait_all_nodes_healthy(stack: dict[str, Any], timeout_s: float = 60) -> Non
         time.sleep(0.2)
 
 
-def test_consensus_answer_charges_the_user_and_every_hospital_the_same_mechanism(
-    stack, keyring, monkeypatch
-):
+def test_consensus_answer_charges_the_user_and_every_hospital_the_same_mechanism(stack, keyring):
     token = _token(stack)
     headers = {"Authorization": f"Bearer {token}"}
     budget_url = f"{stack['router_url']}/v1/privacy/budget/dr-grey"
@@ -279,10 +278,9 @@ def test_consensus_answer_charges_the_user_and_every_hospital_the_same_mechanism
     after = httpx.get(budget_url, headers=headers, verify=stack["verify"]).json()
     assert after["spent"] - before["spent"] == pytest.approx(cost, abs=2e-6)
 
-    monkeypatch.setenv(ENV_VAR, keyring.to_json())  # the node ledgers are encrypted at rest
-    for name in HOSPITALS:
+    for name in HOSPITALS:  # the node ledgers are encrypted at rest
         url = f"sqlite:///{stack['work'] / f'{name}.db'}"
-        ledger = NodePrivacyLedger(url, name, epsilon_cap=CAP, delta=DELTA)
+        ledger = NodePrivacyLedger(url, name, epsilon_cap=CAP, delta=DELTA, keyring=keyring)
         assert ledger.events() == [ledger_event(mechanism.noise_multiplier, MAX_TOKENS)]
         assert ledger.spent_epsilon() == pytest.approx(cost, rel=1e-6)
 

@@ -56,6 +56,7 @@ from fedllm.federation.warm_worker import (
 from fedllm.federation.warm_worker import (
     serve as serve_worker,
 )
+from fedllm.security.environment import keyring_from_environment
 from fedllm.storage.database import sqlite_path
 from fedllm.storage.files import create_private_file, private_directory, use_private_umask
 
@@ -150,7 +151,7 @@ def status_command(config: ConfigOption, json_output: bool = typer.Option(False,
     except ConfigError as error:
         fail(str(error))
     try:
-        status = hospital_status(hospital)
+        status = hospital_status(hospital, keyring=keyring_from_environment())
     except Exception as error:  # a ledger or key ring problem: one line, not a traceback
         fail(f"{config}: {type(error).__name__}: {str(error).splitlines()[0]}")
     if json_output:

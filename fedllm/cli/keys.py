@@ -11,16 +11,15 @@ from rich.table import Table
 from fedllm.cli.common import console, fail
 from fedllm.security.encryption import (
     ENCRYPTED_SUFFIX,
-    ENV_VAR,
     EncryptionError,
     KeyRing,
     decrypt_file,
     encrypt_file,
     generate_key_file,
-    load_keyring,
     logical_name,
     rotate_files,
 )
+from fedllm.security.environment import ENV_VAR, keyring_from_variable
 from fedllm.storage.files import write_atomic
 
 keys_app = typer.Typer(
@@ -156,6 +155,6 @@ def decrypt_command(
 
 def _load(path: Path | None) -> KeyRing:
     try:
-        return load_keyring(path)
+        return KeyRing.from_file(path) if path is not None else keyring_from_variable()
     except EncryptionError as err:
         fail(str(err))

@@ -10,6 +10,8 @@ import typer
 from fedllm.cli.common import console, fail
 from fedllm.config.loading import ConfigError
 from fedllm.models.loading import ModelLoadError
+from fedllm.security.encryption import EncryptionError
+from fedllm.security.environment import keyring_from_environment
 from fedllm.serving.node.config import NodeServerConfig, load_node_config
 from fedllm.serving.node.generation import AdapterLoadError
 from fedllm.serving.node.server import build_node_app, serve_node
@@ -29,8 +31,8 @@ def serve_command(
     # A server's own log lines (adapter reloads, refused consensus) are for its operator.
     configure_logging()
     try:
-        app = build_node_app(node)
-    except (ModelLoadError, AdapterLoadError, ValueError) as error:
+        app = build_node_app(node, keyring=keyring_from_environment())
+    except (ModelLoadError, AdapterLoadError, EncryptionError, ValueError) as error:
         fail(f"{config}: cannot start node {node.node_id!r}: {error}")
     _announce(node)
     try:

@@ -29,6 +29,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedllm.models.checkpoints import read_adapter_files, write_adapter_files
 from fedllm.models.dp_record import DP_RECORD_FILE, DPRecord, parse_dp_record
+from fedllm.security.encryption import KeyRingSource
 
 log = structlog.get_logger(__name__)
 
@@ -65,12 +66,15 @@ class DeliveryOutcome:
         }
 
 
-def delivery_content(directory: Path, run_context: Mapping[str, str]) -> RecordDict:
+def delivery_content(
+    directory: Path, run_context: Mapping[str, str], *, keyring: KeyRingSource | None
+) -> RecordDict:
     """The message content delivering the published adapter in ``directory``.
 
-    ``run_context`` is what every message of the run carries (run dir and id, base-model hash).
+    ``run_context`` is what every message of the run carries (run dir and id, base-model hash);
+    ``keyring`` decrypts the published files (the ServerApp's key ring source).
     """
-    files = read_adapter_files(directory, DELIVERED_FILES)
+    files = read_adapter_files(directory, DELIVERED_FILES, keyring=keyring)
     return RecordDict(
         {
             "config": ConfigRecord(dict(run_context)),
@@ -80,14 +84,19 @@ def delivery_content(directory: Path, run_context: Mapping[str, str]) -> RecordD
 
 
 def deliver_adapter(
-    grid: Any, directory: Path, run_context: Mapping[str, str], timeout: float | None
+    grid: Any,
+    directory: Path,
+    run_context: Mapping[str, str],
+    timeout: float | None,
+    *,
+    keyring: KeyRingSource | None,
 ) -> DeliveryOutcome:
     """Send the published adapter to every connected hospital and collect their answers.
 
     A refusal or an unreachable hospital is logged and listed, never a failed run: the run and
     its published adapter are complete, and delivery can be repeated (see docs/deploy.md).
     """
-    content = delivery_content(directory, run_context)
+    content = delivery_content(directory, run_context, keyring=keyring)
     digest = hashlib.sha256(content[ADAPTER_RECORD][ADAPTER_WEIGHTS]).hexdigest()
     messages = [
         Message(content.copy(), dst_node_id=node_id, message_type=DELIVER_MESSAGE)
@@ -137,14 +146,22 @@ def verify_delivery(files: Mapping[str, bytes], own_base_sha256: str) -> DPRecor
     return record
 
 
-def install_delivery(adapter: ConfigRecord, adapter_dir: Path, own_base_sha256: str) -> str:
+def install_delivery(
+    adapter: ConfigRecord,
+    adapter_dir: Path,
+    own_base_sha256: str,
+    *,
+    keyring: KeyRingSource | None,
+) -> str:
     """Verify a delivered adapter and write it into ``adapter_dir``; returns its weights' hash.
 
-    Nothing is written unless every check passes (`verify_delivery`).
+    Nothing is written unless every check passes (`verify_delivery`). With a ``keyring`` (the
+    hospital's own, from its ClientApp) the files are encrypted at rest, as its inference
+    server expects.
     """
     files = {name: bytes(adapter[name]) for name in DELIVERED_FILES if name in adapter}
     record = verify_delivery(files, own_base_sha256)
-    write_adapter_files(adapter_dir, files, sidecars=(DP_RECORD_FILE,))
+    write_adapter_files(adapter_dir, files, sidecars=(DP_RECORD_FILE,), keyring=keyring)
     log.info(
         "adapter.installed",
         path=str(adapter_dir),

@@ -26,6 +26,7 @@ from fedllm.privacy.node_ledger import BudgetExceededError, NodePrivacyLedger
 from fedllm.privacy.plan import HospitalPrivacyPlan, plan_hospital
 from fedllm.privacy.randomness import fresh_stream
 from fedllm.privacy.releases import release_counts, release_scalar
+from fedllm.security.encryption import KeyRingSource
 from fedllm.storage.database import sqlite_path
 from fedllm.storage.files import create_private_file
 from fedllm.training.evaluation import EvaluationResult, evaluate, evaluate_clipped_units
@@ -148,7 +149,9 @@ class HospitalSite:
     ``evaluation_allowed`` is the hospital's own policy: False refuses every evaluation.
     ``base_model_sha256`` is the server's base-model hash: a site whose own base model hashes
     differently is refused first of all (see :meth:`require_base_model`); None skips the
-    check, for a site built outside a federation.
+    check, for a site built outside a federation. ``keyring`` is the process's key ring
+    source (the ClientApp reads it from the environment); with one, the ledger's events are
+    encrypted at rest.
     Every random draw a DP guarantee rests on comes from a stream seeded by the OS afresh for
     each release (:mod:`fedllm.privacy.randomness`), never from ``run.seed``.
     """
@@ -163,6 +166,7 @@ class HospitalSite:
         split_key: bytes | None = None,
         evaluation_allowed: bool = True,
         base_model_sha256: str | None = None,
+        keyring: KeyRingSource | None = None,
     ) -> None:
         self.config = config
         self.index = index
@@ -194,6 +198,7 @@ class HospitalSite:
                 epsilon_cap=self.plan.epsilon_cap,
                 delta=config.privacy.delta,
                 accountant=config.privacy.accountant,
+                keyring=keyring,
             )
 
     @property

@@ -5,7 +5,9 @@ ledger (ε spent and left under the hospital's cap, every charged event), the ba
 content hash (what the federation checks with every message), and the DP record of the
 adapter in the inference server's adapter directory (which run's adapter is served, its hash,
 its guarantee). No sqlite3, no router certificate, no running server is needed; the ledger is
-read at the δ it was opened with, and a missing ledger means nothing was spent yet.
+read at the δ it was opened with, and a missing ledger means nothing was spent yet. Both the
+ledger and the adapter are read with the key ring source the CLI hands in, as the hospital's
+processes read them.
 """
 
 from __future__ import annotations
@@ -15,21 +17,22 @@ import math
 from typing import Any
 
 from fedllm.federation.hospital_config import HospitalConfig
+from fedllm.security.encryption import KeyRingSource
 from fedllm.storage.database import sqlite_path
 
 
-def hospital_status(config: HospitalConfig) -> dict[str, Any]:
+def hospital_status(config: HospitalConfig, *, keyring: KeyRingSource | None) -> dict[str, Any]:
     """The hospital's status as one JSON-able mapping (``fedllm hospital status --json``)."""
     model = base_model_status(config)
     return {
         "hospital": config.hospital,
-        "privacy": ledger_status(config),
+        "privacy": ledger_status(config, keyring=keyring),
         "base_model": model,
-        "adapter": adapter_status(config, model.get("sha256") if model else None),
+        "adapter": adapter_status(config, model.get("sha256") if model else None, keyring=keyring),
     }
 
 
-def ledger_status(config: HospitalConfig) -> dict[str, Any]:
+def ledger_status(config: HospitalConfig, *, keyring: KeyRingSource | None) -> dict[str, Any]:
     """ε spent and remaining under ``privacy.epsilon_cap``, and every charged event in order."""
     from fedllm.privacy.node_ledger import NodePrivacyLedger, recorded_delta
 
@@ -51,7 +54,11 @@ def ledger_status(config: HospitalConfig) -> dict[str, Any]:
         return status
     # the cap is policy and only matters for charging; reading needs the recorded δ
     ledger = NodePrivacyLedger(
-        url, config.hospital, epsilon_cap=cap if cap is not None else math.inf, delta=delta
+        url,
+        config.hospital,
+        epsilon_cap=cap if cap is not None else math.inf,
+        delta=delta,
+        keyring=keyring,
     )
     spent = ledger.spent_epsilon()
     status |= {
@@ -75,7 +82,9 @@ def base_model_status(config: HospitalConfig) -> dict[str, Any] | None:
         return {"name": config.inference.model.name, "error": str(error).splitlines()[0]}
 
 
-def adapter_status(config: HospitalConfig, base_sha256: str | None) -> dict[str, Any] | None:
+def adapter_status(
+    config: HospitalConfig, base_sha256: str | None, *, keyring: KeyRingSource | None
+) -> dict[str, Any] | None:
     """The adapter in ``inference.adapter_dir``: its version, run and DP guarantee, checked.
 
     ``version`` is what the inference server reports as ``model_version`` (the weights' hash,
@@ -96,8 +105,8 @@ def adapter_status(config: HospitalConfig, base_sha256: str | None) -> dict[str,
     if not weights.is_file() or not record_file.is_file():
         return status | {"version": None, "refusal": "no published adapter there yet"}
     try:
-        digest = hashlib.sha256(read_artifact(weights)).hexdigest()
-        record = parse_dp_record(read_artifact(record_file))
+        digest = hashlib.sha256(read_artifact(weights, keyring=keyring)).hexdigest()
+        record = parse_dp_record(read_artifact(record_file, keyring=keyring))
     except (OSError, ValueError, EncryptionError) as error:
         return status | {"version": None, "refusal": str(error).splitlines()[0]}
     return status | {

@@ -2,9 +2,11 @@
 
 The server writes the global adapter after every round (``checkpoints/round-NNNN/``, for
 resuming) and at the end (``checkpoint/``, which hospital inference servers serve), both as
-peft adapter directories written the same way (`save_adapter_directory`). With
-``FEDLLM_ENCRYPTION_KEYS`` or ``FEDLLM_ENCRYPTION_KEY_FILE`` set, every one of these files is
-written as ciphertext bound to its file name, and reading refuses a file that was altered,
+peft adapter directories written the same way (`save_adapter_directory`). Every function here
+takes the process's key ring source as ``keyring`` (its entry point reads it from the
+environment; nothing here does, and leaving it out is a TypeError, never a silent plaintext
+write). With a key ring, every one of these files is written as ciphertext bound to its file
+name, and reading refuses a file that was altered,
 swapped with another of the same name, or replaced by plaintext. Without a key ring they are
 plain files that ``PeftModel.from_pretrained`` loads.
 
@@ -39,9 +41,9 @@ from fedllm.models.dp_record import (
 from fedllm.security.encryption import (
     EncryptionError,
     IntegrityError,
-    KeyRing,
+    KeyRingSource,
+    current_keyring,
     decrypt_file,
-    environment_keyring,
     is_encrypted,
     write_encrypted,
 )
@@ -57,15 +59,14 @@ class PublicationRefusedError(DPRecordError):
     """The adapter may not be published: it was not trained with DP."""
 
 
-def read_artifact(path: Path, keyring: KeyRing | None = None) -> bytes:
+def read_artifact(path: Path, *, keyring: KeyRingSource | None) -> bytes:
     """A checkpoint file's plaintext, decrypted and authenticated when it is encrypted.
 
-    ``keyring`` defaults to the process's environment key ring. When one is configured, a
-    plaintext file is refused: otherwise anyone able to write the directory could plant an
-    adapter in place of an encrypted one.
+    With a key ring, a plaintext file is refused: otherwise anyone able to write the directory
+    could plant an adapter in place of an encrypted one.
     """
     path = Path(path)
-    ring = keyring if keyring is not None else environment_keyring()
+    ring = current_keyring(keyring)
     data = path.read_bytes()
     if is_encrypted(data):
         if ring is None:
@@ -81,7 +82,7 @@ def read_artifact(path: Path, keyring: KeyRing | None = None) -> bytes:
 AdapterWriter = Callable[[Mapping[str, torch.Tensor], Path], str]
 
 
-def adapter_directory_writer(model: PeftModel) -> AdapterWriter:
+def adapter_directory_writer(model: PeftModel, *, keyring: KeyRingSource | None) -> AdapterWriter:
     """A writer of adapter states as peft directories, for code that holds no PeftModel.
 
     The strategy only sees the global adapter as tensors; peft needs the model (its LoRA
@@ -92,13 +93,13 @@ def adapter_directory_writer(model: PeftModel) -> AdapterWriter:
 
     def write(state: Mapping[str, torch.Tensor], directory: Path) -> str:
         load_adapter_state(model, dict(state))
-        return save_adapter_directory(model, directory)
+        return save_adapter_directory(model, directory, keyring=keyring)
 
     return write
 
 
-def load_round_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The adapter state saved after a round, decrypted when a key ring is configured.
+def load_round_checkpoint(path: Path, *, keyring: KeyRingSource | None) -> dict[str, torch.Tensor]:
+    """The adapter state saved after a round, decrypted with ``keyring`` when it is encrypted.
 
     ``path`` is a peft directory (``round-NNNN/``) or, from runs before those, a
     ``round-NNNN.pt`` state dict, which is still read (tensors only: no pickled code runs).
@@ -108,18 +109,18 @@ def load_round_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         weights = path / ADAPTER_WEIGHTS[0]
         if not weights.is_file():
             raise FileNotFoundError(f"{path}: no {ADAPTER_WEIGHTS[0]} (not a round checkpoint)")
-        return load_safetensors(read_artifact(weights))
+        return load_safetensors(read_artifact(weights, keyring=keyring))
     if path.suffix == ".pt" and path.is_file():
-        data = read_artifact(path)
+        data = read_artifact(path, keyring=keyring)
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{path}: no round checkpoint there (moved or deleted?)")
 
 
-def write_artifact(path: Path, data: bytes) -> None:
-    """Write one file atomically, encrypted when a key ring is configured (as `read_artifact`
+def write_artifact(path: Path, data: bytes, *, keyring: KeyRingSource | None) -> None:
+    """Write one file atomically, encrypted when there is a key ring (as `read_artifact`
     expects: with a key ring, plaintext is refused)."""
     path = Path(path)
-    ring = environment_keyring()
+    ring = current_keyring(keyring)
     if ring is not None:
         write_encrypted(path, data, ring)
     else:
@@ -127,7 +128,11 @@ def write_artifact(path: Path, data: bytes) -> None:
 
 
 def save_adapter_directory(
-    model: PeftModel, directory: Path, sidecars: Sidecars | None = None
+    model: PeftModel,
+    directory: Path,
+    sidecars: Sidecars | None = None,
+    *,
+    keyring: KeyRingSource | None,
 ) -> str:
     """Write the peft adapter directory that inference servers hot-reload; returns the SHA-256
     of the weights file's plaintext (what servers hash into ``model_version``).
@@ -150,18 +155,22 @@ def save_adapter_directory(
         extra = dict(sidecars(digest)) if sidecars is not None else {}
         for name, data in extra.items():
             (staging / name).write_bytes(data)
-        _install_staged(staging, directory, first=set(extra))
+        _install_staged(staging, directory, first=set(extra), keyring=keyring)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return digest
 
 
 def write_adapter_files(
-    directory: Path, files: Mapping[str, bytes], sidecars: Collection[str]
+    directory: Path,
+    files: Mapping[str, bytes],
+    sidecars: Collection[str],
+    *,
+    keyring: KeyRingSource | None,
 ) -> None:
     """Write an adapter directory received as plaintext files (a delivered published adapter)
     exactly as `save_adapter_directory` writes one: staged, encrypted with this machine's key
-    ring when one is configured, then moved in one rename per file, the ``sidecars`` (the DP
+    ring when it has one, then moved in one rename per file, the ``sidecars`` (the DP
     record) first, so a server hot-reloading ``directory`` never sees weights before their
     description. ``files`` maps plain file names (no directories) to their contents.
     """
@@ -174,20 +183,24 @@ def write_adapter_files(
             if Path(name).name != name:
                 raise ValueError(f"adapter file name {name!r} is not a plain file name")
             (staging / name).write_bytes(data)
-        _install_staged(staging, directory, first=set(sidecars))
+        _install_staged(staging, directory, first=set(sidecars), keyring=keyring)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def read_adapter_files(directory: Path, names: Collection[str]) -> dict[str, bytes]:
+def read_adapter_files(
+    directory: Path, names: Collection[str], *, keyring: KeyRingSource | None
+) -> dict[str, bytes]:
     """The plaintext of the named files of an adapter directory (decrypted when encrypted)."""
-    return {name: read_artifact(Path(directory) / name) for name in names}
+    return {name: read_artifact(Path(directory) / name, keyring=keyring) for name in names}
 
 
-def _install_staged(staging: Path, directory: Path, first: Collection[str]) -> None:
+def _install_staged(
+    staging: Path, directory: Path, first: Collection[str], *, keyring: KeyRingSource | None
+) -> None:
     """Encrypt the staged files in place (with a key ring), then move them into ``directory``
     one rename each, the files named in ``first`` before the others."""
-    ring = environment_keyring()
+    ring = current_keyring(keyring)
     files = sorted(
         (p for p in staging.rglob("*") if p.is_file()),
         key=lambda p: (p.name not in first, p),
@@ -209,6 +222,7 @@ def publish_adapter(
     run_id: str,
     privacy: Mapping[str, Any],
     model_config: ModelConfig,
+    keyring: KeyRingSource | None,
 ) -> DPRecord:
     """Publish a DP-trained adapter where inference servers watch, with its ``dp-record.json``.
 
@@ -232,5 +246,5 @@ def publish_adapter(
         written.append(record)
         return {DP_RECORD_FILE: record.to_bytes()}
 
-    save_adapter_directory(model, directory, sidecars=describe)
+    save_adapter_directory(model, directory, sidecars=describe, keyring=keyring)
     return written[0]

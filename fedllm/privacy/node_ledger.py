@@ -20,6 +20,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    Text,
     func,
     inspect,
     select,
@@ -40,7 +41,7 @@ from fedllm.privacy.events import (
     event_from_dict,
     event_to_dict,
 )
-from fedllm.security.encryption import EncryptedJSON, environment_keyring
+from fedllm.security.encryption import EncryptedJSON, KeyRingSource
 from fedllm.storage.database import sql_engines
 
 # Comparisons of ε against the cap allow for floating-point noise, nothing more.
@@ -88,10 +89,8 @@ class _EventRow(_Base):
     round_id: Mapped[int] = mapped_column(Integer)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     kind: Mapped[str] = mapped_column(String(64))
-    # AES-256-GCM at rest when a key ring is configured (FEDLLM_ENCRYPTION_KEYS / _KEY_FILE).
-    event: Mapped[dict[str, Any]] = mapped_column(
-        EncryptedJSON(environment_keyring, name="privacy_events.event")
-    )
+    # JSON, AES-256-GCM encrypted when the ledger has a key ring (`EncryptedJSON`).
+    event: Mapped[str] = mapped_column(Text)
     epsilon_after: Mapped[float] = mapped_column(Float)
     accountant: Mapped[str] = mapped_column(String(16))
 
@@ -103,7 +102,9 @@ class NodePrivacyLedger:
     several hospitals, keyed by `hospital_id`. The cap is policy and may change between
     sessions, but δ may not: ε values at different δ are not comparable, so a dataset's δ is
     fixed when its ledger is first opened. ε is accounted for replace-one neighbours (the
-    hospital's dataset size is public), so the accountant must be "pld".
+    hospital's dataset size is public), so the accountant must be "pld". With a ``keyring``
+    (from the process's entry point, never looked up here) every event is stored AES-256-GCM
+    encrypted, and a plaintext or altered row is refused.
     """
 
     def __init__(
@@ -114,6 +115,7 @@ class NodePrivacyLedger:
         epsilon_cap: float,
         delta: float,
         accountant: str = "pld",
+        keyring: KeyRingSource | None = None,
     ) -> None:
         if not isinstance(hospital_id, str) or not hospital_id:
             raise ValueError("hospital_id must be a non-empty string")
@@ -129,6 +131,7 @@ class NodePrivacyLedger:
         self._cap = float(epsilon_cap)
         self._delta = float(delta)
         self._accountant = accountant
+        self._events = EncryptedJSON(keyring, name="privacy_events.event")
 
         self._engine, self._writer = sql_engines(url)
         _Base.metadata.create_all(self._writer)
@@ -194,7 +197,7 @@ class NodePrivacyLedger:
     def events(self) -> list[PrivacyEvent]:
         """Every event charged to this hospital, in recorded order."""
         with Session(self._engine) as session:
-            return [event_from_dict(row.event) for row in self._rows(session)]
+            return [event_from_dict(self._events.loads(row.event)) for row in self._rows(session)]
 
     def spent_epsilon(self) -> float:
         """ε spent so far, derived from the recorded events."""
@@ -229,7 +232,9 @@ class NodePrivacyLedger:
                 .where(_Hospital.hospital_id == self._hospital_id)
                 .with_for_update()
             )
-            recorded = [event_from_dict(row.event) for row in self._rows(session)]
+            recorded = [
+                event_from_dict(self._events.loads(row.event)) for row in self._rows(session)
+            ]
             projected = self._epsilon([*recorded, *extra])
             if projected > self._cap + CAP_TOLERANCE:
                 raise BudgetExceededError(
@@ -243,7 +248,7 @@ class NodePrivacyLedger:
                     round_id=round_id,
                     recorded_at=now,
                     kind=payload["kind"],
-                    event=payload,
+                    event=self._events.dumps(payload),
                     epsilon_after=projected,
                     accountant=self._accountant,
                 )
@@ -281,7 +286,7 @@ class NodePrivacyLedger:
                     "run_id": row.run_id,
                     "round_id": row.round_id,
                     "recorded_at": _as_utc(row.recorded_at).isoformat(),
-                    "event": event_to_dict(event_from_dict(row.event)),
+                    "event": event_to_dict(event_from_dict(self._events.loads(row.event))),
                     "epsilon_after": row.epsilon_after,
                     "accountant": row.accountant,
                 }

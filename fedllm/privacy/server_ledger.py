@@ -37,7 +37,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedllm.privacy.accountant import compute_epsilon
 from fedllm.privacy.events import PrivacyEvent, event_from_dict, event_to_dict
-from fedllm.security.encryption import EncryptedJSON, environment_keyring
+from fedllm.security.encryption import EncryptedJSON, KeyRingSource
 from fedllm.storage.database import create_schema, sql_engines
 
 
@@ -105,10 +105,8 @@ class _MirroredEvent(_Base):
     round_id: Mapped[int] = mapped_column(Integer)
     hospital: Mapped[str] = mapped_column(String(255), index=True)
     kind: Mapped[str] = mapped_column(String(64))
-    # AES-256-GCM at rest when a key ring is configured (FEDLLM_ENCRYPTION_KEYS / _KEY_FILE).
-    event: Mapped[dict[str, Any]] = mapped_column(
-        EncryptedJSON(environment_keyring, name="server_privacy_events.event")
-    )
+    # JSON, AES-256-GCM encrypted when the ledger has a key ring (`EncryptedJSON`).
+    event: Mapped[str] = mapped_column(Text)
 
 
 @dataclass(frozen=True)
@@ -215,10 +213,13 @@ class ServerLedger:
 
     Every method opens its own short session, so several ledger objects (or processes) on
     one database see each other's committed rounds; writes take SQLite's write lock at BEGIN
-    (as `NodePrivacyLedger` does) so two servers can never interleave one run's rounds.
+    (as `NodePrivacyLedger` does) so two servers can never interleave one run's rounds. With a
+    ``keyring`` (from the ServerApp or CLI, never looked up here) mirrored events are stored
+    AES-256-GCM encrypted, and a plaintext or altered row is refused.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, keyring: KeyRingSource | None = None) -> None:
+        self._events = EncryptedJSON(keyring, name="server_privacy_events.event")
         self._engine, self._writer = sql_engines(url)
         create_schema(_Base.metadata, self._writer)
 
@@ -329,7 +330,11 @@ class ServerLedger:
             )
             session.add_all(
                 _MirroredEvent(
-                    run_id=run_id, round_id=round_id, hospital=h, kind=e["kind"], event=e
+                    run_id=run_id,
+                    round_id=round_id,
+                    hospital=h,
+                    kind=e["kind"],
+                    event=self._events.dumps(e),
                 )
                 for h in sorted(data.events)
                 for e in data.events[h]
@@ -344,7 +349,8 @@ class ServerLedger:
         if run_id is not None:
             query = query.where(_MirroredEvent.run_id == run_id)
         with Session(self._engine) as session:
-            return [event_from_dict(e) for e in session.scalars(query.order_by(_MirroredEvent.id))]
+            rows = session.scalars(query.order_by(_MirroredEvent.id))
+            return [event_from_dict(self._events.loads(e)) for e in rows]
 
     def spent_epsilon(self, hospital: str, delta: float, accountant: str = "pld") -> float:
         """ε of every event mirrored for `hospital` across all runs (its lifetime spend).
@@ -432,7 +438,7 @@ class ServerLedger:
                 result[row.round_id]["cohort"].append(row.hospital)
             for event in events:
                 result[event.round_id]["hospital_events"].setdefault(event.hospital, []).append(
-                    event_to_dict(event_from_dict(event.event))
+                    event_to_dict(event_from_dict(self._events.loads(event.event)))
                 )
             return list(result.values())
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import os
 import re
@@ -32,17 +31,12 @@ from typing import Any
 import structlog
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Text
-from sqlalchemy.engine import Dialect
-from sqlalchemy.types import TypeDecorator
 
 from fedllm.storage.files import write_atomic
 
 log = structlog.get_logger(__name__)
 
 MAGIC = b"FEDLLMENC1"
-ENV_VAR = "FEDLLM_ENCRYPTION_KEYS"
-FILE_ENV_VAR = "FEDLLM_ENCRYPTION_KEY_FILE"
 NONCE_BYTES = 12
 KEY_BYTES = 32
 ENCRYPTED_SUFFIX = ".enc"
@@ -62,7 +56,7 @@ class KeyRing:
 
     Key files are JSON ``{"current": ID, "keys": {ID: base64, ...}}`` or text with one
     ``ID:base64`` per line, where the last line is the current key (``#`` starts a comment).
-    The environment variable form is the same text; commas may replace newlines.
+    Commas may replace newlines (the form an environment variable holds).
     """
 
     def __init__(self, keys: Mapping[str, bytes], current: str) -> None:
@@ -120,14 +114,6 @@ class KeyRing:
         if mode & 0o077:
             log.warning("key file readable by others", path=str(path), mode=f"{mode:o}")
         return cls.from_text(text, source=str(path))
-
-    @classmethod
-    def from_env(cls, var: str = ENV_VAR) -> KeyRing:
-        """Read the keys from an environment variable (for containers and secret managers)."""
-        text = os.environ.get(var)
-        if not text:
-            raise EncryptionError(f"environment variable {var} is not set")
-        return cls.from_text(text, source=f"${var}")
 
     @classmethod
     def _from_json(cls, text: str, source: str) -> KeyRing:
@@ -213,43 +199,42 @@ def generate_key_file(path: Path, *, key_id: str | None = None, force: bool = Fa
     return ring
 
 
-def load_keyring(path: Path | None = None, *, env: str = ENV_VAR) -> KeyRing:
-    """The key ring from ``path`` when given, else from the environment variable ``env``."""
-    return KeyRing.from_file(path) if path is not None else KeyRing.from_env(env)
+KeyRingSource = KeyRing | Callable[[], KeyRing | None]
+"""What code that encrypts is given: a fixed ring, or a callable asked at every use (`KeyFile`)."""
 
 
-def environment_keyring() -> KeyRing | None:
-    """The process's key ring from ``$FEDLLM_ENCRYPTION_KEYS`` or ``$FEDLLM_ENCRYPTION_KEY_FILE``.
+def current_keyring(source: KeyRingSource | None) -> KeyRing | None:
+    """The ring ``source`` stands for now; ``None`` means encryption at rest is off."""
+    return source() if callable(source) else source
 
-    ``None`` when neither is set (encryption at rest off). Meant as the ``keyring_provider`` of
-    :class:`EncryptedJSON`: it is called for every value, so the parsed ring is cached until the
-    variable or the file changes, which also picks up a rotation without a restart.
+
+class KeyFile:
+    """A key file as a key ring source, re-read when it is replaced.
+
+    Long-running processes (ledgers, inference servers) hold one of these instead of a parsed
+    ring, so `fedllm keys rotate` takes effect without a restart. The file is parsed again only
+    when its inode, mtime or size changes (a rotation writes a new file and renames it).
     """
-    text = os.environ.get(ENV_VAR)
-    if text:
-        return _cached_ring(("env", text), lambda: KeyRing.from_text(text, source=f"${ENV_VAR}"))
-    path = os.environ.get(FILE_ENV_VAR)
-    if path:
+
+    def __init__(self, path: Path, *, label: str | None = None) -> None:
+        self._path = Path(path)
+        self._label = label or str(path)
+        self._loaded: tuple[tuple[int, int, int], KeyRing] | None = None
+
+    def __call__(self) -> KeyRing:
         try:
-            info = Path(path).stat()
+            info = self._path.stat()
         except FileNotFoundError:
-            raise EncryptionError(f"${FILE_ENV_VAR}: no key file at {path}") from None
-        # A rotation replaces the file (new inode), so the cache key sees it even within one tick.
-        version = ("file", path, info.st_ino, info.st_mtime_ns, info.st_size)
-        return _cached_ring(version, lambda: KeyRing.from_file(Path(path)))
-    return None
+            raise EncryptionError(f"{self._label}: no key file at {self._path}") from None
+        version = (info.st_ino, info.st_mtime_ns, info.st_size)
+        loaded = self._loaded  # one read: another thread may replace it meanwhile
+        if loaded is None or loaded[0] != version:
+            loaded = (version, KeyRing.from_file(self._path))
+            self._loaded = loaded
+        return loaded[1]
 
-
-_RING_CACHE: dict[tuple[Any, ...], KeyRing] = {}
-
-
-def _cached_ring(cache_key: tuple[Any, ...], load: Callable[[], KeyRing]) -> KeyRing:
-    ring = _RING_CACHE.get(cache_key)
-    if ring is None:
-        ring = load()
-        _RING_CACHE.clear()  # one process, one current ring: drop superseded ones
-        _RING_CACHE[cache_key] = ring
-    return ring
+    def __repr__(self) -> str:
+        return f"KeyFile({str(self._path)!r})"
 
 
 def is_encrypted(blob: bytes) -> bool:
@@ -376,87 +361,52 @@ def rotate_files(
     return result
 
 
-def save_torch_encrypted(
-    obj: Any, path: Path, keyring: KeyRing, *, name: str | None = None
-) -> None:
-    """``torch.save`` into memory, then encrypt: the plaintext never touches the disk."""
-    import torch  # deferred: the CLI's key commands must not pay for importing torch
+class EncryptedJSON:
+    """JSON values of a text column stored as AES-GCM ciphertext (base64 text), for ledgers.
 
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_encrypted(Path(path), buffer.getvalue(), keyring, name=name)
-
-
-def load_torch_encrypted(
-    path: Path, keyring: KeyRing, *, name: str | None = None, map_location: str = "cpu"
-) -> Any:
-    """Decrypt, then ``torch.load`` with ``weights_only=True`` (no pickled code runs)."""
-    import torch  # deferred: the CLI's key commands must not pay for importing torch
-
-    data = decrypt_file(Path(path), keyring, name=name)
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-
-
-KeyRingProvider = KeyRing | Callable[[], KeyRing | None] | None
-
-
-class EncryptedJSON(TypeDecorator[Any]):
-    """A JSON column stored as AES-GCM ciphertext (base64 text), for ledgers at rest.
-
-    ``keyring_provider`` is a :class:`KeyRing` or a callable returning one (looked up at every
-    read and write, so a ledger can pick its keys when it is opened, after the table classes
-    were defined). A provider returning ``None`` stores plain JSON text. The ciphertext is bound
-    to ``name`` (use the table and column), so values cannot be moved to another encrypted
-    column; values can still be swapped between rows of the same column, which the ledgers'
-    own consistency checks must catch. ``accept_plaintext`` reads rows written before
-    encryption was switched on (migration); leave it off afterwards so that an attacker cannot
-    plant plaintext rows.
+    The ledger that owns the column holds one of these, built from the key ring source it was
+    given, and passes every value through `dumps` before writing and `loads` after reading. A
+    source giving ``None`` stores plain JSON text. The ciphertext is bound to ``name`` (use the
+    table and column), so values cannot be moved to another encrypted column; values can still
+    be swapped between rows of the same column, which the ledgers' own consistency checks must
+    catch. ``accept_plaintext`` reads rows written before encryption was switched on
+    (migration); leave it off afterwards so that an attacker cannot plant plaintext rows.
     """
-
-    impl = Text
-    cache_ok = True
 
     def __init__(
         self,
-        keyring_provider: KeyRingProvider,
+        keyring: KeyRingSource | None,
         *,
-        name: str = "json",
+        name: str,
         accept_plaintext: bool = False,
     ) -> None:
-        super().__init__()
-        self.keyring_provider = keyring_provider
+        self.keyring = keyring
         self.name = name
         self.accept_plaintext = accept_plaintext
 
-    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
-        if value is None:
-            return None
+    def dumps(self, value: Any) -> str:
+        """The column text for ``value``: ciphertext under the current key, or plain JSON."""
         text = json.dumps(value)
-        keyring = self._keyring()
-        if keyring is None:
+        ring = current_keyring(self.keyring)
+        if ring is None:
             return text
-        blob = encrypt_bytes(text.encode("utf-8"), keyring, associated_data=self._ad())
+        blob = encrypt_bytes(text.encode("utf-8"), ring, associated_data=self._ad())
         return base64.b64encode(blob).decode("ascii")
 
-    def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        keyring = self._keyring()
+    def loads(self, value: str) -> Any:
+        """The value a column text holds, authenticated; plaintext is refused under a key ring."""
+        ring = current_keyring(self.keyring)
         if value.startswith(_MAGIC_B64):
-            if keyring is None:
+            if ring is None:
                 raise EncryptionError(f"column {self.name} is encrypted but no key ring is set")
             try:
                 blob = base64.b64decode(value, validate=True)
             except binascii.Error:
                 raise IntegrityError(f"column {self.name}: malformed ciphertext") from None
-            return json.loads(decrypt_bytes(blob, keyring, associated_data=self._ad()))
-        if keyring is not None and not self.accept_plaintext:
+            return json.loads(decrypt_bytes(blob, ring, associated_data=self._ad()))
+        if ring is not None and not self.accept_plaintext:
             raise IntegrityError(f"column {self.name}: plaintext value where ciphertext expected")
         return json.loads(value)
-
-    def _keyring(self) -> KeyRing | None:
-        provider = self.keyring_provider
-        return provider() if callable(provider) else provider
 
     def _ad(self) -> bytes:
         return b"fedllm-column:" + self.name.encode("utf-8")

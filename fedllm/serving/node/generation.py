@@ -44,6 +44,7 @@ from fedllm.models.dp_record import (
     parse_dp_record,
 )
 from fedllm.models.loading import base_model, load_base_model, load_tokenizer
+from fedllm.security.encryption import KeyRingSource
 from fedllm.serving.node.backends import Generation
 
 log = structlog.get_logger(__name__)
@@ -97,14 +98,15 @@ def adapter_signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(signature)
 
 
-def read_adapter(directory: Path) -> AdapterFiles:
+def read_adapter(directory: Path, *, keyring: KeyRingSource | None) -> AdapterFiles:
     """Read a peft ``save_pretrained`` directory; the version is a hash of the weights file."""
     weights = next((directory / n for n in ADAPTER_WEIGHTS if (directory / n).is_file()), None)
     if weights is None:
         raise AdapterLoadError(f"{directory}: no {' or '.join(ADAPTER_WEIGHTS)}")
     try:
-        raw_config = json.loads(read_artifact(directory / ADAPTER_CONFIG).decode("utf-8"))
-        data = read_artifact(weights)
+        config_bytes = read_artifact(directory / ADAPTER_CONFIG, keyring=keyring)
+        raw_config = json.loads(config_bytes.decode("utf-8"))
+        data = read_artifact(weights, keyring=keyring)
         if weights.suffix == ".safetensors":
             state = load_safetensors(data)
         else:
@@ -119,7 +121,9 @@ def read_adapter(directory: Path) -> AdapterFiles:
     return AdapterFiles(config=config, state=state, version=digest[:VERSION_CHARS], sha256=digest)
 
 
-def read_dp_record(directory: Path, files: AdapterFiles) -> DPRecord:
+def read_dp_record(
+    directory: Path, files: AdapterFiles, *, keyring: KeyRingSource | None
+) -> DPRecord:
     """The DP record that makes ``files`` (read from ``directory``) servable.
 
     Raises `DPRecordError` with the reason when there is none, it cannot be read (including a
@@ -130,7 +134,7 @@ def read_dp_record(directory: Path, files: AdapterFiles) -> DPRecord:
     if not path.is_file():
         raise DPRecordError(f"{directory}: no {DP_RECORD_FILE} (not a published DP adapter)")
     try:
-        data = read_artifact(path)
+        data = read_artifact(path, keyring=keyring)
     except Exception as error:  # encrypted without keys, tampered, unreadable: all refusals
         raise DPRecordError(f"{path}: unreadable DP record: {error}") from error
     record = parse_dp_record(data)
@@ -154,7 +158,8 @@ class ModelBackend:
 
     Text generation and consensus candidates use the global adapter (the DP-trained model:
     post-processing, 0 ε); votes use the local adapter when one is configured (private, so
-    only inside charged consensus sessions), else the global model.
+    only inside charged consensus sessions), else the global model. ``keyring`` (from the
+    server's entry point) decrypts adapters encrypted at rest and refuses plaintext ones.
     """
 
     def __init__(
@@ -166,8 +171,10 @@ class ModelBackend:
         reload_interval_s: float = 5.0,
         device: str = "auto",
         allow_non_dp_adapters: bool = False,
+        keyring: KeyRingSource | None = None,
     ) -> None:
         self._lock = threading.RLock()
+        self._keyring = keyring
         self._reload_lock = threading.Lock()
         self._device = pick_device(device)
         self.base_model = base_model(model_config)
@@ -188,7 +195,7 @@ class ModelBackend:
         self._poller: threading.Thread | None = None
 
         if local_adapter is not None:
-            self._install(LOCAL_ADAPTER, read_adapter(local_adapter))
+            self._install(LOCAL_ADAPTER, read_adapter(local_adapter, keyring=keyring))
             self._has_local = True
             log.info("node.local_adapter_loaded", path=str(local_adapter))
         if allow_non_dp_adapters:
@@ -254,7 +261,7 @@ class ModelBackend:
             return False
         self._signature = signature
         try:
-            files = read_adapter(adapter_dir)
+            files = read_adapter(adapter_dir, keyring=self._keyring)
         except AdapterLoadError as error:
             log.error("node.adapter_reload_failed", error=str(error), kept=self.model_version)
             self.adapter_issue = f"adapter not loaded: {error}"
@@ -300,7 +307,7 @@ class ModelBackend:
         adapter being served, or the base model, stays.
         """
         try:
-            record = read_dp_record(adapter_dir, files)
+            record = read_dp_record(adapter_dir, files, keyring=self._keyring)
         except DPRecordError as error:
             if self._allow_non_dp:
                 log.warning("adapter.served_without_dp_record", reason=str(error))

@@ -1,8 +1,9 @@
 """Running ASGI apps with uvicorn: the node server in the foreground, any app in a thread.
 
-`serve_node` builds a hospital node from its config (backend, privacy ledger, app) and serves it
-with the configured TLS; with ``tls.client_ca_file`` it is mutual TLS, so only holders of a
-certificate from the federation's CA (the router) can reach it.
+`build_node_app` builds a hospital node from its config and key ring source (backend, privacy
+ledger, app) and `serve_node` serves it with the configured TLS; with ``tls.client_ca_file``
+it is mutual TLS, so only holders of a certificate from the federation's CA (the router) can
+reach it.
 
 `BackgroundServer` exists so tests and benchmarks talk to a real HTTP server (real sockets,
 real TLS) without subprocesses: the listening socket is bound before uvicorn starts, so the
@@ -23,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from fedllm.privacy.node_ledger import NodePrivacyLedger
+from fedllm.security.encryption import KeyRingSource
 from fedllm.serving.http_limits import uvicorn_options
 from fedllm.serving.node.app import create_node_app, create_probe_app
 from fedllm.serving.node.backends import ConstantBackend, GenerationBackend
@@ -139,7 +141,7 @@ class BackgroundServer:
         self.stop()
 
 
-def build_backend(config: NodeServerConfig) -> GenerationBackend:
+def build_backend(config: NodeServerConfig, *, keyring: KeyRingSource | None) -> GenerationBackend:
     """The configured model: ``constant`` (tests, benchmarks) or the real model + adapters."""
     if config.backend == "constant":
         return ConstantBackend()
@@ -152,10 +154,13 @@ def build_backend(config: NodeServerConfig) -> GenerationBackend:
         reload_interval_s=config.reload_interval_s,
         device=config.device,
         allow_non_dp_adapters=config.allow_non_dp_adapters,
+        keyring=keyring,
     )
 
 
-def open_ledger(config: NodeServerConfig) -> NodePrivacyLedger | None:
+def open_ledger(
+    config: NodeServerConfig, *, keyring: KeyRingSource | None
+) -> NodePrivacyLedger | None:
     """The hospital's privacy ledger, or None (consensus disabled) when none is configured."""
     if config.ledger is None:
         return None
@@ -165,12 +170,15 @@ def open_ledger(config: NodeServerConfig) -> NodePrivacyLedger | None:
         epsilon_cap=config.ledger.epsilon_cap,
         delta=config.ledger.delta,
         accountant=config.ledger.accountant,
+        keyring=keyring,
     )
 
 
-def build_node_app(config: NodeServerConfig) -> FastAPI:
-    """Backend, ledger and app for ``config``, ready to serve."""
-    return create_node_app(config, build_backend(config), open_ledger(config))
+def build_node_app(config: NodeServerConfig, *, keyring: KeyRingSource | None) -> FastAPI:
+    """Backend, ledger and app for ``config``, ready to serve; ``keyring`` is the key ring
+    source `fedllm serve` read from its environment (adapters and ledger at rest)."""
+    backend = build_backend(config, keyring=keyring)
+    return create_node_app(config, backend, open_ledger(config, keyring=keyring))
 
 
 def tls_options(config: NodeServerConfig) -> dict[str, Any]:
@@ -187,9 +195,8 @@ def tls_options(config: NodeServerConfig) -> dict[str, Any]:
     return options
 
 
-def serve_node(config: NodeServerConfig, app: FastAPI | None = None) -> None:
-    """Serve a node until interrupted (blocking); ``app`` defaults to `build_node_app`."""
-    app = app if app is not None else build_node_app(config)
+def serve_node(config: NodeServerConfig, app: FastAPI) -> None:
+    """Serve ``app`` (from `build_node_app`) as ``config`` says until interrupted (blocking)."""
     with ExitStack() as probes:
         if config.probe_port is not None:
             probes.enter_context(
