@@ -41,6 +41,8 @@ from fedllm.models.loading import base_model
 from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport, read_report_json
+from fedllm.security.encryption import EncryptionError, KeyRing
+from fedllm.security.environment import FILE_ENV_VAR
 from fedllm.serving.node.app import create_node_app
 from fedllm.serving.node.generation import ModelBackend
 from fedllm.serving.node.server import BackgroundServer
@@ -222,6 +224,29 @@ def test_tampered_weights_are_refused_and_nothing_is_written(delivered, tmp_path
     assert "describes other weights" in reply.error.reason
     assert reply.error.reason.startswith("hospital b: DeliveryRefusedError:")
     assert not target.exists()
+
+
+def test_the_client_app_encrypts_a_delivery_with_the_key_file_of_its_environment(
+    delivered, tmp_path, monkeypatch
+):
+    """The ClientApp is an entry point: it reads FEDLLM_ENCRYPTION_KEY_FILE itself and hands
+    the key ring to the code that writes the adapter, which never looks at the environment."""
+    key_file = tmp_path / "keys.json"
+    keyring = KeyRing.generate("k1")
+    keyring.save(key_file)
+    monkeypatch.setenv(FILE_ENV_VAR, str(key_file))
+    target = tmp_path / "adapter"
+    node = {"partition-id": 0, "num-partitions": 2, ADAPTER_DIR: str(target)}
+    content = delivery_content(delivered["published"], _context(delivered), keyring=None)
+    reply = _delivery(delivered, content, node)
+    assert not reply.has_error(), reply.error.reason
+    assert b"run_id" not in (target / DP_RECORD_FILE).read_bytes()
+    assert (
+        _weights_sha(delivered["published"])
+        == hashlib.sha256(read_artifact(target / ADAPTER_WEIGHTS, keyring=keyring)).hexdigest()
+    )
+    with pytest.raises(EncryptionError, match="is encrypted"):
+        read_artifact(target / ADAPTER_WEIGHTS, keyring=None)
 
 
 def test_a_hospital_without_an_inference_server_is_skipped_not_refused(delivered):
