@@ -36,6 +36,8 @@ from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport, read_report_json
 from fedllm.security.certs import init_credentials
+from fedllm.security.encryption import KeyRing
+from fedllm.security.environment import ENV_VAR, FILE_ENV_VAR
 from strategies.server_app import run_federation
 
 runner = CliRunner()
@@ -231,6 +233,35 @@ def test_status_shows_budget_history_base_model_and_served_adapter(tmp_path, cre
     write_artifact(adapter_dir / DP_RECORD_FILE, foreign.to_bytes(), keyring=None)
     result = runner.invoke(app, ["hospital", "status", "--config", str(config), "--json"])
     assert "trained on base model cccccccccccc" in json.loads(result.output)["adapter"]["refusal"]
+
+
+def test_status_reads_an_encrypted_ledger_with_the_key_ring_of_its_environment(
+    tmp_path, creds, monkeypatch
+):
+    """`fedllm hospital status` is an entry point: it reads FEDLLM_ENCRYPTION_KEYS and hands
+    the key ring to the ledger, as the hospital's ClientApp and inference server do."""
+    config = _hospital(tmp_path / "site", creds)
+    ledger_file = tmp_path / "site" / "state" / "ledger.db"
+    ledger_file.parent.mkdir(parents=True)
+    keyring = KeyRing.generate()
+    ledger = NodePrivacyLedger(
+        f"sqlite:///{ledger_file}", "north", epsilon_cap=3.5, delta=DELTA, keyring=keyring
+    )
+    ledger.charge([GaussianRelease(noise_multiplier=4.0)], round_id=1, run_id="x-1a2b")
+
+    monkeypatch.delenv(FILE_ENV_VAR, raising=False)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    keyless = runner.invoke(app, ["hospital", "status", "--config", str(config), "--json"])
+    assert keyless.exit_code != 0
+    assert "column privacy_events.event is encrypted but no key ring is set" in keyless.output
+    assert "Traceback" not in keyless.output
+
+    monkeypatch.setenv(ENV_VAR, keyring.to_json())
+    result = runner.invoke(app, ["hospital", "status", "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    privacy = json.loads(result.output)["privacy"]
+    assert privacy["spent_epsilon"] == pytest.approx(ledger.spent_epsilon())
+    assert [e["round_id"] for e in privacy["events"]] == [1]
 
 
 # --- private state files -----------------------------------------------------------------------
