@@ -8,6 +8,8 @@ progress reaches the CLI as events in the ServerApp's log, the stream ``flwr run
 
 from __future__ import annotations
 
+import base64
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -30,9 +32,12 @@ from fedllm.federation.experiment import (
     given_experiment,
 )
 from fedllm.federation.launcher import run_config_value
+from fedllm.models.checkpoints import load_round_checkpoint
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.progress import ROUND_EVENT, STARTED_EVENT, progress_event
 from fedllm.report.run_report import RunReport, read_report_json
+from fedllm.security.encryption import MAGIC, KeyRing
+from fedllm.security.environment import ENV_VAR, FILE_ENV_VAR
 from fedllm.telemetry.logging import configure_logging
 from strategies.recorder import RunRecorder
 from strategies.server_app import main
@@ -154,6 +159,47 @@ def test_a_run_goes_on_after_its_yaml_is_deleted(tmp_path):
     recorded = experiment_json(load_config(run_dir / "config.yaml"))
     assert {"query", "train"} <= set(grid.sent)
     assert [config[EXPERIMENT] for config in grid.configs] == [recorded] * len(grid.configs)
+
+
+@pytest.mark.usefixtures("_server_identity")
+def test_server_and_client_apps_encrypt_at_rest_with_the_key_ring_of_their_environment(
+    tmp_path, monkeypatch
+):
+    """Both apps are entry points: each reads FEDLLM_ENCRYPTION_KEYS and hands the key ring to
+    the ledgers and checkpoint code, which never read the environment themselves."""
+    keyring = KeyRing.generate()
+    monkeypatch.delenv(FILE_ENV_VAR, raising=False)
+    monkeypatch.setenv(ENV_VAR, keyring.to_json())
+    config_file = tmp_path / "experiment.yaml"
+    config_file.write_text(yaml.safe_dump(_experiment(tmp_path)), encoding="utf-8")
+    run_dir = tmp_path / "runs" / "flow"
+    nodes = {
+        5: {"partition-id": 0, "num-partitions": 2},
+        6: {"partition-id": 1, "num-partitions": 2},
+    }
+    grid = HandlerGrid({"config-file": str(config_file)}, nodes)
+    context = Context(
+        1, 0, {}, RecordDict(), {"config-file": str(config_file), "run-dir": str(run_dir)}
+    )
+    main(grid, context)
+    report = read_report_json(run_dir)
+    assert report["status"] == "completed", report.get("error")
+
+    checkpoints = [run_dir / "checkpoint", run_dir / "checkpoints" / "round-0001"]
+    files = [path for directory in checkpoints for path in directory.iterdir()]
+    assert files
+    assert all(path.read_bytes().startswith(MAGIC) for path in files)
+    assert load_round_checkpoint(checkpoints[1], keyring=keyring)
+    ledgers = {
+        run_dir / "server.db": "server_privacy_events",
+        **{path: "privacy_events" for path in run_dir.glob("hospitals/*/ledger.db")},
+    }
+    assert len(ledgers) == 3  # the server's and both hospitals'
+    for path, table in ledgers.items():
+        with sqlite3.connect(path) as database:
+            rows = [row[0] for row in database.execute(f"SELECT event FROM {table}")]
+        assert rows, path
+        assert all(base64.b64decode(row).startswith(MAGIC) for row in rows), path
 
 
 def test_each_recorded_round_is_one_progress_event_in_the_servers_log(tmp_path, capsys):
