@@ -47,7 +47,7 @@ from fedllm.report.plots import plot_run
 from fedllm.report.progress import STARTED_EVENT
 from fedllm.report.run_dir import allocate_run_dir
 from fedllm.report.run_report import RunReport
-from fedllm.security.encryption import KeyRingSource
+from fedllm.security.encryption import EncryptionError, KeyRingSource
 from fedllm.security.environment import keyring_from_environment
 from fedllm.telemetry.logging import configure_logging
 from fedllm.telemetry.tracing import DISABLED, Tracing
@@ -76,7 +76,10 @@ def main(grid: Grid, context: Context) -> None:
             config = preflight(config, simulation=False)
             if config.strategy.strategy_class:
                 check_strategy_class(config.strategy.strategy_class, APP_DIRECTORY)
-    except ValueError as error:
+        # the one place the server's key ring enters (ledger rows and checkpoints at rest);
+        # a missing or malformed key file refuses the run before anything is written
+        keyring = keyring_from_environment()
+    except (ValueError, EncryptionError) as error:
         log.error("run.refused", reason=str(error))
         raise
     given = str(context.run_config.get("run-dir", ""))
@@ -94,8 +97,6 @@ def main(grid: Grid, context: Context) -> None:
     if not (run_dir / "config.yaml").exists():
         # fedllm run has written it where it runs; a deployed SuperLink's host keeps a copy
         dump_config(config, run_dir / "config.yaml")
-    # the one place the server's key ring enters: ledger rows and checkpoints at rest
-    keyring = keyring_from_environment()
     ledger = ServerLedger(
         config.strategy.ledger_url or f"sqlite:///{run_dir / 'server.db'}", keyring=keyring
     )

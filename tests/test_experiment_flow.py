@@ -9,6 +9,7 @@ progress reaches the CLI as events in the ServerApp's log, the stream ``flwr run
 from __future__ import annotations
 
 import base64
+import json
 import sqlite3
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from fedllm.models.checkpoints import load_round_checkpoint
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.progress import ROUND_EVENT, STARTED_EVENT, progress_event
 from fedllm.report.run_report import RunReport, read_report_json
-from fedllm.security.encryption import MAGIC, KeyRing
+from fedllm.security.encryption import MAGIC, EncryptionError, KeyRing
 from fedllm.security.environment import ENV_VAR, FILE_ENV_VAR
 from fedllm.telemetry.logging import configure_logging
 from strategies.recorder import RunRecorder
@@ -200,6 +201,28 @@ def test_server_and_client_apps_encrypt_at_rest_with_the_key_ring_of_their_envir
             rows = [row[0] for row in database.execute(f"SELECT event FROM {table}")]
         assert rows, path
         assert all(base64.b64decode(row).startswith(MAGIC) for row in rows), path
+
+
+@pytest.mark.usefixtures("_server_identity")
+def test_the_server_app_refuses_a_missing_key_file_before_writing_anything(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setenv(FILE_ENV_VAR, str(tmp_path / "gone.json"))
+    config_file = tmp_path / "experiment.yaml"
+    config_file.write_text(yaml.safe_dump(_experiment(tmp_path)), encoding="utf-8")
+    run_dir = tmp_path / "runs" / "flow"
+    grid = HandlerGrid({"config-file": str(config_file)}, {5: {"partition-id": 0}})
+    context = Context(
+        1, 0, {}, RecordDict(), {"config-file": str(config_file), "run-dir": str(run_dir)}
+    )
+    with pytest.raises(EncryptionError, match="gone"):
+        main(grid, context)
+    refusal = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert refusal["event"] == "run.refused"
+    assert refusal["reason"].startswith("$FEDLLM_ENCRYPTION_KEY_FILE: no key file at ")
+    assert not run_dir.exists()
+    assert grid.sent == []
 
 
 def test_each_recorded_round_is_one_progress_event_in_the_servers_log(tmp_path, capsys):
