@@ -1,10 +1,11 @@
 """Where encryption keys enter a process: its environment, read once by its entry point.
 
 Ledgers and checkpoint code never read the environment; they take a key ring source as an
-argument. Each entry point (the CLI commands, the ServerApp, the ClientApp and its warm worker,
-the inference server's app factory) calls `keyring_from_environment` once and passes the
-result down, so a test or an embedding program hands keys in instead of setting variables. An
-import-linter contract in pyproject.toml keeps this module out of the leaf packages.
+argument. Each entry point (the CLI commands, `fedllm serve` among them, the ServerApp, and
+the ClientApp, whose handlers the warm worker also runs) calls `keyring_from_environment` once
+and passes the result down, so a test or an embedding program hands keys in instead of setting
+variables. The import-linter contract ``keys-enter-at-the-edge`` (pyproject.toml) lets only
+fedllm.cli, strategies and clients import this module.
 """
 
 from __future__ import annotations
