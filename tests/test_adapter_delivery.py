@@ -28,6 +28,7 @@ from fedllm.federation.delivery import (
     ADAPTER_RECORD,
     ADAPTER_WEIGHTS,
     DELIVER_MESSAGE,
+    deliver_adapter,
     delivery_content,
 )
 from fedllm.federation.deployment import hospital_node_config
@@ -302,3 +303,23 @@ def test_hospitals_record_the_runs_unique_id_not_its_directory_name(delivered):
     history = ledger.history()
     assert history
     assert {row["run_id"] for row in history} == {run_id}
+
+
+def test_a_hospital_without_an_inference_server_counts_as_answered(delivered):
+    """A skipped hospital answered: it is not also reported as one that did not answer."""
+    nodes = {
+        11: {"partition-id": 0, "num-partitions": 2},
+        12: {
+            "partition-id": 1,
+            "num-partitions": 2,
+            ADAPTER_DIR: str(delivered["adapter_dirs"]["b"]),
+        },
+    }
+    grid = HandlerGrid({}, nodes)
+    outcome = deliver_adapter(grid, delivered["published"], _context(delivered), timeout=None)
+    assert outcome.summary() == {
+        "adapter_sha256": _weights_sha(delivered["published"]),
+        "delivered": ["b"],
+        "skipped": ["a"],
+        "refused": [],
+    }

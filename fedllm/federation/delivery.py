@@ -115,7 +115,7 @@ def deliver_adapter(
             outcome.refused.append(f"hospital {ack.get('hospital')}: acknowledged other weights")
             continue
         outcome.delivered.append(str(ack["hospital"]))
-    answered = len(outcome.delivered) + len(outcome.refused)
+    answered = len(outcome.delivered) + len(outcome.skipped) + len(outcome.refused)
     if answered < len(messages):
         outcome.refused.append(f"{len(messages) - answered} hospital(s) did not answer in time")
     if outcome.refused:
