@@ -6,7 +6,8 @@ read and check the YAML itself and allocate ``<output_dir>/<name>/``). Either wa
 to a hospital carries the experiment as JSON (:mod:`fedllm.federation.experiment`). It is the
 only writer of ``report.json``, through the :class:`RunRecorder`. A run whose server stopped
 part-way resumes from the last round its ledger recorded when it is started again on the same
-run directory.
+run directory. A run config with ``deliver-request`` (``fedllm deliver``) trains nothing: it
+delivers a finished run's published adapter to every connected hospital again.
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ from pathlib import Path
 
 import structlog
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, UserConfig
 from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 
-from fedllm.config import ExperimentConfig, dump_config
-from fedllm.federation.delivery import deliver_adapter
+from fedllm.config import ExperimentConfig, dump_config, load_config
+from fedllm.federation.delivery import (
+    DELIVER_REQUEST,
+    deliver_adapter,
+    published_adapter,
+    record_delivery,
+)
 from fedllm.federation.experiment import (
     EXPERIMENT,
     experiment_from_run_config,
@@ -65,8 +71,13 @@ APP_DIRECTORY = Path(__file__).resolve().parents[1]
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run (or resume) the configured rounds and record everything under the run directory."""
+    """Run (or resume) the configured rounds and record everything under the run directory;
+    or, asked for ``deliver-request``, only deliver a finished run's adapter again."""
     configure_logging()
+    request = str(context.run_config.get(DELIVER_REQUEST, ""))
+    if request:
+        deliver_again(grid, context.run_config, request)
+        return
     try:
         # `fedllm run` validated and checked it (with data) and recorded it as config.yaml
         config = given_experiment(context.run_config)
@@ -120,6 +131,42 @@ def main(grid: Grid, context: Context) -> None:
     plot_run(report.data, run_dir)
 
 
+def run_context(config: ExperimentConfig, run_dir: Path) -> dict[str, str]:
+    """What every message of the run carries besides its own content."""
+    return {
+        "run-dir": str(run_dir),
+        # unique across researchers: what hospitals record in their ledgers
+        "run-id": ledger_run_id(run_dir),
+        # a hospital on another base model refuses
+        "base-model-sha256": base_model(config.model).sha256,
+        # the experiment itself: hospitals build their site from it, never from a file
+        EXPERIMENT: experiment_json(config),
+    }
+
+
+def deliver_again(grid: Grid, run_config: UserConfig, request: str) -> None:
+    """Deliver a finished run's published adapter to every connected hospital once more.
+
+    Nothing is trained or charged and the run's report and ledgers are left as they are: the
+    hospitals' acknowledgements go to ``deliveries/<request>.json`` in its run directory.
+    """
+    given = str(run_config.get("run-dir", ""))
+    run_dir = Path(given)
+    try:
+        if not given:
+            raise ValueError(f"{DELIVER_REQUEST}: the run-dir of the run to deliver is not given")
+        # the run's own experiment: what `fedllm deliver` passes, else its recorded config.yaml
+        config = given_experiment(run_config) or load_config(run_dir / "config.yaml")
+        published = published_adapter(run_dir)
+    except ValueError as error:
+        log.error("adapter.not_delivered", reason=str(error))
+        raise
+    outcome = deliver_adapter(
+        grid, published, run_context(config, run_dir), config.strategy.round_timeout_s
+    )
+    record_delivery(run_dir, request, outcome)
+
+
 def load_strategy_class(spec: str | None) -> type[PrivacyAwareStrategy]:
     """``package.module:Class`` (a PrivacyAwareStrategy subclass), or the default."""
     if spec is None:
@@ -163,15 +210,7 @@ def run_federation(
     strategy = strategy_class.from_config(
         config,
         recorder=recorder,
-        # every message carries the base model's hash: a hospital on another model refuses
-        run_context={
-            "run-dir": str(run_dir),
-            # unique across researchers: what hospitals record in their ledgers
-            "run-id": ledger_run_id(run_dir),
-            "base-model-sha256": base_model(config.model).sha256,
-            # the experiment itself: hospitals build their site from it, never from a file
-            EXPERIMENT: experiment_json(config),
-        },
+        run_context=run_context(config, run_dir),
         round_offset=completed,
         # a deployed SuperLink's hospital name <-> registered key bindings (None: simulation)
         node_registry=registry_from_environment(),

@@ -10,6 +10,7 @@ adapter of another base model or with tampered weights, in one line, writing not
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -28,8 +29,12 @@ from fedllm.federation.delivery import (
     ADAPTER_RECORD,
     ADAPTER_WEIGHTS,
     DELIVER_MESSAGE,
+    DELIVER_REQUEST,
+    NothingToDeliverError,
     deliver_adapter,
     delivery_content,
+    published_adapter,
+    read_delivery,
 )
 from fedllm.federation.deployment import hospital_node_config
 from fedllm.federation.experiment import EXPERIMENT, experiment_json
@@ -47,7 +52,7 @@ from fedllm.security.environment import FILE_ENV_VAR
 from fedllm.serving.node.app import create_node_app
 from fedllm.serving.node.generation import ModelBackend
 from fedllm.serving.node.server import BackgroundServer
-from strategies.server_app import run_federation
+from strategies.server_app import deliver_again, run_federation
 
 HANDLERS = {"query": status, "train": train, "evaluate": evaluate, DELIVER_MESSAGE: deliver}
 
@@ -323,3 +328,56 @@ def test_a_hospital_without_an_inference_server_counts_as_answered(delivered):
         "skipped": ["a"],
         "refused": [],
     }
+
+
+def test_the_published_adapter_of_a_run_is_found_and_checked(delivered, tmp_path):
+    run_dir = delivered["run_dir"]
+    assert published_adapter(run_dir) == delivered["published"]
+    with pytest.raises(NothingToDeliverError, match=r"has no report\.json: not a run directory"):
+        published_adapter(tmp_path)
+    # a run that published nothing
+    unpublished = tmp_path / "unpublished"
+    unpublished.mkdir()
+    report = {**delivered["report"], "published_adapter": None}
+    (unpublished / "report.json").write_text(json.dumps(report))
+    with pytest.raises(NothingToDeliverError, match="the run published no DP adapter"):
+        published_adapter(unpublished)
+    # another run of the same experiment published over it: its adapter is not this run's
+    later = tmp_path / "later"
+    later.mkdir()
+    (later / "report.json").write_text(json.dumps(delivered["report"]))
+    with pytest.raises(NothingToDeliverError, match="now holds the adapter of run 'delivered'"):
+        published_adapter(later)
+
+
+def test_published_weights_the_dp_record_does_not_describe_are_not_delivered(delivered, tmp_path):
+    run_dir = tmp_path / "delivered"
+    run_dir.mkdir()
+    published = tmp_path / "published"
+    shutil.copytree(delivered["published"], published)
+    weights = bytearray(read_artifact(published / ADAPTER_WEIGHTS))
+    weights[-1] ^= 0x01
+    write_artifact(published / ADAPTER_WEIGHTS, bytes(weights))
+    report = {**delivered["report"], "published_adapter": str(published)}
+    (run_dir / "report.json").write_text(json.dumps(report))
+    with pytest.raises(NothingToDeliverError, match="describes other weights"):
+        published_adapter(run_dir)
+
+
+def test_a_delivery_only_run_sends_only_the_delivery_and_records_its_outcome(delivered):
+    """What `fedllm deliver` asks of the ServerApp: the end-of-run message, nothing charged."""
+    run_dir = delivered["run_dir"]
+    config = load_config(delivered["config_file"])
+    grid = HandlerGrid({}, delivered["grid"].nodes)
+    ledger = NodePrivacyLedger(
+        f"sqlite:///{run_dir / 'hospitals' / 'a' / 'ledger.db'}", "a", epsilon_cap=8.0, delta=1e-5
+    )
+    charged = ledger.history()
+    run_config = {EXPERIMENT: experiment_json(config), "run-dir": str(run_dir)}
+    deliver_again(grid, {**run_config, DELIVER_REQUEST: "0a1b"}, "0a1b")
+    assert grid.sent == [DELIVER_MESSAGE, DELIVER_MESSAGE]
+    recorded = read_delivery(run_dir, "0a1b")
+    assert recorded is not None
+    assert recorded["delivered"] == ["a", "b"]
+    assert recorded["adapter_sha256"] == _weights_sha(delivered["published"])
+    assert ledger.history() == charged

@@ -27,6 +27,10 @@ class FedllmGroup(LazyGroup):
             "fedllm.cli.run:resume_command",
             "Continue a run that stopped part-way, from the last round its server ledger recorded.",
         ),
+        "deliver": LazyCommand(
+            "fedllm.cli.deliver:deliver_command",
+            "Deliver a finished run's published DP adapter to every connected hospital again.",
+        ),
         "select": LazyCommand(
             "fedllm.cli.select:select_command",
             "Pick K eligible hospitals maximising utility minus λ·redundancy, with inclusion odds.",

@@ -14,11 +14,17 @@ inference server's hot reload picks it up.
 
 The reply is an acknowledgement only: the hospital's name (public) and the adapter hash the
 server sent, echoed. Both are in the release inventory.
+
+The same message delivers a finished run's adapter again on demand (``fedllm deliver``): a
+Flower run whose run config carries ``deliver-request`` trains nothing and sends only this
+message, for the adapter the run directory's report says it published
+(`published_adapter`), and records the outcome in ``deliveries/<request>.json`` there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +35,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedllm.models.checkpoints import read_adapter_files, write_adapter_files
 from fedllm.models.dp_record import DP_RECORD_FILE, DPRecord, parse_dp_record
-from fedllm.security.encryption import KeyRingSource
+from fedllm.report.run_report import REPORT_FILE, read_report_json, write_json_atomically
+from fedllm.security.encryption import EncryptionError, KeyRingSource
 
 log = structlog.get_logger(__name__)
 
@@ -40,10 +47,17 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DELIVERED_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DP_RECORD_FILE)
 ADAPTER_RECORD = "adapter"
 ACK_RECORD = "delivery"
+# run config key of a delivery-only Flower run: the request's id, which names its record
+DELIVER_REQUEST = "deliver-request"
+DELIVERIES_DIR = "deliveries"
 
 
 class DeliveryRefusedError(ValueError):
     """A hospital refuses a delivered adapter (invalid DP record, other weights, other model)."""
+
+
+class NothingToDeliverError(ValueError):
+    """A run directory holds no published DP adapter of its own to deliver (one line)."""
 
 
 @dataclass
@@ -123,6 +137,62 @@ def deliver_adapter(
     else:
         log.info("adapter.delivered", **outcome.summary())
     return outcome
+
+
+def published_adapter(run_dir: Path) -> Path:
+    """The directory of the DP adapter that the run in ``run_dir`` published, checked.
+
+    Checked before any hospital is contacted: the report must name a published adapter, its
+    DP record must be this run's (a later run publishing to the same directory replaces it)
+    and must vouch for the weights beside it. Raises `NothingToDeliverError` (one line).
+    """
+    if not (run_dir / REPORT_FILE).is_file():
+        raise NothingToDeliverError(f"{run_dir} has no {REPORT_FILE}: not a run directory")
+    published = read_report_json(run_dir).get("published_adapter")
+    if not published:
+        raise NothingToDeliverError(
+            f"{run_dir}: the run published no DP adapter (run.publish_adapter_dir unset, DP "
+            "off, or the run failed)"
+        )
+    directory = Path(str(published))
+    try:
+        files = read_adapter_files(directory, DELIVERED_FILES)
+        record = parse_dp_record(files[DP_RECORD_FILE])
+    except (OSError, ValueError, EncryptionError) as error:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise NothingToDeliverError(
+            f"{run_dir}: its published adapter {directory} cannot be read: {first_line}"
+        ) from None
+    if record.run_id != run_dir.name:
+        raise NothingToDeliverError(
+            f"{run_dir}: {directory} now holds the adapter of run {record.run_id!r}, which "
+            "published over it; deliver that run instead"
+        )
+    reason = record.refusal(hashlib.sha256(files[ADAPTER_WEIGHTS]).hexdigest())
+    if reason is not None:
+        raise NothingToDeliverError(f"{run_dir}: {reason}")
+    return directory
+
+
+def delivery_record_path(run_dir: Path, request: str) -> Path:
+    """Where the outcome of the on-demand delivery ``request`` is recorded."""
+    if not request.isalnum():
+        raise ValueError(f"{DELIVER_REQUEST}: got {request!r}; expected letters and digits")
+    return run_dir / DELIVERIES_DIR / f"{request}.json"
+
+
+def record_delivery(run_dir: Path, request: str, outcome: DeliveryOutcome) -> Path:
+    """Write the outcome of an on-demand delivery beside the run's report; its path."""
+    path = delivery_record_path(run_dir, request)
+    path.parent.mkdir(exist_ok=True)
+    write_json_atomically(path, {"request": request, **outcome.summary()})
+    return path
+
+
+def read_delivery(run_dir: Path, request: str) -> dict[str, Any] | None:
+    """The recorded outcome of ``request``, or None when none was recorded."""
+    path = delivery_record_path(run_dir, request)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def verify_delivery(files: Mapping[str, bytes], own_base_sha256: str) -> DPRecord:
