@@ -286,6 +286,10 @@ NOT_RUN_HERE: dict[str, str] = {
     "fedllm run configs/x.yaml --federation consortium --set run.rounds=5": (
         "tests/test_deployment.py::test_deployed_run_finishes_with_every_hospital_within_its_cap"
     ),
+    "fedllm deliver runs/x --federation consortium": (
+        "tests/test_deployment.py::"
+        "test_fedllm_deliver_delivers_the_published_adapter_again_charging_nothing"
+    ),
     # Usage synopses (optional arguments in brackets), not commands to paste: each option
     # is checked against the command's --help; the CLI itself is run by tests/test_selection.py
     # and above, and the benchmark (about 40 s even at small counts) by hand (docs/router.md).
@@ -401,7 +405,8 @@ CHANGES_ENVIRONMENT = ("export ", "source ", ". ")
 TYPED_INPUT = f"{PASSWORD}\n{PASSWORD}\n"
 # What a command the runner cannot run looks like: it must be in SERVERS or NOT_RUN_HERE.
 CANNOT_RUN_UNREGISTERED = (
-    r"\b(fedllm (serve|router|run|resume|superlink|hospital start)|flwr run|make|pip install)\b"
+    r"\b(fedllm (serve|router|run|resume|deliver|superlink|hospital start)"
+    r"|flwr run|make|pip install)\b"
 )
 PROMPTS_FOR_PASSWORD = re.compile(r"users add \S+ .*--role(?!.*--password-stdin)")
 
