@@ -157,12 +157,18 @@ def deliver_again(grid: Grid, run_config: UserConfig, request: str) -> None:
             raise ValueError(f"{DELIVER_REQUEST}: the run-dir of the run to deliver is not given")
         # the run's own experiment: what `fedllm deliver` passes, else its recorded config.yaml
         config = given_experiment(run_config) or load_config(run_dir / "config.yaml")
-        published = published_adapter(run_dir)
-    except ValueError as error:
+        # the server's key ring: the published adapter may be encrypted at rest
+        keyring = keyring_from_environment()
+        published = published_adapter(run_dir, keyring=keyring)
+    except (ValueError, EncryptionError) as error:
         log.error("adapter.not_delivered", reason=str(error))
         raise
     outcome = deliver_adapter(
-        grid, published, run_context(config, run_dir), config.strategy.round_timeout_s
+        grid,
+        published,
+        run_context(config, run_dir),
+        config.strategy.round_timeout_s,
+        keyring=keyring,
     )
     record_delivery(run_dir, request, outcome)
 

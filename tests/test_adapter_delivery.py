@@ -321,7 +321,9 @@ def test_a_hospital_without_an_inference_server_counts_as_answered(delivered):
         },
     }
     grid = HandlerGrid({}, nodes)
-    outcome = deliver_adapter(grid, delivered["published"], _context(delivered), timeout=None)
+    outcome = deliver_adapter(
+        grid, delivered["published"], _context(delivered), timeout=None, keyring=None
+    )
     assert outcome.summary() == {
         "adapter_sha256": _weights_sha(delivered["published"]),
         "delivered": ["b"],
@@ -332,22 +334,22 @@ def test_a_hospital_without_an_inference_server_counts_as_answered(delivered):
 
 def test_the_published_adapter_of_a_run_is_found_and_checked(delivered, tmp_path):
     run_dir = delivered["run_dir"]
-    assert published_adapter(run_dir) == delivered["published"]
+    assert published_adapter(run_dir, keyring=None) == delivered["published"]
     with pytest.raises(NothingToDeliverError, match=r"has no report\.json: not a run directory"):
-        published_adapter(tmp_path)
+        published_adapter(tmp_path, keyring=None)
     # a run that published nothing
     unpublished = tmp_path / "unpublished"
     unpublished.mkdir()
     report = {**delivered["report"], "published_adapter": None}
     (unpublished / "report.json").write_text(json.dumps(report))
     with pytest.raises(NothingToDeliverError, match="the run published no DP adapter"):
-        published_adapter(unpublished)
+        published_adapter(unpublished, keyring=None)
     # another run of the same experiment published over it: its adapter is not this run's
     later = tmp_path / "later"
     later.mkdir()
     (later / "report.json").write_text(json.dumps(delivered["report"]))
     with pytest.raises(NothingToDeliverError, match="now holds the adapter of run 'delivered'"):
-        published_adapter(later)
+        published_adapter(later, keyring=None)
 
 
 def test_published_weights_the_dp_record_does_not_describe_are_not_delivered(delivered, tmp_path):
@@ -355,13 +357,13 @@ def test_published_weights_the_dp_record_does_not_describe_are_not_delivered(del
     run_dir.mkdir()
     published = tmp_path / "published"
     shutil.copytree(delivered["published"], published)
-    weights = bytearray(read_artifact(published / ADAPTER_WEIGHTS))
+    weights = bytearray(read_artifact(published / ADAPTER_WEIGHTS, keyring=None))
     weights[-1] ^= 0x01
-    write_artifact(published / ADAPTER_WEIGHTS, bytes(weights))
+    write_artifact(published / ADAPTER_WEIGHTS, bytes(weights), keyring=None)
     report = {**delivered["report"], "published_adapter": str(published)}
     (run_dir / "report.json").write_text(json.dumps(report))
     with pytest.raises(NothingToDeliverError, match="describes other weights"):
-        published_adapter(run_dir)
+        published_adapter(run_dir, keyring=None)
 
 
 def test_a_delivery_only_run_sends_only_the_delivery_and_records_its_outcome(delivered):

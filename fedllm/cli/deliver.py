@@ -22,6 +22,8 @@ from fedllm.config import ConfigError, load_config
 from fedllm.federation.experiment import APP_ROOT, EXPERIMENT, experiment_json
 from fedllm.federation.flower_cli import deployed_federation
 from fedllm.federation.launcher import FederationError, run_app
+from fedllm.security.encryption import EncryptionError
+from fedllm.security.environment import keyring_from_environment
 
 
 def deliver_command(
@@ -47,10 +49,10 @@ def deliver_command(
     run_dir = run_dir.resolve()
     try:
         # checked before anything is contacted
-        published = published_adapter(run_dir)
+        published = published_adapter(run_dir, keyring=keyring_from_environment())
         config = load_config(run_dir / "config.yaml")
         target = deployed_federation(federation)
-    except (ConfigError, NothingToDeliverError, FederationError) as error:
+    except (ConfigError, NothingToDeliverError, FederationError, EncryptionError) as error:
         fail(str(error).splitlines()[0])
     request = secrets.token_hex(8)
     log_path = run_dir / DELIVERIES_DIR / f"{request}.log"

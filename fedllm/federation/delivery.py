@@ -139,7 +139,7 @@ def deliver_adapter(
     return outcome
 
 
-def published_adapter(run_dir: Path) -> Path:
+def published_adapter(run_dir: Path, *, keyring: KeyRingSource | None) -> Path:
     """The directory of the DP adapter that the run in ``run_dir`` published, checked.
 
     Checked before any hospital is contacted: the report must name a published adapter, its
@@ -156,7 +156,7 @@ def published_adapter(run_dir: Path) -> Path:
         )
     directory = Path(str(published))
     try:
-        files = read_adapter_files(directory, DELIVERED_FILES)
+        files = read_adapter_files(directory, DELIVERED_FILES, keyring=keyring)
         record = parse_dp_record(files[DP_RECORD_FILE])
     except (OSError, ValueError, EncryptionError) as error:
         first_line = (str(error).strip().splitlines() or [""])[0]
