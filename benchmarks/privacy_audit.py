@@ -1,7 +1,8 @@
 """Power, soundness and runtime of `fedllm privacy audit` on the quick start (configs/default.yaml).
 
-Each repeat is one white-box audit of the DP run (fresh canaries and coins from OS entropy
-each time), the first also of the same federation without DP (power); `--broken` adds one
+Each repeat is one audit (`--mode`, white-box by default) of the DP run (fresh canaries and
+coins from OS entropy each time), the first also of the same federation without DP (power;
+every repeat with `--no-dp-every-repeat`); `--broken` adds one
 audit of a build whose DP-SGD noise is scaled down 10x (a scratch trainer, never a user
 setting), which a sound audit must catch with a bound above the reported ε. `--runs K` makes
 each audit a K-run audit (pooled guesses, plus the classic many-run bound); `--workers N`
@@ -45,20 +46,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--canaries", type=int, default=1000)
+    parser.add_argument(
+        "--canaries", type=int, default=None, help="default: 1000 white-box, 32 black-box"
+    )
     parser.add_argument("--mode", default="whitebox", choices=("whitebox", "blackbox"))
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--broken", action="store_true")
     parser.add_argument(
         "--workers", type=int, default=1, help="audits run side by side (1 torch thread each)"
     )
+    parser.add_argument(
+        "--no-dp-every-repeat",
+        action="store_true",
+        help="audit the federation without DP in every repeat, not only the first",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     common = {"mode": args.mode, "canaries": args.canaries, "runs": args.runs}
-    # the no-DP baseline (power) in the first repeat; every repeat audits the DP run (soundness)
+    # the no-DP baseline (power) in the first repeat or all; every repeat audits the DP run
     jobs = [
-        (f"repeat {repeat + 1}", {**common, "baseline": repeat == 0})
+        (f"repeat {repeat + 1}", {**common, "baseline": repeat == 0 or args.no_dp_every_repeat})
         for repeat in range(args.repeats)
     ]
     if args.broken:

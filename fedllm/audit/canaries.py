@@ -12,9 +12,12 @@ can learn about each S_i, and the dataset size (public) does not depend on the c
   picks it, through the hook of :func:`fedllm.training.local.train_locally`. The server's score
   is the projection of the hospital's released updates on the canary direction, after
   subtracting what the other hospitals' updates predict (:meth:`GradientCanaries.scores`).
-* Text canaries (black-box): slot i holds one of two random token sequences behind a fixed
-  prefix, a secret-sharer canary (Carlini et al. 2019). The score is how much lower the
-  final model's loss is on the planted sequence's candidate than on the other one.
+* Text canaries (black-box): slot i holds one of two candidate records, each a fixed prefix
+  followed by one secret token repeated to fill ``model.max_seq_length`` (a secret-sharer
+  canary, Carlini et al. 2019, with the secret's insertion frequency packed into the one
+  record a patient may contribute). The score is how much more the final model favours the
+  planted candidate's token than the public base model did, after calibrating away the
+  fine-tuning's global change of confidence (:func:`calibrated_log_probs`).
 
 Coins, coordinates, signs and secrets come from OS entropy; none of them touches the DP
 noise stream, which stays the hospital's own fresh stream.
@@ -31,17 +34,25 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedllm.training.loss import per_sequence_loss
-from fedllm.training.sequences import EncodedSequences
+from fedllm.training.sequences import EncodedSequences, position_ids_for
 
 CANARY_PREFIX = "patient access code:"
-SECRET_TOKENS = 8
 REFERENCE_SECRETS = 255
 # A gradient canary's norm before clipping, in clipping norms. Under DP, Opacus clips it to C
 # like any patient's gradient, so the audited mechanism is unchanged; without DP nothing bounds
 # a patient's gradient, and a canary as large as an outlier patient's (real per-patient norms
 # reach ~5 C on the quick start) shows what an unprotected run exposes.
 CANARY_NORM_IN_CLIPPING_NORMS = 20.0
+# Canary slots per audited hospital when --canaries is not given. Every slot is a unit, so
+# with n patients the sample rate is q = B / (n + m): fewer slots are each drawn more often
+# and share the adapter's few weights with fewer planted ones. A gradient canary owns its
+# coordinate, so many are cheap; a text canary competes for the same 4-rank LoRA, and on the
+# quick start 32 of them are seen (AUC ~0.7 without DP) where 128 or more are lost. Pool runs
+# (--runs K) rather than adding text canaries to one run.
+DEFAULT_CANARIES = {"whitebox": 1000, "blackbox": 32}
 _SCORING_BATCH = 128
+# sequences per forward pass of the calibration, whose log-probabilities span the vocabulary
+_CALIBRATION_BATCH = 16
 
 
 def entropy_rng() -> np.random.Generator:
@@ -128,61 +139,126 @@ class GradientCanaries:
 
 @dataclass
 class TextCanaries:
-    """Pairs of secret-sharer sequences; slot i trains on ``pairs[i][0]`` iff included."""
+    """Pairs of repeated-token records; slot i trains on ``pairs[i][0]`` iff included.
+
+    Every candidate's secret is its own token, distinct from every other candidate's and
+    reference's, so no other canary (planted or not) trains the token a slot is scored on.
+    """
 
     pairs: EncodedSequences
     references: EncodedSequences
     included: np.ndarray
+    prefix_length: int
 
     @classmethod
     def draw(cls, count: int, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TextCanaries:
-        """2·count candidate secrets plus unplanted references, all uniform random tokens."""
+        """2·count candidates and up to 255 unplanted references, each its own random token."""
         prefix = tokenizer(CANARY_PREFIX)["input_ids"]
-        length = len(prefix) + SECRET_TOKENS + 1
-        if length > max_length:
+        if len(prefix) + 2 > max_length:
             raise ValueError(
-                f"model.max_seq_length {max_length} is too short for a {length}-token canary"
+                f"model.max_seq_length {max_length} is too short for a canary: its "
+                f"{len(prefix)}-token prefix needs at least 2 more positions"
             )
         special = set(tokenizer.all_special_ids)
         vocabulary = np.array([i for i in range(len(tokenizer)) if i not in special])
+        if 2 * count > len(vocabulary):
+            raise ValueError(
+                f"--canaries {count} needs {2 * count} distinct secret tokens; the tokenizer "
+                f"has {len(vocabulary)} (use at most {len(vocabulary) // 2} black-box canaries)"
+            )
         rng = entropy_rng()
+        tokens = rng.permutation(vocabulary)
+        references = min(REFERENCE_SECRETS, len(vocabulary) - 2 * count)
 
-        def sequences(number: int) -> EncodedSequences:
-            ids = torch.full((number, max_length), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((number, max_length), dtype=torch.long)
+        def records(secrets_: np.ndarray) -> EncodedSequences:
+            ids = torch.from_numpy(secrets_).long()[:, None].repeat(1, max_length)
             ids[:, : len(prefix)] = torch.tensor(prefix)
-            secret = rng.choice(vocabulary, size=(number, SECRET_TOKENS))
-            ids[:, len(prefix) : length - 1] = torch.from_numpy(secret)
-            ids[:, length - 1] = tokenizer.eos_token_id
-            mask[:, :length] = 1
-            return EncodedSequences(ids, mask)
+            return EncodedSequences(ids, torch.ones_like(ids))
 
-        return cls(sequences(2 * count), sequences(REFERENCE_SECRETS), inclusion_coins(count, rng))
+        return cls(
+            records(tokens[: 2 * count]),
+            records(tokens[2 * count : 2 * count + references]),
+            inclusion_coins(count, rng),
+            len(prefix),
+        )
 
     def planted(self) -> EncodedSequences:
-        """The sequence each slot holds: the first of its pair if included, else the second."""
+        """The record each slot holds: the first of its pair if included, else the second."""
         rows = torch.arange(len(self.included)) * 2 + torch.from_numpy(~self.included).long()
         return self.pairs.select(rows)
 
     def scores(self, model: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Loss gap per slot (second − first), and the exposure of planted and unplanted.
+        """Calibrated gap per slot (first − second), and the exposure of planted and unplanted.
 
-        Exposure (Carlini et al. 2019) is log2 of the candidates' count minus log2 of the
-        sequence's rank by loss among the unplanted references and itself: about 1 bit for a
-        sequence the model never saw, up to log2(REFERENCE_SECRETS + 1) for a memorised one.
+        A candidate's evidence is the sum, over its secret positions, of the final model's
+        calibrated log-probability of the secret (:func:`calibrated_log_probs`). Exposure
+        (Carlini et al. 2019) is log2 of the candidates' count minus log2 of the candidate's
+        rank by that evidence among the unplanted references and itself: about 1 bit for a
+        record the model never saw, up to log2(references + 1) for a memorised one.
         """
-        pair_losses = sequence_losses(model, self.pairs).reshape(-1, 2)
-        reference = np.sort(sequence_losses(model, self.references))
-        gaps = pair_losses[:, 1] - pair_losses[:, 0]
-        planted = np.where(self.included, pair_losses[:, 0], pair_losses[:, 1])
-        unplanted = np.where(self.included, pair_losses[:, 1], pair_losses[:, 0])
-        return gaps, exposure(planted, reference), exposure(unplanted, reference)
+        evidence = self._evidence(model, self.pairs).reshape(-1, 2)
+        reference = np.sort(-self._evidence(model, self.references))
+        gaps = evidence[:, 0] - evidence[:, 1]
+        planted = np.where(self.included, evidence[:, 0], evidence[:, 1])
+        unplanted = np.where(self.included, evidence[:, 1], evidence[:, 0])
+        return gaps, exposure(-planted, reference), exposure(-unplanted, reference)
+
+    def _evidence(self, model: nn.Module, data: EncodedSequences) -> np.ndarray:
+        calibrated = calibrated_log_probs(model, data)
+        return calibrated[:, self.prefix_length - 1 :].sum(axis=1)
 
 
 def exposure(losses: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Secret-sharer exposure of each loss against sorted reference losses."""
     ranks = np.searchsorted(reference, losses, side="left") + 1
     return np.log2(len(reference) + 1) - np.log2(ranks)
+
+
+@torch.no_grad()
+def calibrated_log_probs(model: nn.Module, data: EncodedSequences) -> np.ndarray:
+    """Per position, how much more the final model favours the next token than the base did.
+
+    Fine-tuning changes the model's confidence everywhere (on the quick start every random
+    token gains ~6 nats at once, planted or not), which drowns a canary's own trace in the
+    raw loss. A change of temperature moves every token's log-probability by a line in the
+    base model's log-probability at that position, so the line fitted across the whole
+    vocabulary (least squares, per position) predicts it; what is left at the actual next
+    token is the evidence that this sequence itself was trained on: a reference-model
+    calibration (Carlini et al. 2022) with the public base model as the reference, and the
+    whole vocabulary of the position as the calibration set. ``model`` is the LoRA model;
+    the base model is the same network with its adapter disabled. Each vocabulary entry is
+    the loss of a one-token variant of the query, so nothing beyond the final model's losses
+    (and the public base model) is used. Shape (sequences, length − 1), 0 where masked.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    rows = []
+    for start in range(0, len(data), _CALIBRATION_BATCH):
+        batch = data.select(torch.arange(start, min(start + _CALIBRATION_BATCH, len(data))))
+        ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+        final = _next_token_log_probs(model, ids, mask)
+        with model.disable_adapter():
+            base = _next_token_log_probs(model, ids, mask)
+        base_centred = base - base.mean(dim=-1, keepdim=True)
+        final_centred = final - final.mean(dim=-1, keepdim=True)
+        slope = (base_centred * final_centred).sum(dim=-1, keepdim=True) / (
+            base_centred.square().sum(dim=-1, keepdim=True).clamp(min=1e-12)
+        )
+        residual = final_centred - slope * base_centred
+        targets = ids[:, 1:, None]
+        rows.append(residual.gather(-1, targets)[..., 0] * mask[:, 1:])
+    return torch.cat(rows).cpu().numpy() if rows else np.zeros((0, data.input_ids.shape[1] - 1))
+
+
+def _next_token_log_probs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_for(input_ids),
+    ).logits
+    return torch.log_softmax(logits[:, :-1].double(), dim=-1)
 
 
 @torch.no_grad()

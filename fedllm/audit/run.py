@@ -10,7 +10,8 @@ its σ is planned for the dataset it really trains on. Then:
 * white-box: the server's view, each round's released update of the hospital (less what the
   other hospitals' updates of that round predict of it), scored by its projection on each
   gradient canary;
-* black-box: the final global model, scored by the loss gap of each text-canary pair;
+* black-box: the final global model (and the public base model it was fine-tuned from),
+  scored by the calibrated log-probability gap of each text-canary pair;
 * the one-run bound (:func:`fedllm.audit.bounds.audit_one_run`) on those scores, compared with
   the ε the hospital's accountant reports for the DP-SGD steps the attacker observed;
 * a loss-threshold membership attack on the hospitals' own records (training patients vs
@@ -41,6 +42,7 @@ from fedllm.audit.attacks import auc, loss_threshold_auc
 from fedllm.audit.bounds import audit_one_run, many_run_audit
 from fedllm.audit.canaries import (
     CANARY_NORM_IN_CLIPPING_NORMS,
+    DEFAULT_CANARIES,
     GradientCanaries,
     TextCanaries,
     sequence_losses,
@@ -261,7 +263,7 @@ def run_audit(
     config: ExperimentConfig,
     *,
     mode: AuditMode = "whitebox",
-    canaries: int = 1000,
+    canaries: int | None = None,
     confidence: float = 0.95,
     hospitals: Sequence[str] | None = None,
     baseline: bool = True,
@@ -270,13 +272,16 @@ def run_audit(
 ) -> dict[str, Any]:
     """The audit of ``config``: its DP run and (``baseline``) the same federation without DP.
 
-    With ``runs`` K >= 2 each is simulated K times with fresh canaries and coins, and the
+    ``canaries`` defaults to :data:`DEFAULT_CANARIES` of the mode. With ``runs`` K >= 2 each
+    is simulated K times with fresh canaries and coins, and the
     guesses are pooled (:func:`_pooled`). Returns the content of ``audit.json``: per audited
     hospital, the empirical ε lower bound(s), the reported ε, their ratio and the attacks'
     AUCs, for each run.
     """
     if mode not in AUDIT_MODES:
         raise ValueError(f"--mode: got {mode!r}; expected one of {', '.join(AUDIT_MODES)}")
+    if canaries is None:
+        canaries = DEFAULT_CANARIES[mode]
     if canaries < 2:
         raise ValueError(f"--canaries: got {canaries}; expected at least 2")
     if not 0.0 < confidence < 1.0:

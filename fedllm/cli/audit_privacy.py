@@ -24,14 +24,18 @@ def _number(value: float | None, digits: int = 3) -> str:
 def audit_privacy_command(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="Experiment YAML")],
     canaries: Annotated[
-        int, typer.Option("--canaries", help="Canary slots per audited hospital (>= 2)")
-    ] = 1000,
+        int | None,
+        typer.Option(
+            "--canaries",
+            help="Canary slots per audited hospital (>= 2; default 1000 white-box, 32 black-box)",
+        ),
+    ] = None,
     mode: Annotated[
         str,
         typer.Option(
             "--mode",
             help="whitebox: gradient canaries scored from the released updates; blackbox: "
-            "text canaries scored by the final model's loss",
+            "text canaries scored by the final model's losses, calibrated by the base model's",
         ),
     ] = "whitebox",
     confidence: Annotated[
