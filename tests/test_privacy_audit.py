@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -20,9 +21,11 @@ from fedllm.audit.bounds import (
     one_run_epsilon,
     one_run_p_value,
 )
+from fedllm.audit.canaries import CANARY_PREFIX, TextCanaries, calibrated_log_probs
 from fedllm.audit.run import run_audit
 from fedllm.cli.app import app
 from fedllm.config.loading import validate_config
+from fedllm.models.loading import load_lora_model, load_tokenizer
 from fedllm.training.local import DpSgdSettings, train_locally
 
 CANARIES = 128
@@ -172,6 +175,40 @@ def test_independent_runs_pool_their_canaries(tiny_config):
     assert no_dp["epsilon_lower_bound"] > 1.0
 
 
+def test_text_canaries_are_records_of_one_distinct_secret_token(tokenizer):
+    canaries = TextCanaries.draw(20, tokenizer, 32)
+    prefix = tokenizer(CANARY_PREFIX)["input_ids"]
+    assert canaries.pairs.input_ids.shape == (40, 32)
+    assert bool(canaries.pairs.attention_mask.all())
+    assert canaries.pairs.input_ids[:, : len(prefix)].tolist() == [prefix] * 40
+    secrets = torch.cat((canaries.pairs.input_ids, canaries.references.input_ids))[:, len(prefix) :]
+    assert bool((secrets == secrets[:, :1]).all())  # one token fills each record
+    tokens = secrets[:, 0].tolist()
+    assert len(set(tokens)) == len(tokens) == 40 + 255  # no token trains two candidates
+    assert not set(tokens) & set(tokenizer.all_special_ids)
+    planted = canaries.planted().input_ids[:, -1]
+    first, second = canaries.pairs.input_ids[0::2, -1], canaries.pairs.input_ids[1::2, -1]
+    assert (
+        planted.tolist() == torch.where(torch.from_numpy(canaries.included), first, second).tolist()
+    )
+    with pytest.raises(ValueError, match="needs 600 distinct secret tokens"):
+        TextCanaries.draw(300, tokenizer, 32)
+
+
+def test_calibration_is_against_the_base_model(tiny_config):
+    # A fresh adapter is the base model (LoRA's B starts at 0): nothing is left after the
+    # calibration. Once the adapter moves, the final model differs from the base model the
+    # calibration disables the adapter to get, and evidence appears.
+    model = load_lora_model(tiny_config.model, torch.device("cpu"), 0)
+    canaries = TextCanaries.draw(8, load_tokenizer(tiny_config.model), 32)
+    assert np.abs(calibrated_log_probs(model, canaries.pairs)).max() < 1e-9
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    assert np.abs(calibrated_log_probs(model, canaries.pairs)).max() > 1e-3
+
+
 def test_cli_blackbox_writes_audit_json_and_plot(local_model_dir, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(_raw_config(local_model_dir, str(tmp_path / "runs"))))
@@ -187,6 +224,8 @@ def test_cli_blackbox_writes_audit_json_and_plot(local_model_dir, tmp_path):
     exposure = written["runs"]["dp"]["a"]["exposure"]
     assert 0.0 <= exposure["planted_mean"] <= math.log2(256)
     assert set(written["summary"]) == {"dp", "no_dp"}
+    dp = written["summary"]["dp"]["a"]
+    assert dp["epsilon_lower_bound"] <= dp["reported_epsilon"]
     assert (run_dir / "audit.png").stat().st_size > 10_000
 
 
@@ -197,6 +236,7 @@ def test_cli_blackbox_writes_audit_json_and_plot(local_model_dir, tmp_path):
         (["--hospital", "nowhere"], "--hospital 'nowhere' is not in this config"),
         (["--canaries", "1"], "--canaries: got 1"),
         (["--runs", "0"], "--runs: got 0"),
+        (["--mode", "blackbox", "--canaries", "300"], "needs 600 distinct secret tokens"),
     ],
 )
 def test_cli_user_mistakes_are_one_line_errors(local_model_dir, tmp_path, extra, message):
