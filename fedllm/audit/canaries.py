@@ -46,9 +46,9 @@ CANARY_NORM_IN_CLIPPING_NORMS = 20.0
 # Canary slots per audited hospital when --canaries is not given. Every slot is a unit, so
 # with n patients the sample rate is q = B / (n + m): fewer slots are each drawn more often
 # and share the adapter's few weights with fewer planted ones. A gradient canary owns its
-# coordinate, so many are cheap; a text canary competes for the same 4-rank LoRA, and on the
-# quick start 32 of them are seen (AUC ~0.7 without DP) where 128 or more are lost. Pool runs
-# (--runs K) rather than adding text canaries to one run.
+# coordinate, so many are cheap; a text canary competes for the same rank-4 LoRA with every
+# other planted one: on the quick start without DP, 32 per run reach AUC 0.53-0.67 (4 runs
+# pooled) where 1000 stay at chance. Pool runs (--runs K) rather than planting more in one.
 DEFAULT_CANARIES = {"whitebox": 1000, "blackbox": 32}
 _SCORING_BATCH = 128
 # sequences per forward pass of the calibration, whose log-probabilities span the vocabulary
