@@ -8,9 +8,9 @@ and forwards the message over the worker's Unix socket to ``fedllm hospital work
 keeps the site loaded across rounds.
 
 This benchmark plays the SuperNode: for each round it starts a fresh Python process that does
-what ``flwr-clientapp`` does with a message (import ``clients.client_app``, run the app on the
-message and context, hand the reply back; messages travel as Flower's protobuf bytes), once
-with the node config of a cold hospital and once with that of a warm one, alternating so
+what ``flwr-clientapp`` does with a message (import ``fedllm.clients.client_app``, run the app
+on the message and context, hand the reply back; messages travel as Flower's protobuf bytes),
+once with the node config of a cold hospital and once with that of a warm one, alternating so
 machine drift hits both alike. Per round it reports
 
 * total: from starting that process with the message in hand to the reply bytes back;
@@ -53,7 +53,7 @@ WORKER = [sys.executable, "-m", "fedllm.cli", "hospital", "worker"]
 
 def handle_one_message(directory: Path) -> None:
     """What ``flwr-clientapp`` does with one message: load the app, run it, hand back the reply."""
-    from clients.client_app import app
+    from fedllm.clients.client_app import app
     from fedllm.federation.warm_worker import decode_request, encode_request
 
     message, context = decode_request(

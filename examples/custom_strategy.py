@@ -16,7 +16,7 @@ Use it from any experiment YAML:
 
 from __future__ import annotations
 
-from strategies.privacy_aware import HospitalView, PrivacyAwareStrategy
+from fedllm.strategies.privacy_aware import HospitalView, PrivacyAwareStrategy
 
 
 class FairnessFirstStrategy(PrivacyAwareStrategy):

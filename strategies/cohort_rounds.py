@@ -2,7 +2,7 @@
 
 :class:`CohortRounds` implements Flower's message-API :class:`~flwr.serverapp.strategy.Strategy`
 for rounds whose cohort is chosen from the hospitals' released status, and leaves the choices to
-a subclass (``strategies.privacy_aware.PrivacyAwareStrategy``): :meth:`is_eligible`,
+a subclass (``fedllm.strategies.privacy_aware.PrivacyAwareStrategy``): :meth:`is_eligible`,
 :meth:`utility`, :meth:`select` and :meth:`aggregate`. Each round it
 
 1. asks every hospital for its status (``configure_train``), asks the subclass who may train,
@@ -14,11 +14,11 @@ a subclass (``strategies.privacy_aware.PrivacyAwareStrategy``): :meth:`is_eligib
 3. sends the new adapter to every reachable hospital for evaluation (``configure_evaluate``)
    and closes the round through the injected recorder (``aggregate_evaluate``).
 
-Round state is a frozen :class:`~strategies.rounds.RoundState`, replaced as the round
+Round state is a frozen :class:`~fedllm.strategies.rounds.RoundState`, replaced as the round
 advances. Every wait is bounded by ``round_timeout_s``. Each round is one trace
 (:class:`~fedllm.telemetry.tracing.RoundTracing` on the recorder's ``tracing``, disabled by
 default): selection, each hospital's training, aggregation and evaluation are its children.
-Server-side DP is a wrapper around this strategy (``strategies.server_dp``), which sets
+Server-side DP is a wrapper around this strategy (``fedllm.strategies.server_dp``), which sets
 :attr:`CohortRounds.clipped_mean`.
 """
 
@@ -39,10 +39,10 @@ from flwr.serverapp.strategy import Strategy
 from fedllm.aggregation.rules import AdapterState
 from fedllm.federation.node_registry import NodeRegistry
 from fedllm.selection.cohort import Cohort
+from fedllm.strategies import rounds
+from fedllm.strategies.recorder import RunRecorder
+from fedllm.strategies.rounds import Contribution, HospitalView, RoundPlan, RoundState, TrainOutcome
 from fedllm.telemetry.tracing import RoundTracing
-from strategies import rounds
-from strategies.recorder import RunRecorder
-from strategies.rounds import Contribution, HospitalView, RoundPlan, RoundState, TrainOutcome
 
 log = structlog.get_logger(__name__)
 

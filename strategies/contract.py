@@ -41,15 +41,15 @@ def check_strategy_class(spec: str, app_root: Path) -> None:
             f"an importable module {module_name!r} ({type(error).__name__}: {one_line(error)})",
         ) from None
     # imported here, not at the top: `fedllm run --help` must not load torch and Flower
-    from strategies.privacy_aware import PrivacyAwareStrategy
-    from strategies.settings import strategy_keywords
+    from fedllm.strategies.privacy_aware import PrivacyAwareStrategy
+    from fedllm.strategies.settings import strategy_keywords
 
     strategy_class = getattr(module, class_name, None)
     if strategy_class is None:
         raise PreflightError(key, spec, f"a class {class_name!r} in module {module_name!r}")
     if not (isinstance(strategy_class, type) and issubclass(strategy_class, PrivacyAwareStrategy)):
         raise PreflightError(
-            key, spec, "a subclass of strategies.privacy_aware:PrivacyAwareStrategy"
+            key, spec, "a subclass of fedllm.strategies.privacy_aware:PrivacyAwareStrategy"
         )
     # the ServerApp calls `from_config`, which calls the constructor with every keyword the
     # built-in one takes: an override of either must still accept them

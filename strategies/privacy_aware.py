@@ -5,8 +5,9 @@ Oort utility (:meth:`~PrivacyAwareStrategy.utility`), redundancy and the cohort 
 (:meth:`~PrivacyAwareStrategy.redundancy`, :meth:`~PrivacyAwareStrategy.solve_cohort`; the
 modes, draw and uniform mix are ``fedllm.selection.cohort``'s) and inclusion-weighted
 aggregation (:meth:`~PrivacyAwareStrategy.aggregation_weights`). The Flower round protocol is
-``strategies.cohort_rounds``; what is written down, the injected ``strategies.recorder``;
-server-side DP, a wrapper around this strategy (``strategies.server_dp``).
+``fedllm.strategies.cohort_rounds``; what is written down, the injected
+``fedllm.strategies.recorder``; server-side DP, a wrapper around this strategy
+(``fedllm.strategies.server_dp``).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from fedllm.selection.instance import CohortInstance
 from fedllm.selection.oort import oort_utility
 from fedllm.selection.solvers import DEFAULT_SOLVER, SelectionResult, solve
 from fedllm.selection.utility import profile_similarity
-from strategies.cohort_rounds import CohortRounds
-from strategies.recorder import RunRecorder
-from strategies.rounds import Contribution, HospitalView
-from strategies.settings import strategy_settings
+from fedllm.strategies.cohort_rounds import CohortRounds
+from fedllm.strategies.recorder import RunRecorder
+from fedllm.strategies.rounds import Contribution, HospitalView
+from fedllm.strategies.settings import strategy_settings
 
 QUBO_SOLVERS = {"quantum": DEFAULT_SOLVER, "exact": "exact"}
 log = structlog.get_logger(__name__)
@@ -51,7 +52,7 @@ class PrivacyAwareStrategy(CohortRounds):
     ``straggler_penalty`` and ``loss_clip`` (Oort utility), ``planned_work`` (local steps ×
     batch size, public), ``seed`` (selection only; never DP noise). The round's wiring
     (``recorder``, ``run_context``, ``min_cohort``, ``round_timeout_s``, ...) goes to
-    :class:`~strategies.cohort_rounds.CohortRounds`.
+    :class:`~fedllm.strategies.cohort_rounds.CohortRounds`.
     """
 
     def __init__(
@@ -92,7 +93,7 @@ class PrivacyAwareStrategy(CohortRounds):
         query_timeout: float | None = None,
         node_registry: NodeRegistry | None = None,
     ) -> Self:
-        """The strategy an experiment YAML describes (``strategies.settings`` maps it)."""
+        """The strategy an experiment YAML describes (``fedllm.strategies.settings`` maps it)."""
         wiring = {
             "recorder": recorder,
             "run_context": run_context,

@@ -6,8 +6,9 @@ hands it to the strategy, which calls it at fixed points of a round:
 - while reading replies: :meth:`observe_release` (every reply's keys, for the release
   inventory), :meth:`hospital_privacy` / :meth:`hospital_epsilon` (a hospital's own ledger
   state), :meth:`unconfirmed_round` (a lost or failed hospital's projected ε);
-- once a server-side DP aggregate exists (``strategies.server_dp``): :meth:`server_side_privacy`,
-  persisted at once so a release is never unaccounted, and kept for the round's row;
+- once a server-side DP aggregate exists (``fedllm.strategies.server_dp``):
+  :meth:`server_side_privacy`, persisted at once so a release is never unaccounted, and kept
+  for the round's row;
 - at the end of the round: :meth:`close_round`, which writes the checkpoint, then the ledger's
   round record (one transaction), then the report row, then logs the round's progress event
   (:mod:`fedllm.report.progress`).

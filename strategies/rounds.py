@@ -20,8 +20,8 @@ from flwr.serverapp import Grid
 
 from fedllm.federation.node_registry import NodeRegistry, claim_refusal
 from fedllm.selection.cohort import Cohort
+from fedllm.strategies.recorder import RunRecorder
 from fedllm.training.evaluation import EvaluationResult, combine
-from strategies.recorder import RunRecorder
 
 
 @dataclass

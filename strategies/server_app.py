@@ -55,12 +55,12 @@ from fedllm.report.run_dir import allocate_run_dir
 from fedllm.report.run_report import RunReport
 from fedllm.security.encryption import EncryptionError, KeyRingSource
 from fedllm.security.environment import keyring_from_environment
+from fedllm.strategies.contract import check_strategy_class
+from fedllm.strategies.privacy_aware import PrivacyAwareStrategy
+from fedllm.strategies.recorder import RunRecorder
+from fedllm.strategies.server_dp import HospitalLevelDpStrategy
 from fedllm.telemetry.logging import configure_logging
 from fedllm.telemetry.tracing import DISABLED, Tracing
-from strategies.contract import check_strategy_class
-from strategies.privacy_aware import PrivacyAwareStrategy
-from strategies.recorder import RunRecorder
-from strategies.server_dp import HospitalLevelDpStrategy
 
 log = structlog.get_logger(__name__)
 

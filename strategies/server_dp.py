@@ -42,9 +42,9 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from fedllm.aggregation.rules import AdapterState
 from fedllm.aggregation.server_dp import HospitalLevelDp
 from fedllm.config.schema import ExperimentConfig
-from strategies.cohort_rounds import CohortRounds
-from strategies.privacy_aware import PrivacyAwareStrategy
-from strategies.recorder import RunRecorder
+from fedllm.strategies.cohort_rounds import CohortRounds
+from fedllm.strategies.privacy_aware import PrivacyAwareStrategy
+from fedllm.strategies.recorder import RunRecorder
 
 log = structlog.get_logger(__name__)
 

@@ -11,7 +11,7 @@ import inspect
 from typing import Any
 
 from fedllm.config.schema import ExperimentConfig
-from strategies.cohort_rounds import CohortRounds
+from fedllm.strategies.cohort_rounds import CohortRounds
 
 
 def strategy_settings(config: ExperimentConfig) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def strategy_settings(config: ExperimentConfig) -> dict[str, Any]:
 def strategy_keywords() -> tuple[str, ...]:
     """Every keyword ``from_config`` passes to the constructor (preflight checks subclasses)."""
     # here, not at the top: privacy_aware imports this module
-    from strategies.privacy_aware import PrivacyAwareStrategy
+    from fedllm.strategies.privacy_aware import PrivacyAwareStrategy
 
     named = (
         inspect.signature(function).parameters.values()

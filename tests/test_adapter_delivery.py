@@ -22,7 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from test_node_server import TINY, node_config
 from test_preflight import _base
 
-from clients.client_app import deliver, evaluate, status, train
+from fedllm.clients.client_app import deliver, evaluate, status, train
 from fedllm.config import load_config, validate_config
 from fedllm.federation.delivery import (
     ACK_RECORD,
@@ -52,7 +52,7 @@ from fedllm.security.environment import FILE_ENV_VAR
 from fedllm.serving.node.app import create_node_app
 from fedllm.serving.node.generation import ModelBackend
 from fedllm.serving.node.server import BackgroundServer
-from strategies.server_app import deliver_again, run_federation
+from fedllm.strategies.server_app import deliver_again, run_federation
 
 HANDLERS = {"query": status, "train": train, "evaluate": evaluate, DELIVER_MESSAGE: deliver}
 

@@ -27,8 +27,8 @@ from test_node_server import TINY, node_config, write_adapter
 from test_preflight import ClientAppGrid, _base, _server_identity  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
-from clients.client_app import status as status_handler
 from fedllm.cli.app import app as cli_app
+from fedllm.clients.client_app import status as status_handler
 from fedllm.config import validate_config
 from fedllm.config.schema import ExperimentConfig, ModelConfig
 from fedllm.federation.experiment import EXPERIMENT, experiment_json
@@ -49,7 +49,7 @@ from fedllm.report.run_report import RunReport, read_report_json
 from fedllm.serving.node.app import create_node_app
 from fedllm.serving.node.generation import ModelBackend
 from fedllm.serving.node.server import BackgroundServer
-from strategies.server_app import run_federation
+from fedllm.strategies.server_app import run_federation
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = TINY.model_dump(mode="json")

@@ -43,7 +43,7 @@ from fedllm.serving.node.app import create_node_app
 from fedllm.serving.node.config import validate_node_config
 from fedllm.serving.node.generation import ModelBackend, read_adapter, read_dp_record
 from fedllm.serving.node.server import BackgroundServer, build_backend
-from strategies.server_app import publish_final_adapter
+from fedllm.strategies.server_app import publish_final_adapter
 
 MODEL = {**TINY_TEST_MODEL, "lora": {"r": 2, "alpha": 4.0}}
 WEIGHTS = "adapter_model.safetensors"

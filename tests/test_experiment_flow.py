@@ -23,8 +23,8 @@ from test_adapter_delivery import HandlerGrid
 from test_node_server import TINY
 from test_preflight import _base
 
-from clients import client_app
-from clients.client_app import status
+from fedllm.clients import client_app
+from fedllm.clients.client_app import status
 from fedllm.config import ConfigError, load_config, validate_config
 from fedllm.federation.experiment import (
     EXPERIMENT,
@@ -39,9 +39,9 @@ from fedllm.report.progress import ROUND_EVENT, STARTED_EVENT, progress_event
 from fedllm.report.run_report import RunReport, read_report_json
 from fedllm.security.encryption import MAGIC, EncryptionError, KeyRing
 from fedllm.security.environment import ENV_VAR, FILE_ENV_VAR
+from fedllm.strategies.recorder import RunRecorder
+from fedllm.strategies.server_app import main
 from fedllm.telemetry.logging import configure_logging
-from strategies.recorder import RunRecorder
-from strategies.server_app import main
 
 
 @pytest.fixture(autouse=True)

@@ -29,9 +29,9 @@ from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.privacy.plan import plan_hospital
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport, read_report_json
-from strategies.cohort_rounds import RoundLostError
-from strategies.privacy_aware import PrivacyAwareStrategy
-from strategies.recorder import RunRecorder
+from fedllm.strategies.cohort_rounds import RoundLostError
+from fedllm.strategies.privacy_aware import PrivacyAwareStrategy
+from fedllm.strategies.recorder import RunRecorder
 
 NAMES = ("alpha", "beta", "gamma")
 TIMEOUT_S = 7.5

@@ -38,7 +38,7 @@ from fedllm.report.run_report import RunReport, read_report_json
 from fedllm.security.certs import init_credentials
 from fedllm.security.encryption import KeyRing
 from fedllm.security.environment import ENV_VAR, FILE_ENV_VAR
-from strategies.server_app import run_federation
+from fedllm.strategies.server_app import run_federation
 
 runner = CliRunner()
 DELTA = 1e-5

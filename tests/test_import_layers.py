@@ -1,32 +1,40 @@
 """Every dependency points down: the import-linter contracts in pyproject.toml hold.
 
 The layers (docs/architecture.md#layers) are checked by running ``lint-imports`` as a user
-would, on this checkout; a copy of the code with one upward import written into it shows that
-the check can fail and names the offending import. Keys and settings enter at the edge: only
-the entry points import fedllm.security.environment (a contract), and no module of the leaf
-packages reads ``os.environ`` or ``os.getenv`` itself (a scan of their syntax trees).
+would: on this checkout, where it sees the library alone (the Flower layers lie beside
+``fedllm/`` there, out of import-linter's sight), and on the layout of the wheel pip builds,
+where ``fedllm.strategies`` and ``fedllm.clients`` lie inside it and every contract applies.
+Copies of that layout with one forbidden import written into them show that the check can
+fail and names the offending import. Keys and settings enter at the edge: only the entry
+points import fedllm.security.environment (a contract), and no module of the leaf packages
+reads ``os.environ`` or ``os.getenv`` itself (a scan of their syntax trees).
 """
 
 from __future__ import annotations
 
 import ast
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+from wheel_helpers import ROOT, build_wheel, unpack_wheel
+
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
-PACKAGES = ("fedllm", "strategies", "clients")
 
 
-def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
-    """``lint-imports`` on the packages under ``root``, with its pyproject.toml's contracts."""
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def _lint_imports(packages: Path) -> subprocess.CompletedProcess[str]:
+    """``lint-imports`` on the packages under ``packages``, with this checkout's contracts."""
     return subprocess.run(
-        [str(LINT_IMPORTS), "--config", str(root / "pyproject.toml"), "--no-cache"],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        [str(LINT_IMPORTS), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+        cwd=packages,
+        env={**os.environ, "PYTHONPATH": str(packages)},
         capture_output=True,
         text=True,
         timeout=120,
@@ -34,45 +42,65 @@ def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_every_dependency_points_down():
+def test_every_dependency_points_down_in_the_checkout():
     result = _lint_imports(ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout, result.stdout
 
 
-def test_an_upward_import_breaks_the_layers(tmp_path):
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    for package in PACKAGES:
-        shutil.copytree(
-            ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    storage = tmp_path / "fedllm" / "storage" / "files.py"
-    storage.write_text(
-        storage.read_text(encoding="utf-8") + "\nfrom fedllm.privacy import events  # noqa\n",
-        encoding="utf-8",
+def test_every_dependency_points_down_in_the_wheel(wheel, tmp_path):
+    result = _lint_imports(unpack_wheel(wheel, tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "added_import", "reported"),
+    [
+        # a lower layer of the library importing a higher one
+        (
+            "fedllm/storage/files.py",
+            "from fedllm.privacy import events",
+            "fedllm.storage.files -> fedllm.privacy.events",
+        ),
+        # the library importing the Flower layers above it
+        (
+            "fedllm/federation/hospital.py",
+            "from fedllm.strategies import rounds",
+            "fedllm.federation.hospital -> fedllm.strategies.rounds",
+        ),
+        # the client side importing the server side (independent layers)
+        (
+            "fedllm/clients/client_app.py",
+            "from fedllm.strategies import rounds",
+            "fedllm.clients.client_app -> fedllm.strategies.rounds",
+        ),
+    ],
+)
+def test_a_forbidden_import_breaks_the_layers(wheel, tmp_path, module, added_import, reported):
+    packages = unpack_wheel(wheel, tmp_path)
+    source = packages / module
+    source.write_text(
+        source.read_text(encoding="utf-8") + f"\n{added_import}  # noqa\n", encoding="utf-8"
     )
 
-    result = _lint_imports(tmp_path)
+    result = _lint_imports(packages)
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Every dependency points down BROKEN" in result.stdout, result.stdout
-    assert "fedllm.storage.files -> fedllm.privacy.events" in result.stdout, result.stdout
+    assert reported in result.stdout, result.stdout
 
 
-def test_a_leaf_importing_the_key_environment_breaks_the_edge_contract(tmp_path):
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    for package in PACKAGES:
-        shutil.copytree(
-            ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    checkpoints = tmp_path / "fedllm" / "models" / "checkpoints.py"
+def test_a_leaf_importing_the_key_environment_breaks_the_edge_contract(wheel, tmp_path):
+    packages = unpack_wheel(wheel, tmp_path)
+    checkpoints = packages / "fedllm" / "models" / "checkpoints.py"
     checkpoints.write_text(
         checkpoints.read_text(encoding="utf-8")
         + "\nfrom fedllm.security.environment import keyring_from_environment  # noqa\n",
         encoding="utf-8",
     )
 
-    result = _lint_imports(tmp_path)
+    result = _lint_imports(packages)
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Only entry points read key rings from the environment BROKEN" in result.stdout

@@ -21,8 +21,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from typer.testing import CliRunner
 
-from clients.client_app import status as status_handler
 from fedllm.cli.app import app
+from fedllm.clients.client_app import status as status_handler
 from fedllm.config import validate_config
 from fedllm.data import DataError
 from fedllm.federation.experiment import APP_ROOT, EXPERIMENT, experiment_json
@@ -35,13 +35,13 @@ from fedllm.privacy.node_ledger import NodePrivacyLedger
 from fedllm.privacy.plan import UnreachableTargetError, unreachable_target
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport, read_report_json
-from strategies.contract import check_strategy_class
-from strategies.server_app import run_federation
+from fedllm.strategies.contract import check_strategy_class
+from fedllm.strategies.server_app import run_federation
 
 runner = CliRunner()
 
 BAD_STRATEGY_MODULE = """
-from strategies.privacy_aware import PrivacyAwareStrategy
+from fedllm.strategies.privacy_aware import PrivacyAwareStrategy
 
 
 class ForgetsTheRound(PrivacyAwareStrategy):

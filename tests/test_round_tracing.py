@@ -24,11 +24,11 @@ from test_fault_tolerance import NAMES, DroppingGrid, RemoteHospital, _config
 
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport
+from fedllm.strategies.cohort_rounds import RoundLostError
+from fedllm.strategies.privacy_aware import PrivacyAwareStrategy
+from fedllm.strategies.recorder import RunRecorder
+from fedllm.strategies.server_dp import HospitalLevelDpStrategy
 from fedllm.telemetry.tracing import Tracing
-from strategies.cohort_rounds import RoundLostError
-from strategies.privacy_aware import PrivacyAwareStrategy
-from strategies.recorder import RunRecorder
-from strategies.server_dp import HospitalLevelDpStrategy
 
 SERVER_DP = {"mode": "fixed", "noise_multiplier": 1.0, "clip_norm": 0.5}
 STEPS = {"federation.selection", "federation.aggregation", "federation.evaluation"}

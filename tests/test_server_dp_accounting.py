@@ -32,9 +32,9 @@ from fedllm.aggregation.server_dp import (
 from fedllm.config import validate_config
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport
-from strategies.privacy_aware import HospitalView, PrivacyAwareStrategy
-from strategies.recorder import RunRecorder
-from strategies.server_dp import HospitalLevelDpStrategy
+from fedllm.strategies.privacy_aware import HospitalView, PrivacyAwareStrategy
+from fedllm.strategies.recorder import RunRecorder
+from fedllm.strategies.server_dp import HospitalLevelDpStrategy
 
 NAMES = ("alpha", "beta", "gamma", "delta", "epsilon")
 CLIP = 0.5

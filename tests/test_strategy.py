@@ -13,10 +13,10 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from fedllm.config import validate_config
 from fedllm.privacy.server_ledger import ServerLedger
 from fedllm.report.run_report import RunReport
-from strategies import privacy_aware
-from strategies.privacy_aware import Contribution, HospitalView, PrivacyAwareStrategy
-from strategies.recorder import RunRecorder
-from strategies.rounds import RoundPlan
+from fedllm.strategies import privacy_aware
+from fedllm.strategies.privacy_aware import Contribution, HospitalView, PrivacyAwareStrategy
+from fedllm.strategies.recorder import RunRecorder
+from fedllm.strategies.rounds import RoundPlan
 
 NAMES = ("alpha", "beta", "gamma", "delta", "epsilon")
 
@@ -171,7 +171,7 @@ def test_uniform_mix_bounds_inclusion_probabilities(tmp_path):
 
 def test_example_subclass_changes_one_hook_and_loads_by_name(tmp_path):
     from examples.custom_strategy import FairnessFirstStrategy
-    from strategies.server_app import load_strategy_class
+    from fedllm.strategies.server_app import load_strategy_class
 
     assert load_strategy_class("examples.custom_strategy:FairnessFirstStrategy") is (
         FairnessFirstStrategy

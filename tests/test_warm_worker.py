@@ -22,7 +22,7 @@ import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients import client_app
+from fedllm.clients import client_app
 from fedllm.config import validate_config
 from fedllm.federation import delivery
 from fedllm.federation.deployment import hospital_node_config
@@ -243,7 +243,9 @@ def test_the_deliver_action_is_the_one_the_server_sends():
 
 def test_a_forwarding_client_app_process_does_not_import_pytorch():
     """Flower imports the ClientApp afresh for every message: forwarding must stay cheap."""
-    probe = "import sys, clients.client_app; print(sorted({'torch', 'peft'} & set(sys.modules)))"
+    probe = (
+        "import sys, fedllm.clients.client_app; print(sorted({'torch', 'peft'} & set(sys.modules)))"
+    )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     )

@@ -517,7 +517,7 @@ class HospitalLevelDp:
     """Server-side DP as one run applies it, in the three steps a wrapper strategy needs.
 
     The seam between any strategy and the hospital-level guarantee
-    (``strategies.server_dp.HospitalLevelDpStrategy`` calls it): `clip` each hospital's
+    (``fedllm.strategies.server_dp.HospitalLevelDpStrategy`` calls it): `clip` each hospital's
     adapter to within C of the global one, let the wrapped strategy combine the clipped
     adapters (`mean` is the combination the guarantee is proven for: equal weights over the
     public cohort size m), then `release` that aggregate with Gaussian noise, returning the

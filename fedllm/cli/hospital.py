@@ -320,7 +320,7 @@ def worker_command(config: ConfigOption) -> None:
     Listens on ``<state_dir>/worker/worker.sock`` (0600, in a 0700 directory) until Ctrl-C /
     SIGTERM; ``fedllm hospital start`` runs it for you when ``runtime.warm_worker`` is on.
     """
-    from clients.client_app import handle_in_worker
+    from fedllm.clients.client_app import handle_in_worker
     from fedllm.telemetry.logging import configure_logging
 
     hospital = _load(config)

@@ -37,7 +37,7 @@ from fedllm.report.progress import STARTED_EVENT, progress_event
 from fedllm.report.run_dir import allocate_run_dir
 from fedllm.report.run_report import REPORT_FILE, read_report_json
 from fedllm.report.run_summary import SUMMARY_FILE, run_summary, with_summary, write_summary
-from strategies.contract import check_strategy_class
+from fedllm.strategies.contract import check_strategy_class
 
 WithBaselines = Annotated[
     bool, typer.Option(help="Also run the baselines listed in evaluation.baselines")

@@ -41,7 +41,7 @@ def preflight(config: ExperimentConfig, *, simulation: bool) -> ExperimentConfig
     checked too (a deployed hospital checks its own before it charges anything).
     Returns `config` as it will run: ``model.lora.target_modules`` filled in with the modules
     peft picks when the YAML leaves them ``null``, so the run directory records them. The
-    strategy class is checked by ``strategies.contract``, whose contract it is.
+    strategy class is checked by ``fedllm.strategies.contract``, whose contract it is.
     """
     check_solver(config)
     if simulation:

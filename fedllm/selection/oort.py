@@ -17,7 +17,7 @@ from fedllm.selection.utility import exploration_bonus, statistical_utility, str
 
 
 class Released(Protocol):
-    """What the server knows of a hospital (``strategies.rounds.HospitalView``)."""
+    """What the server knows of a hospital (``fedllm.strategies.rounds.HospitalView``)."""
 
     square_loss_sum: float | None
     sample_size: float | None
