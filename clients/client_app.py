@@ -17,14 +17,12 @@ own base model hashes differently answers with a one-line error before it charge
 against the release inventory (:mod:`fedllm.privacy.inventory`) before it leaves: an undeclared
 key is never sent.
 
-Flower starts one ClientApp process per message. When the node config names a
-``worker-socket`` (``fedllm hospital start`` does, by default), this process does not build a
-site at all: it forwards the message to the hospital's long-lived worker
-(:mod:`fedllm.federation.warm_worker`), which runs these same handlers with its site cache
-warm, checks the worker's reply against the release inventory again, and returns it; an
-unreachable worker is a one-line error reply, never a cold round. So that forwarding costs an
-import of Flower and not of PyTorch, the modules that load models are imported inside the
-handlers.
+Under ``fedllm hospital start`` (``runtime.warm_worker``, on by default) these handlers run in
+the hospital's long-lived worker (:mod:`fedllm.federation.warm_worker`), the SuperNode's
+executor, which claims each message from the SuperNode and keeps the site cache below warm
+across rounds and runs; with the worker off, Flower starts a process per message and each
+builds its site afresh. The modules that load models are imported inside the handlers, so
+importing this app costs an import of Flower and not of PyTorch.
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -46,16 +43,13 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
 
 from fedllm.federation.node_settings import (
     ADAPTER_DIR,
-    WORKER_SOCKET,
     adapter_dir,
     hospital_index,
     node_settings,
 )
-from fedllm.federation.warm_worker import forward
 from fedllm.privacy.inventory import check_reply
 from fedllm.security.environment import keyring_from_environment
 from fedllm.telemetry.logging import configure_logging
@@ -109,40 +103,7 @@ def reply_on_failure(handler: Callable[[Message, Context], Message]):
     return guarded
 
 
-def _reply_kind(message: Message) -> str:
-    """The release inventory's name for the reply to ``message`` (``query.deliver``: deliver)."""
-    category, _, action = message.metadata.message_type.partition(".")
-    return action or category
-
-
-@reply_on_failure
-def _forwarded(message: Message, context: Context) -> Message:
-    """The worker's reply to ``message``, checked against the release inventory here too."""
-    # the message carries the experiment: the worker needs nothing of this bundle's files
-    reply, returned = forward(Path(str(context.node_config[WORKER_SOCKET])), message, context)
-    context.state = returned.state
-    if not reply.has_content():
-        return Message(reply.error, reply_to=message)
-    records = {name: list(record.keys()) for name, record in reply.content.items()}
-    check_reply(_reply_kind(message), records)
-    return Message(reply.content, reply_to=message)
-
-
-def forward_to_worker(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Hand the message to the hospital's warm worker when the node config names one."""
-    if WORKER_SOCKET not in context.node_config:
-        return call_next(message, context)
-    return _forwarded(message, context)
-
-
-def handle_in_worker(message: Message, context: Context) -> Message:
-    """What the hospital worker runs for each forwarded message: this app, in its process."""
-    node = {key: value for key, value in context.node_config.items() if key != WORKER_SOCKET}
-    local = Context(context.run_id, context.node_id, node, context.state, context.run_config)
-    return app(message, local)
-
-
-app = ClientApp(mods=[forward_to_worker])
+app = ClientApp()
 
 _SITES: dict[tuple[str, int, str], HospitalSite] = {}
 

@@ -1,252 +1,250 @@
-"""A hospital's long-lived worker keeps its site (and base model) loaded across rounds.
+"""The hospital's worker is its SuperNode's executor: one process runs every round's task.
 
-Real components: ``fedllm hospital worker`` in its own process on a real Unix socket, the real
-ClientApp (its ``worker-socket`` forwarding as Flower's ``flwr-clientapp`` would run it), a
-tiny local GPT-2, real SQLite ledgers. Whether a message rebuilt the site is read from the
-worker's own log (``hospital.site_built``), not from timing.
+Real components: `fedllm superlink start --insecure` (a real SuperLink), `fedllm hospital
+start` (a real `flower-supernode --isolation process` and `fedllm hospital worker` claiming its
+tasks over Flower's Runtime API), a real `fedllm run --federation` of two rounds on a tiny
+model, real SQLite ledgers. Which process ran each task, and whether it built its site again,
+is read from the worker's own log, never from timing. The reply check and the failure path are
+also exercised on the real ClientApp in this process.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
-import stat
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from federation_helpers import TINY_TEST_MODEL
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedllm.clients import client_app
-from fedllm.config import validate_config
+from fedllm.data import generate_clinical_records
 from fedllm.federation import delivery
-from fedllm.federation.deployment import hospital_node_config
-from fedllm.federation.experiment import EXPERIMENT, experiment_json
+from fedllm.federation.deployment import hospital_supernode_command
+from fedllm.federation.experiment import APP_ROOT
+from fedllm.federation.flower_cli import write_flower_connection
 from fedllm.federation.hospital_config import load_hospital_config
-from fedllm.federation.node_settings import WORKER_SOCKET
-from fedllm.federation.warm_worker import (
-    FAILED,
-    FRAME_HEADER,
-    MAX_FRAME_BYTES,
-    wait_until_listening,
-    worker_socket_path,
-)
-from fedllm.models.adapters import adapter_state
-from fedllm.models.loading import base_model, load_lora_model
+from fedllm.federation.launcher import free_port, stop_process_tree
+from fedllm.federation.warm_worker import WORKER_FAILED, checked_reply
+from fedllm.federation.worker_state import read_status
 
-NODE = {"partition-id": 0, "num-partitions": 2}
+pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _server_identity():
-    """Flower stamps messages with the running task's identity; give this module one."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(TaskIdentity, "_run_id", 1)
-        patch.setattr(TaskIdentity, "_task_id", 1)
-        patch.setattr(TaskIdentity, "_node_id", 0)
-        yield
+def _flatten(prefix: str, value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [item for k, v in value.items() for item in _flatten(f"{prefix}.{k}", v)]
+    return [f"{prefix}={value}"]
 
 
-def _hospital_yaml(root: Path, **runtime) -> Path:
-    (root / "notes.jsonl").write_text(json.dumps({"text": "note"}) + "\n", encoding="utf-8")
-    path = root / "hospital.yaml"
-    hospital = {
-        "hospital": "a",
-        "superlink": {"address": "127.0.0.1:9092", "insecure": True},
-        "data": {"path": "notes.jsonl"},
-        "privacy": {"ledger_url": "sqlite:///ledger.db"},
-        "runtime": {"state_dir": "state", **runtime},
+def _hospital_yaml(root: Path, address: str, **runtime) -> Path:
+    folder = root / "north"
+    folder.mkdir(exist_ok=True)
+    records = generate_clinical_records(120, None, seed=5, hospital_tag="north")
+    with (folder / "notes.jsonl").open("w") as handle:
+        for record in records:
+            handle.write(json.dumps({"text": record.text, "patient": record.patient_id}) + "\n")
+    config = {
+        "hospital": "north",
+        "superlink": {"address": address, "insecure": True},
+        "data": {"path": "notes.jsonl", "patient_field": "patient"},
+        "privacy": {"ledger_url": "sqlite:///state/ledger.db", "epsilon_cap": 8.0},
+        "runtime": {"state_dir": "state", "clientapp_port": free_port(), **runtime},
     }
-    path.write_text(yaml.safe_dump(hospital), encoding="utf-8")
+    path = folder / "hospital.yaml"
+    path.write_text(yaml.safe_dump(config))
     return path
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, local_model_dir):
-    """A DP experiment of two simulated hospitals on a tiny local model, and a running worker."""
-    root = tmp_path_factory.mktemp("ww")
-    config = validate_config(
-        {
-            "run": {"rounds": 5, "seed": 1},
-            "federation": {
-                "num_hospitals": 2,
-                "cohort_size": 2,
-                "hospitals": [{"name": "a", "data_size": 100}, {"name": "b", "data_size": 100}],
-            },
-            "model": {"name": local_model_dir, "max_seq_length": 32},
-            "training": {"local_steps": 1, "batch_size": 8, "learning_rate": 0.5},
-            "privacy": {"target_epsilon": None, "noise_multiplier": 1.0},
-            "evaluation": {"baselines": []},
-        }
-    )
-    hospital_file = _hospital_yaml(root)
-    socket_path = worker_socket_path(root / "state")
-    log_path = root / "worker.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fedllm.cli", "hospital", "worker", "--config", hospital_file],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, FEDLLM_LOG_JSON="1"),
+class Processes:
+    """The SuperLink, the hospital and the run, each with its output in a file."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = dict(
+            os.environ,
+            FEDLLM_CACHE_DIR=str(root / "cache"),
+            FLWR_HOME=str(root / "researcher"),
+            FEDLLM_LOG_JSON="1",
         )
-    try:
-        assert wait_until_listening(socket_path, 120, lambda: process.poll() is None)
-        global_adapter = adapter_state(load_lora_model(config.model, torch.device("cpu")))
-        yield {
-            "root": root,
-            # the experiment travels in each message; neither process reads an experiment file
-            "run_config": {},
-            "experiment": experiment_json(config),
-            "socket": socket_path,
-            "log": log_path,
-            "process": process,
-            "sha256": base_model(config.model).sha256,
-            "adapter": global_adapter,
-        }
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-    assert not socket_path.exists()  # a stopped worker leaves no socket behind
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with (self.root / f"{name}.out").open("ab") as log:
+            self.running[name] = subprocess.Popen(
+                [sys.executable, "-m", "fedllm.cli", *args],
+                cwd=APP_ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self.running[name]
+
+    def output(self, name: str) -> str:
+        return (self.root / f"{name}.out").read_text(errors="replace")
+
+    def wait_for_output(self, name: str, text: str, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while text not in self.output(name):
+            assert self.running[name].poll() is None, self.output(name)[-3000:]
+            assert time.monotonic() < deadline, self.output(name)[-3000:]
+            time.sleep(0.3)
 
 
-def _context(setup, **node) -> Context:
-    node_config = {**NODE, WORKER_SOCKET: str(setup["socket"]), **node}
-    return Context(1, 11, node_config, RecordDict(), setup["run_config"])
-
-
-def _message(setup, kind: str, run_dir: str = "run", **config) -> Message:
-    settings = {
-        "run-dir": str(setup["root"] / run_dir),
-        "run-id": "r",
-        "base-model-sha256": setup["sha256"],
-        EXPERIMENT: setup["experiment"],
-        **config,
-    }
-    content = RecordDict({"config": ConfigRecord(settings)})
-    if kind == "train":
-        content["arrays"] = ArrayRecord(setup["adapter"])
-    return Message(content, dst_node_id=11, message_type=kind)
-
-
-def _events(setup, name: str) -> list[dict]:
-    events = []
-    for line in setup["log"].read_text(encoding="utf-8").splitlines():
-        if line.startswith("{") and json.loads(line).get("event") == name:
-            events.append(json.loads(line))
-    return events
-
-
-def _adapter(reply: Message) -> dict[str, torch.Tensor]:
-    return reply.content["arrays"].to_torch_state_dict()
-
-
-def _differ(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
-    return any(not torch.equal(first[name], second[name]) for name in first)
-
-
-def test_two_train_messages_reuse_the_site_and_draw_fresh_noise(setup):
-    sites_before = dict(client_app._SITES)  # other tests of this process may have built some
-    replies = []
-    for server_round in (1, 2):
-        message = _message(setup, "train", **{"server-round": server_round})
-        reply = client_app.app(message, _context(setup))
-        assert not reply.has_error(), reply.error.reason
-        assert reply.metadata.reply_to_message_id == message.metadata.message_id
-        assert set(reply.content.keys()) == {"arrays", "metrics", "privacy"}
-        replies.append(reply)
-    assert sites_before == client_app._SITES  # this process forwarded; it never built a site
-    assert len(_events(setup, "hospital.site_built")) == 1  # the second round found it loaded
-    assert len(_events(setup, "hospital.trained")) == 2
-    first, second = (reply.content["metrics"] for reply in replies)
-    assert second["rounds-participated"] == first["rounds-participated"] + 1
-    # the same global adapter in, two different noised adapters out: noise is drawn per round
-    assert _differ(_adapter(replies[0]), _adapter(replies[1]))
-
-
-def test_the_worker_does_not_draw_its_noise_from_the_config(setup):
-    """A cold site in this process, given the worker's first round (same config, run.seed,
-    round, run id and adapter), trains to a different adapter: nothing seeds from those."""
-    warm = client_app.app(_message(setup, "train", "warm", **{"server-round": 1}), _context(setup))
-    cold_context = Context(1, 11, dict(NODE), RecordDict(), setup["run_config"])
-    cold = client_app.train(_message(setup, "train", "cold", **{"server-round": 1}), cold_context)
-    assert not warm.has_error()
-    assert not cold.has_error()
-    assert _differ(_adapter(warm), _adapter(cold))
-    client_app._SITES.clear()
-
-
-def _raw_request(path: Path, payload: bytes) -> tuple[bytes, bytes]:
-    """Send raw bytes to the worker; the status byte and the rest of what it answered."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.settimeout(30)
-        connection.connect(str(path))
-        connection.sendall(payload)
-        connection.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := connection.recv(65536):
-            answer += chunk
-    return answer[:1], answer[1 + FRAME_HEADER.size :]
-
-
-def test_garbage_and_oversized_frames_are_refused_and_the_worker_survives(setup):
-    oversized = FRAME_HEADER.pack(MAX_FRAME_BYTES + 1)
-    status, reason = _raw_request(setup["socket"], oversized)
-    assert status == FAILED
-    assert b"over the" in reason
-    garbage = b"\xff\xfe not protobuf \x00\x01"
-    status, reason = _raw_request(setup["socket"], 2 * (FRAME_HEADER.pack(len(garbage)) + garbage))
-    assert status == FAILED
-    assert b"not a Flower message" in reason
-    status, _ = _raw_request(setup["socket"], FRAME_HEADER.pack(10) + b"short")
-    assert status == FAILED
-    assert setup["process"].poll() is None
-    # three refusals: the fixture's probe (connect, close) that the worker listens is none
-    assert len(_events(setup, "warm_worker.refused")) == 3
-    reply = client_app.app(_message(setup, "query"), _context(setup))
-    assert not reply.has_error(), reply.error.reason
-    assert reply.content["status"]["hospital"] == "a"
-
-
-def test_socket_is_0600_in_a_0700_directory(setup):
-    assert stat.S_ISSOCK(setup["socket"].stat().st_mode)
-    assert stat.S_IMODE(setup["socket"].stat().st_mode) == 0o600
-    assert stat.S_IMODE(setup["socket"].parent.stat().st_mode) == 0o700
-
-
-def test_a_dead_worker_is_a_one_line_error_reply_never_a_cold_round(setup):
-    context = _context(setup, **{WORKER_SOCKET: str(setup["root"] / "gone" / "worker.sock")})
-    sites_before = dict(client_app._SITES)
-    reply = client_app.app(_message(setup, "train", **{"server-round": 3}), context)
-    assert reply.has_error()
-    assert "not reachable" in reply.error.reason
-    assert "\n" not in reply.error.reason
-    assert sites_before == client_app._SITES
-
-
-def test_hospital_start_names_the_worker_socket_unless_turned_off(tmp_path):
-    hospital = load_hospital_config(_hospital_yaml(tmp_path))
-    assert hospital_node_config(hospital)[WORKER_SOCKET] == str(
-        tmp_path / "state" / "worker" / "worker.sock"
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """A two-round run with one hospital whose SuperNode's tasks its worker runs."""
+    root = tmp_path_factory.mktemp("warm")
+    port, control_port = free_port(), free_port()
+    write_flower_connection(
+        root / "researcher", "local", f"127.0.0.1:{control_port}", None, insecure=True
     )
-    cold = load_hospital_config(_hospital_yaml(tmp_path, warm_worker=False))
-    assert WORKER_SOCKET not in hospital_node_config(cold)
+    processes = Processes(root)
+    hospital = _hospital_yaml(root, f"127.0.0.1:{port}")
+    try:
+        processes.start(
+            "superlink",
+            *("superlink", "start", "--insecure", "--host", "127.0.0.1", "--port", str(port)),
+            *("--control-port", str(control_port), "--state-dir", str(root / "superlink")),
+        )
+        processes.wait_for_output("superlink", "Ctrl-C stops")
+        processes.start("north", "hospital", "start", "--config", str(hospital))
+        processes.wait_for_output("north", "Ctrl-C stops")
+        settings = [
+            "run.name=warm",
+            "run.rounds=2",
+            f"run.output_dir={root / 'runs'}",
+            "federation.num_hospitals=1",
+            "federation.cohort_size=1",
+            "federation.hospitals=[{name: north}]",
+            *_flatten("model", TINY_TEST_MODEL),
+            "training.local_steps=2",
+            "training.batch_size=8",
+            "training.device=cpu",
+            "privacy.target_epsilon=4.0",
+            "evaluation.baselines=[]",
+            "evaluation.max_eval_sequences=16",
+            "evaluation.release=dp",
+            "strategy.selection=random",
+            "strategy.min_cohort=1",
+            "strategy.round_timeout_s=300",
+        ]
+        overrides = [arg for setting in settings for arg in ("--set", setting)]
+        run = processes.start(
+            "run", "run", "configs/default.yaml", "--federation", "local", "--json", *overrides
+        )
+        assert run.wait(timeout=900) == 0, processes.output("run")[-4000:]
+        yield processes, hospital
+    finally:
+        for process in reversed(processes.running.values()):
+            stop_process_tree(process)
+
+
+def _events(log: Path, name: str) -> list[dict]:
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{") and f'"{name}"' in line]
+
+
+def test_one_worker_process_runs_both_rounds_with_its_site_built_once(federation):
+    processes, hospital = federation
+    worker_log = hospital.parent / "state" / "worker.log"
+    handled = _events(worker_log, "warm_worker.handled")
+    trained = [event for event in handled if event["message_type"] == "train"]
+    assert len(trained) == 2, handled
+    assert all(event["status"] == "completed" for event in handled), handled
+    status = read_status(hospital.parent / "state")
+    assert status is not None
+    assert {event["pid"] for event in handled} == {status["pid"]}
+    assert len(_events(worker_log, "hospital.site_built")) == 1
+    assert not _events(worker_log, "warm_worker.task_failed")  # every reply passed the inventory
+    report = json.loads((processes.root / "runs" / "warm" / "report.json").read_text())
+    assert [row["round"] for row in report["rounds"]] == [1, 2]
+    # no Flower process per message: the SuperNode ran in process isolation
+    supernode = hospital_supernode_command(load_hospital_config(hospital), write_config=False)
+    assert supernode[supernode.index("--isolation") + 1] == "process"
+    assert "flwr-clientapp" not in (hospital.parent / "state" / "supernode.log").read_text()
+
+
+def test_health_reports_the_worker(federation):
+    _, hospital = federation
+    health = ["hospital", "health", "--config", str(hospital), "--json"]
+    result = subprocess.run(
+        [sys.executable, "-m", "fedllm.cli", *health],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    parts = {part["name"]: part for part in json.loads(result.stdout)}
+    assert parts["worker"]["ok"] is True, parts
+    assert parts["worker"]["state"] in ("idle", "polling")
+
+
+def test_a_killed_worker_stops_the_hospital_with_one_line(federation):
+    processes, hospital = federation
+    status = read_status(hospital.parent / "state")
+    os.kill(status["pid"], signal.SIGKILL)
+    start = processes.running["north"]
+    assert start.wait(timeout=60) != 0
+    lines = processes.output("north").split("Ctrl-C stops.", 1)[1].strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "the worker stopped (killed by SIGKILL)" in lines[0]
+
+
+@pytest.fixture
+def _task_identity():
+    """Flower stamps a reply with the running task's identity; give this test one."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TaskIdentity, "_run_id", 1)
+        patch.setattr(TaskIdentity, "_task_id", 1)
+        patch.setattr(TaskIdentity, "_node_id", 11)
+        yield
+
+
+def _query() -> Message:
+    content = RecordDict({"config": ConfigRecord({})})
+    return Message(content, dst_node_id=11, message_type="query")
+
+
+@pytest.mark.usefixtures("_task_identity")
+def test_an_undeclared_key_or_a_raising_handler_is_a_one_line_error_reply():
+    context = Context(1, 11, {}, RecordDict(), {})
+
+    def leaky(message: Message, context: Context) -> Message:
+        content = RecordDict({"status": ConfigRecord({"hospital": "a", "patients": "p1, p2"})})
+        return Message(content, reply_to=message)
+
+    def broken(message: Message, context: Context) -> Message:
+        raise ValueError("no records\nsecond line")
+
+    refused = checked_reply(leaky, _query(), context)
+    assert refused.has_error()
+    assert refused.error.code == WORKER_FAILED
+    assert "patients" in refused.error.reason
+    failed = checked_reply(broken, _query(), context)
+    assert failed.error.reason == "ValueError: no records"
+    fine = checked_reply(
+        lambda m, c: Message(RecordDict({"metrics": MetricRecord({})}), reply_to=m),
+        Message(RecordDict({}), dst_node_id=11, message_type="evaluate"),
+        context,
+    )
+    assert not fine.has_error()
 
 
 def test_the_deliver_action_is_the_one_the_server_sends():
     assert client_app.DELIVER_ACTION == delivery.DELIVER_ACTION
 
 
-def test_a_forwarding_client_app_process_does_not_import_pytorch():
-    """Flower imports the ClientApp afresh for every message: forwarding must stay cheap."""
-    probe = (
-        "import sys, fedllm.clients.client_app; print(sorted({'torch', 'peft'} & set(sys.modules)))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert result.stdout.strip() == "[]"
+def test_cold_hospitals_keep_a_process_per_message(tmp_path):
+    hospital = load_hospital_config(_hospital_yaml(tmp_path, "127.0.0.1:9092", warm_worker=False))
+    command = hospital_supernode_command(hospital, write_config=False)
+    assert command[command.index("--isolation") + 1] == "subprocess"
+    assert "--superexec-auth-secret-file" not in command

@@ -2,9 +2,10 @@
 
 ``fedllm hospital start --config hospital.yaml`` starts the hospital's Flower SuperNode (TLS,
 SuperNode authentication, the hospital's own data and privacy ledger), the long-lived worker
-that keeps the base model loaded across rounds (``runtime.warm_worker``, on by default; also
-``fedllm hospital worker``) and, when configured, its inference server, and stops them all
-when one stops or on Ctrl-C / SIGTERM.
+that runs the SuperNode's tasks with the base model kept loaded across rounds
+(``runtime.warm_worker``, on by default; also ``fedllm hospital worker``) and, when configured,
+its inference server, and stops them all, with one line saying which stopped, when one stops,
+or on Ctrl-C / SIGTERM.
 ``fedllm hospital check`` validates the file, the records' columns and the secret files' modes
 and shows what would run, writing nothing (``--online`` also reaches the SuperLink over TLS).
 ``fedllm hospital status`` shows ε spent and left, the ledger's history, the base-model hash and
@@ -16,8 +17,10 @@ machine and with no certificate, whether each process ``start`` runs answers. Ev
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -35,6 +38,7 @@ from fedllm.federation.deployment import (
     hospital_supernode_command,
     key_mode_problems,
     missing_hospital_files,
+    runtime_api_address,
     superlink_handshake,
     write_inference_config,
 )
@@ -48,14 +52,7 @@ from fedllm.federation.processes import (
     start_process,
     wait_for_first_exit,
 )
-from fedllm.federation.warm_worker import (
-    WorkerError,
-    wait_until_listening,
-    worker_socket_path,
-)
-from fedllm.federation.warm_worker import (
-    serve as serve_worker,
-)
+from fedllm.federation.worker_state import WorkerError, read_status, superexec_secret_path
 from fedllm.security.environment import keyring_from_environment
 from fedllm.storage.database import sqlite_path
 from fedllm.storage.files import create_private_file, private_directory, use_private_umask
@@ -73,7 +70,7 @@ ConfigOption = Annotated[
 WORKER_COMMAND = [sys.executable, "-m", "fedllm.cli", "hospital", "worker"]
 # How long `start` waits for the inference server to answer its probe before saying so.
 INFERENCE_READY_TIMEOUT_S = 180.0
-# How long `start` waits for the worker to listen (it imports PyTorch) before the SuperNode.
+# How long `start` waits for the worker to poll the SuperNode (it imports PyTorch first).
 WORKER_START_TIMEOUT_S = 120.0
 
 NOT_REGISTERED_HINT = (
@@ -222,13 +219,13 @@ def start_command(config: ConfigOption) -> None:
     processes = {}
     with sigterm_as_interrupt():
         try:
+            processes["supernode"] = start_process(
+                supernode_command, state / "flwr", logs["supernode"]
+            )
             if hospital.runtime.warm_worker:
                 worker = [*WORKER_COMMAND, "--config", str(config)]
                 processes["worker"] = start_process(worker, state / "flwr", logs["worker"])
                 _wait_for_worker(hospital, processes["worker"])
-            processes["supernode"] = start_process(
-                supernode_command, state / "flwr", logs["supernode"]
-            )
             node_yaml = write_inference_config(hospital)
             if node_yaml is not None:
                 serve = [sys.executable, "-m", "fedllm.cli", "serve", "--config", str(node_yaml)]
@@ -246,16 +243,30 @@ def start_command(config: ConfigOption) -> None:
             console.print("stopping ...")
             return
         except WorkerError as error:
-            name, code = "worker", processes["worker"].poll()
-            error_console.print(str(error), highlight=False)
+            fail(f"{error}; see {logs['worker']}")
         finally:
             for process in reversed(processes.values()):
                 stop_process_tree(process)
+    if name == "worker":
+        # the SuperNode would queue tasks nobody runs: the hospital stops, saying so in a line
+        fail(
+            f"the worker stopped ({_exit_reason(code)}), so the hospital stopped; see {logs[name]}"
+        )
     tail = log_tail(logs[name])
     hint = ""
     if name == "supernode" and "activate SuperNode" in tail and hospital.auth:
         hint = "\n" + NOT_REGISTERED_HINT.format(public_key=hospital.auth.public_key or "*.pub")
     fail(f"the {name} stopped (exit code {code}); see {logs[name]}\n{tail}{hint}")
+
+
+def _exit_reason(code: int) -> str:
+    """``exit code N``, or the signal that killed the process."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def _announce_inference(
@@ -307,28 +318,43 @@ def health_command(config: ConfigOption, json_output: bool = typer.Option(False,
 
 
 def _wait_for_worker(hospital: HospitalConfig, process: subprocess.Popen[bytes]) -> None:
-    """Return once the worker listens on its socket; `WorkerError` when it exits or is late."""
-    path = worker_socket_path(hospital.runtime.state_dir)
-    if not wait_until_listening(path, WORKER_START_TIMEOUT_S, lambda: process.poll() is None):
-        raise WorkerError(f"the worker did not listen on {path}")
+    """Return once the worker polls the SuperNode; `WorkerError` when it exits or is late."""
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        code = process.poll()
+        if code is not None:
+            raise WorkerError(f"the worker stopped before it served ({_exit_reason(code)})")
+        status = read_status(hospital.runtime.state_dir)
+        if status is not None and status["pid"] == process.pid and status["state"] != "starting":
+            return
+        time.sleep(0.2)
+    raise WorkerError(f"the worker did not start within {WORKER_START_TIMEOUT_S:g} s")
 
 
 @hospital_app.command("worker")
 def worker_command(config: ConfigOption) -> None:
-    """Serve this hospital's ClientApp from one process that keeps the model loaded.
+    """Run this hospital's SuperNode tasks in one process that keeps the model loaded.
 
-    Listens on ``<state_dir>/worker/worker.sock`` (0600, in a 0700 directory) until Ctrl-C /
-    SIGTERM; ``fedllm hospital start`` runs it for you when ``runtime.warm_worker`` is on.
+    Claims every ClientApp task from the SuperNode's Runtime API (127.0.0.1,
+    ``runtime.clientapp_port``) until Ctrl-C / SIGTERM; ``fedllm hospital start`` runs it for
+    you when ``runtime.warm_worker`` is on (and the SuperNode in process isolation).
     """
-    from fedllm.clients.client_app import handle_in_worker
+    from fedllm.clients.client_app import app
+    from fedllm.federation.warm_worker import serve
     from fedllm.telemetry.logging import configure_logging
 
     hospital = _load(config)
-    prepare_private_state(hospital)
+    state = prepare_private_state(hospital)
     configure_logging()
+    secret = superexec_secret_path(state)
     with sigterm_as_interrupt():
         try:
-            serve_worker(worker_socket_path(hospital.runtime.state_dir), handle_in_worker)
+            serve(
+                runtime_api_address(hospital),
+                app,
+                state_dir=state,
+                secret_file=secret if secret.is_file() else None,
+            )
         except WorkerError as error:
             fail(str(error))
         except KeyboardInterrupt:

@@ -30,7 +30,7 @@ import yaml
 from fedllm.federation import node_settings as keys
 from fedllm.federation.hospital_config import HospitalConfig
 from fedllm.federation.launcher import FederationError
-from fedllm.federation.warm_worker import worker_socket_path
+from fedllm.federation.worker_state import ensure_superexec_secret, superexec_secret_path
 
 DEFAULT_SUPERLINK_PORT = 9092
 # flower-superlink itself, on 127.0.0.1 only: its Control API has no authentication in 1.42
@@ -140,11 +140,15 @@ def supernode_command(
     insecure: bool = False,
     max_retries: int | None = None,
     max_wait_s: float | None = None,
+    superexec_secret: Path | None = None,
 ) -> list[str]:
     """``flower-supernode`` that verifies the SuperLink's certificate and signs every request.
 
-    ``clientapp_port`` is the SuperNode's local Runtime API (127.0.0.1 only), which the
-    ClientApp subprocess talks to; two SuperNodes on one machine need two ports.
+    ``clientapp_port`` is the SuperNode's local Runtime API (127.0.0.1 only), which the app's
+    executor talks to; two SuperNodes on one machine need two ports. Without
+    ``superexec_secret``, Flower runs each message in a ``flwr-clientapp`` subprocess; with it,
+    the SuperNode runs in process isolation and hands its tasks only to an executor holding
+    that secret: the hospital's warm worker (:mod:`fedllm.federation.warm_worker`).
     """
     check_security(root_certificates is not None, insecure)
     if insecure and auth_private_key is not None:
@@ -160,12 +164,14 @@ def supernode_command(
         "--node-config",
         str(node_config_file),
         "--isolation",
-        "subprocess",
+        "subprocess" if superexec_secret is None else "process",
         "--host",
-        "127.0.0.1",
+        LOOPBACK,
         "--port",
         str(clientapp_port),
     ]
+    if superexec_secret is not None:
+        command += ["--superexec-auth-secret-file", str(superexec_secret)]
     if max_retries is not None:
         command += ["--max-retries", str(max_retries)]
     if max_wait_s is not None:
@@ -234,20 +240,24 @@ def hospital_node_config(config: HospitalConfig) -> dict[str, NodeValue]:
     if config.inference is not None and config.inference.adapter_dir is not None:
         # where the federation delivers its published adapter, for this node's server to serve
         values[keys.ADAPTER_DIR] = str(config.inference.adapter_dir)
-    if config.runtime.warm_worker:
-        # the long-lived worker `fedllm hospital start` runs beside the SuperNode
-        values[keys.WORKER_SOCKET] = str(worker_socket_path(config.runtime.state_dir))
     return values
 
 
 def hospital_supernode_command(config: HospitalConfig, *, write_config: bool = True) -> list[str]:
     """The SuperNode of ``hospital.yaml``, its node config written under its state dir.
 
-    ``write_config=False`` only names that file (``fedllm hospital check`` writes nothing).
+    With ``runtime.warm_worker`` it runs in process isolation, its tasks claimed by the worker
+    with the secret they share (created here when missing). ``write_config=False`` only names
+    those files (``fedllm hospital check`` writes nothing).
     """
     node_config = config.runtime.state_dir / "node-config.toml"
+    secret = None
+    if config.runtime.warm_worker:
+        secret = superexec_secret_path(config.runtime.state_dir)
     if write_config:
         write_node_config(node_config, hospital_node_config(config))
+        if secret is not None:
+            ensure_superexec_secret(config.runtime.state_dir)
     return supernode_command(
         superlink=config.superlink.address,
         root_certificates=config.superlink.ca_cert,
@@ -257,7 +267,13 @@ def hospital_supernode_command(config: HospitalConfig, *, write_config: bool = T
         insecure=config.superlink.insecure,
         max_retries=config.runtime.max_retries,
         max_wait_s=config.runtime.max_wait_s,
+        superexec_secret=secret,
     )
+
+
+def runtime_api_address(config: HospitalConfig) -> str:
+    """Where the hospital's SuperNode serves its Runtime API: loopback only."""
+    return f"{LOOPBACK}:{config.runtime.clientapp_port}"
 
 
 def missing_hospital_files(config: HospitalConfig) -> list[str]:

@@ -1,7 +1,8 @@
 """What hospital IT sees running on its own machine: SuperNode, warm worker, inference server.
 
 Everything is asked on loopback, with no certificate: the SuperNode's local API
-(``runtime.clientapp_port``, Flower's ``GET /health``), the warm worker's Unix socket, and the
+(``runtime.clientapp_port``, Flower's ``GET /health``), the warm worker's status file (its
+process alive, the file fresh, not stuck waiting for the SuperNode), and the
 inference server's plain-HTTP probe port (``inference.probe_port``, ``GET /v1/ready``), which
 answers whether the server is ready and why not, nothing else. The inference server's main port
 may demand the router's client certificate, which hospital IT does not hold, so the probe port
@@ -11,6 +12,7 @@ use.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import httpx
 
 from fedllm.federation.hospital_config import HospitalConfig
-from fedllm.federation.warm_worker import wait_until_listening, worker_socket_path
+from fedllm.federation.worker_state import STATUS_STALE_S, read_status, worker_status_path
 
 LOOPBACK = "127.0.0.1"
 PROBE_TIMEOUT_S = 2.0
@@ -94,12 +96,38 @@ def supernode_health(config: HospitalConfig, timeout_s: float = PROBE_TIMEOUT_S)
     return PartHealth("SuperNode", bool(node_ids), "running", f"{activation}; {log_path}")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another account's process of that id: alive
+    return True
+
+
 def worker_health(config: HospitalConfig) -> PartHealth:
-    """Whether the warm worker accepts connections on its socket."""
-    path = worker_socket_path(config.runtime.state_dir)
-    if wait_until_listening(path, PROBE_TIMEOUT_S, lambda: True):
-        return PartHealth("worker", True, "listening", str(path))
-    return PartHealth("worker", False, "not listening", str(path))
+    """Whether the warm worker runs and claims the SuperNode's tasks, from its status file."""
+    path = worker_status_path(config.runtime.state_dir)
+    status = read_status(config.runtime.state_dir)
+    if status is None:
+        return PartHealth("worker", False, "not running", f"no status in {path}")
+    if status["state"] == "stopped" or not _alive(int(status["pid"])):
+        return PartHealth("worker", False, "not running", f"process {status['pid']} is gone")
+    now = time.time()
+    detail = f"process {status['pid']}, {status['tasks']} tasks run"
+    if now - float(status["updated"]) > STATUS_STALE_S:
+        age = now - float(status["updated"])
+        return PartHealth("worker", False, "not answering", f"{detail}; no status for {age:.0f} s")
+    if status["state"] == "polling" and now - float(status["since"]) > STATUS_STALE_S:
+        waited = now - float(status["since"])
+        return PartHealth(
+            "worker",
+            False,
+            "waiting for the SuperNode",
+            f"{detail}; its Runtime API has not answered for {waited:.0f} s",
+        )
+    return PartHealth("worker", True, status["state"], detail)
 
 
 def hospital_health(config: HospitalConfig) -> list[PartHealth]:

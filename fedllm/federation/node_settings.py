@@ -6,10 +6,8 @@ the node config instead (``fedllm hospital start`` writes it from ``hospital.yam
 hospital of the experiment this node is, its own records file, where its privacy ledger lives,
 its own ε cap, the file holding its secret train/eval split key, whether it lets the server
 evaluate on its held-out patients at all, and the directory its inference server hot-reloads
-the federation's published adapter from (``adapter-dir``, where a run delivers it), and the
-Unix socket of its long-lived worker (``worker-socket``), which keeps the base model loaded
-across rounds and to which the ClientApp then hands every message. The keys are defined here
-once, for both the writer and the reader.
+the federation's published adapter from (``adapter-dir``, where a run delivers it). The keys
+are defined here once, for both the writer and the reader.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # imported where used: a forwarding ClientApp reads only the keys
+if TYPE_CHECKING:  # imported where used: importing the ClientApp loads no PyTorch
     from fedllm.config.schema import ExperimentConfig
     from fedllm.federation.hospital_data import LocalDataSource
 
@@ -35,7 +33,6 @@ DATA_PATIENT_FIELD = "data-patient-field"
 SPLIT_KEY_FILE = "split-key-file"
 EVALUATION = "evaluation"
 ADAPTER_DIR = "adapter-dir"
-WORKER_SOCKET = "worker-socket"
 EVALUATION_VALUES = ("dp", "off")
 
 

@@ -1,17 +1,26 @@
-"""A long-lived hospital worker that keeps the base model loaded across rounds and runs.
+"""The hospital's executor: one long-lived process that runs every ClientApp task of its SuperNode.
 
-Flower's deployment runtime starts one ``flwr-clientapp`` process per message, so a ClientApp
-that trained itself would rebuild its hospital site (records, tokenizer, base model, ledger)
-every round: seconds for a tiny model, minutes for a billion-parameter one. ``fedllm hospital
-start`` therefore starts this worker next to the SuperNode; the ClientApp forwards each
-message to it over a Unix domain socket and returns its reply. The worker runs the same
-ClientApp handlers in-process, so their site cache stays warm.
+In process isolation (``flower-supernode --isolation process``) Flower's SuperNode starts no
+executor of its own: it queues each message it receives as a task on its Runtime API (HTTP on
+127.0.0.1) and waits for an outside executor to claim it. Flower's own executor would start a
+``flwr-clientapp`` process per task (a Python start, Flower's and PyTorch's imports, the FAB
+installed, the hospital's site and base model built again): seconds a round for a tiny model,
+minutes for a large one. This worker is that outside executor instead. It polls
+``AcquireTask`` (every 50 ms while tasks come, backing off to 1 s when idle) and runs each task
+in its own process with Flower's functions (``pull_task_input``, ``push_message``,
+``push_task_output``, ``HeartbeatSender``), so the ClientApp's site cache stays warm across
+rounds and runs.
 
-The socket lives in a 0700 directory of the hospital's private state dir and is itself 0600:
-only the hospital's account can reach it. Messages travel as Flower's own protobuf
-serialization (``flwr.common.serde``), never pickle, in length-prefixed frames below a size
-cap; the worker handles one message at a time, and a client that sends garbage, too much or
-too slowly gets an error and is disconnected while the worker keeps serving.
+It runs the fedllm ClientApp installed beside it (``fedllm.clients.client_app``), not code from the
+run's FAB: a hospital runs the code its IT installed, and the experiment travels in each
+message. Every reply is checked against the release inventory (:mod:`fedllm.privacy.inventory`)
+here, before it is pushed, whatever the handler did; a handler that raises becomes a one-line
+error reply and the worker goes on serving.
+
+When the SuperNode has a SuperExec secret (``--superexec-auth-secret-file``), only a process
+holding it (the hospital's account: the file is 0600) can claim tasks. The worker reports what
+it is doing to a status file (``worker/status.json`` in the state dir) that ``fedllm hospital
+health`` reads.
 
 Privacy randomness is unchanged: every DP draw comes from
 :func:`fedllm.privacy.randomness.fresh_stream`, seeded from OS entropy per release, so two
@@ -22,230 +31,194 @@ entropy once at start, never from the experiment config.
 from __future__ import annotations
 
 import os
-import socket
-import socketserver
-import stat
-import struct
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import structlog
-from flwr.app import Context, Message
-from flwr.common.serde import (
-    context_from_proto,
-    context_to_proto,
-    message_from_proto,
-    message_to_proto,
+from flwr.app import Context, Error, Message
+from flwr.common.constant import SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
 )
-from flwr.proto.message_pb2 import Context as ProtoContext
-from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import (
+    pull_task_input,
+    push_message,
+    push_task_output,
+)
 
-from fedllm.storage.files import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, PRIVATE_UMASK
+from fedllm.federation.worker_state import (
+    STATUS_INTERVAL_S,
+    WorkerError,
+    WorkerState,
+    worker_dir,
+    worker_status_path,
+)
+from fedllm.privacy.inventory import check_reply
+from fedllm.storage.files import PRIVATE_DIR_MODE
 
 log = structlog.get_logger(__name__)
 
-SOCKET_NAME = "worker.sock"
-# A Unix socket address holds at most 107 bytes on Linux (108 with the terminating NUL).
-MAX_SOCKET_PATH = 107
-# One frame: an 8-byte big-endian length, then that many bytes.
-FRAME_HEADER = struct.Struct("!Q")
-# A LoRA adapter of an 8B model is tens of MB; a delivered adapter the same. Anything far
-# larger is not a message of this federation.
-MAX_FRAME_BYTES = 1 << 30
-# A client has this long to send its request; the reply takes as long as the round does.
-REQUEST_TIMEOUT_S = 60.0
-CONNECT_TIMEOUT_S = 5.0
-OK, FAILED = b"\x00", b"\x01"
-
 Handler = Callable[[Message, Context], Message]
 
-
-class WorkerError(RuntimeError):
-    """The worker cannot be reached, or refused or failed a request (one line says why)."""
-
-
-def worker_socket_path(state_dir: Path) -> Path:
-    """Where a hospital's worker listens: ``worker/worker.sock`` in its private state dir."""
-    return Path(state_dir) / "worker" / SOCKET_NAME
+# Error.code of a reply whose handler raised or whose reply the inventory refused
+WORKER_FAILED = 1
+POLL_INTERVAL_S = 0.05
+IDLE_POLL_INTERVAL_S = 1.0
+# Flower's SuperExec protects exactly this method with the shared secret
+ACQUIRE_TASK_METHOD = "/flwr.proto.Runtime/AcquireTask"
 
 
-def _send_frame(connection: socket.socket, payload: bytes) -> None:
-    connection.sendall(FRAME_HEADER.pack(len(payload)) + payload)
+def reply_kind(message: Message) -> str:
+    """The release inventory's name for the reply to ``message`` (``query.deliver``: deliver)."""
+    category, _, action = message.metadata.message_type.partition(".")
+    return action or category
 
 
-def _receive_exactly(connection: socket.socket, size: int) -> bytes:
-    chunks, remaining = [], size
-    while remaining:
-        chunk = connection.recv(min(remaining, 1 << 20))
-        if not chunk:
-            raise WorkerError(f"connection closed with {remaining} of {size} bytes unread")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message``: what a failed task's reply says."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line}"
 
 
-def _receive_frame(connection: socket.socket, limit: int = MAX_FRAME_BYTES) -> bytes:
-    (size,) = FRAME_HEADER.unpack(_receive_exactly(connection, FRAME_HEADER.size))
-    if size > limit:
-        raise WorkerError(f"a frame of {size} bytes is over the {limit}-byte limit")
-    return _receive_exactly(connection, size)
+def checked_reply(handler: Handler, message: Message, context: Context) -> Message:
+    """The handler's reply once the release inventory allows every key it carries.
 
-
-def encode_request(message: Message, context: Context) -> tuple[bytes, bytes]:
-    """A message and its context as Flower's protobuf bytes."""
-    return (
-        message_to_proto(message).SerializeToString(),
-        context_to_proto(context).SerializeToString(),
-    )
-
-
-def decode_request(message_bytes: bytes, context_bytes: bytes) -> tuple[Message, Context]:
-    """The inverse of :func:`encode_request`; a `WorkerError` for bytes that are not one."""
+    A handler that raises, or a reply with an undeclared key, becomes a one-line error reply:
+    nothing undeclared ever leaves, and the worker keeps serving.
+    """
     try:
-        message = message_from_proto(ProtoMessage.FromString(message_bytes))
-        context = context_from_proto(ProtoContext.FromString(context_bytes))
+        reply = handler(message, context)
+        if reply.has_content():
+            records = {name: list(record.keys()) for name, record in reply.content.items()}
+            check_reply(reply_kind(message), records)
+        return reply
     except Exception as error:
-        raise WorkerError(f"not a Flower message and context: {type(error).__name__}") from None
-    return message, context
+        log.error("warm_worker.task_failed", reason=one_line(error), exc_info=True)
+        return Message(Error(code=WORKER_FAILED, reason=one_line(error)), reply_to=message)
 
 
-def forward(path: Path, message: Message, context: Context) -> tuple[Message, Context]:
-    """Send one message to the worker at ``path``; its reply and the context it returned.
-
-    Raises `WorkerError` when the worker cannot be reached or refuses the request.
-    """
-    message_bytes, context_bytes = encode_request(message, context)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.settimeout(CONNECT_TIMEOUT_S)
-        try:
-            connection.connect(str(path))
-        except OSError as error:
-            raise WorkerError(
-                f"the hospital worker at {path} is not reachable: {error.strerror or error}"
-            ) from None
-        connection.settimeout(None)  # training takes as long as it takes
-        try:
-            _send_frame(connection, message_bytes)
-            _send_frame(connection, context_bytes)
-            status = _receive_exactly(connection, 1)
-            first = _receive_frame(connection)
-            if status != OK:
-                raise WorkerError(f"the hospital worker refused the message: {first.decode()}")
-            second = _receive_frame(connection)
-        except OSError as error:
-            raise WorkerError(f"the hospital worker at {path} failed: {error}") from None
-    return decode_request(first, second)
-
-
-class _Connection(socketserver.BaseRequestHandler):
-    """One request: read message and context, run the handler under the lock, reply."""
-
-    server: WorkerServer
-
-    def handle(self) -> None:
-        connection: socket.socket = self.request
-        connection.settimeout(REQUEST_TIMEOUT_S)
-        try:
-            if not connection.recv(1, socket.MSG_PEEK):
-                return  # connected and closed: a probe that the worker listens
-            message, context = decode_request(
-                _receive_frame(connection, self.server.max_frame_bytes),
-                _receive_frame(connection, self.server.max_frame_bytes),
-            )
-        except (WorkerError, OSError) as error:
-            log.warning("warm_worker.refused", reason=str(error))
-            self._answer_failure(connection, str(error))
-            return
-        connection.settimeout(None)
-        try:
-            reply, context = self.server.run(message, context)
-            reply_bytes, context_bytes = encode_request(reply, context)
-        except Exception as error:  # the app's own failures are error replies already
-            log.error("warm_worker.failed", exc_info=True)
-            first_line = (str(error).strip().splitlines() or [""])[0]
-            self._answer_failure(connection, f"{type(error).__name__}: {first_line}")
-            return
-        try:
-            connection.sendall(OK)
-            _send_frame(connection, reply_bytes)
-            _send_frame(connection, context_bytes)
-        except OSError as error:
-            log.warning("warm_worker.reply_lost", reason=str(error))
-
-    @staticmethod
-    def _answer_failure(connection: socket.socket, reason: str) -> None:
-        try:
-            connection.sendall(FAILED)
-            _send_frame(connection, reason.encode())
-        except OSError:
-            pass  # a client gone before its refusal arrived
-
-
-class WorkerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """A Unix-socket server that runs ``handler`` on one message at a time.
-
-    Connections are read concurrently (a slow client cannot hold the others up for more than
-    its own request timeout) but handled one at a time: one model, one ledger, one round.
-    """
-
-    daemon_threads = True
+class TaskExecutor:
+    """Claims the SuperNode's ClientApp tasks and runs each in this process."""
 
     def __init__(
-        self, path: Path, handler: Handler, max_frame_bytes: int = MAX_FRAME_BYTES
+        self,
+        runtime_api: str,
+        handler: Handler,
+        *,
+        secret: bytes | None = None,
+        status_path: Path | None = None,
     ) -> None:
+        self.runtime_api = runtime_api
         self.handler = handler
-        self.max_frame_bytes = max_frame_bytes
-        self.lock = threading.Lock()
-        self.handled = 0
-        bind_private_socket_path(path)
-        previous = os.umask(PRIVATE_UMASK)
-        try:
-            super().__init__(str(path), _Connection)
-        finally:
-            os.umask(previous)
-        os.chmod(path, PRIVATE_FILE_MODE)
-
-    def run(self, message: Message, context: Context) -> tuple[Message, Context]:
-        """Run the handler on one message, under the lock; its reply and the context."""
-        with self.lock:
-            started = time.perf_counter()
-            reply = self.handler(message, context)
-            self.handled += 1
-            log.info(
-                "warm_worker.handled",
-                message_type=message.metadata.message_type,
-                handled=self.handled,
-                seconds=round(time.perf_counter() - started, 3),
+        self.status_path = status_path
+        self.state = WorkerState()
+        interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+        if secret:
+            interceptors.append(
+                SuperExecAuthHttpInterceptor(
+                    master_secret=secret, protected_methods={ACQUIRE_TASK_METHOD}
+                )
             )
-        return reply, context
-
-
-def bind_private_socket_path(path: Path) -> None:
-    """Make ``path``'s directory 0700 and clear a stale socket a dead worker left there.
-
-    Refuses (`WorkerError`) a path too long for a Unix socket, a path that is not a socket,
-    and a socket another worker is still listening on.
-    """
-    if len(os.fsencode(str(path))) > MAX_SOCKET_PATH:
-        raise WorkerError(
-            f"the worker socket path {path} is longer than {MAX_SOCKET_PATH} bytes; "
-            "use a shorter runtime.state_dir"
+        self.client = RuntimeHttpClient.from_server_address(
+            server_address=runtime_api,
+            insecure=True,  # loopback only: the SuperNode binds its Runtime API to 127.0.0.1
+            root_certificates=None,
+            interceptors=interceptors,
+            retry_invoker=make_simple_http_retry_invoker(),
         )
-    path.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
-    os.chmod(path.parent, PRIVATE_DIR_MODE)
-    if not os.path.lexists(path):
-        return
-    if not stat.S_ISSOCK(os.lstat(path).st_mode):
-        raise WorkerError(f"{path} exists and is not a socket; remove it")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+
+    def acquire(self) -> str | None:
+        """Claim the oldest pending ClientApp task: its token, or None when there is none."""
+        self.state.enter("polling")
+        response = self.client.AcquireTask(
+            AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+        )
+        self.state.enter("idle")
+        if response.HasField("task") and response.token:
+            return response.token
+        return None
+
+    def execute(self, token: str) -> None:
+        """What ``flwr-clientapp`` does with a task, minus the process, imports and FAB."""
+        self.state.enter("running a task")
+        started = time.perf_counter()
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.runtime_api,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        context: Context | None = None
+        status, details, kind = SubStatus.FAILED, "the task failed before its message arrived", ""
         try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # nobody listens: a worker that died left it
-            return
-    raise WorkerError(f"another hospital worker is already listening on {path}")
+            message, context, _run, _fab = pull_task_input(client)
+            kind = message.metadata.message_type
+            reply = checked_reply(self.handler, message, context)
+            push_message(client, reply, context)
+            status, details = SubStatus.COMPLETED, ""
+        except Exception as error:  # Flower's exchange failed: the task expires on its side
+            details = one_line(error)
+            log.error("warm_worker.exchange_failed", reason=details, exc_info=True)
+        finally:
+            try:
+                push_task_output(client, context, status, details)
+            finally:
+                heartbeat.stop()
+                client.close()
+        self.state.tasks += 1
+        self.state.enter("idle")
+        log.info(
+            "warm_worker.handled",
+            message_type=kind,
+            status=status,
+            handled=self.state.tasks,
+            pid=os.getpid(),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+
+    def serve(self, stop: threading.Event) -> None:
+        """Poll and run tasks until ``stop`` is set; back off while no task comes."""
+        reporter = threading.Thread(target=self._report, args=(stop,), daemon=True)
+        reporter.start()
+        interval = POLL_INTERVAL_S
+        log.info("warm_worker.serving", runtime_api=self.runtime_api, pid=os.getpid())
+        try:
+            while not stop.is_set():
+                token = self.acquire()
+                if token is not None:
+                    self.execute(token)
+                    interval = POLL_INTERVAL_S
+                    continue
+                stop.wait(interval)
+                interval = min(interval * 2, IDLE_POLL_INTERVAL_S)
+        finally:
+            self.client.close()
+            self.state.enter("stopped")
+            self._write_status()
+
+    def _report(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self._write_status()
+            stop.wait(STATUS_INTERVAL_S)
+
+    def _write_status(self) -> None:
+        if self.status_path is not None:
+            self.state.write(self.status_path)
 
 
 def seed_from_os_entropy() -> None:
@@ -255,27 +228,25 @@ def seed_from_os_entropy() -> None:
     torch.seed()
 
 
-def serve(path: Path, handler: Handler, ready: Callable[[], None] | None = None) -> None:
-    """Serve ``handler`` on ``path`` until interrupted; the socket file is removed on exit."""
+def serve(
+    runtime_api: str,
+    handler: Handler,
+    *,
+    state_dir: Path,
+    secret_file: Path | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run ``handler`` on every ClientApp task of the SuperNode at ``runtime_api`` until stopped."""
     seed_from_os_entropy()
-    with WorkerServer(path, handler) as server:
-        log.info("warm_worker.listening", socket=str(path), pid=os.getpid())
-        if ready is not None:
-            ready()
+    secret = None
+    if secret_file is not None:
         try:
-            server.serve_forever()
-        finally:
-            path.unlink(missing_ok=True)
-
-
-def wait_until_listening(path: Path, timeout_s: float, alive: Callable[[], bool]) -> bool:
-    """Whether a worker accepts connections on ``path`` within ``timeout_s`` (while alive)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and alive():
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(path))
-                return True
-            except OSError:
-                time.sleep(0.2)
-    return False
+            secret = secret_file.read_bytes()
+        except OSError as error:
+            raise WorkerError(f"cannot read the SuperExec secret {secret_file}: {error}") from None
+    directory = worker_dir(state_dir)
+    directory.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    executor = TaskExecutor(
+        runtime_api, handler, secret=secret, status_path=worker_status_path(state_dir)
+    )
+    executor.serve(stop or threading.Event())
