@@ -23,6 +23,8 @@ from fedllm.privacy import (
     event_to_dict,
     to_dp_event,
 )
+from fedllm.privacy.accountant import NEIGHBOURING_RELATIONS
+from fedllm.privacy.events import canonical_events
 
 # Every (q, σ, T) corner, σ = 1.1 in the middle only, to keep the PLDs affordable; ε above 100
 # (no privacy at all) is left out because it only makes the PLD slow, not more informative.
@@ -387,3 +389,26 @@ def test_cli_missing_option_is_a_usage_error() -> None:
     assert result.exit_code == 2
     assert "Traceback" not in result.output
     assert "--noise-multiplier" in result.output
+
+
+@pytest.mark.parametrize("neighbouring", NEIGHBOURING_RELATIONS)
+def test_a_growing_ledger_equals_a_fresh_pld_accountant_exactly(neighbouring: str) -> None:
+    """Each charge composes a new total of the same steps; the cached step PLD changes nothing.
+
+    Round by round, as a hospital's ledger grows (DP-SGD steps, a statistics release), ε from
+    compute_epsilon, whose PLD accountant reuses the step's PLD across calls, is bit-for-bit
+    the ε of a fresh dp_accounting PLDAccountant given the same canonical events.
+    """
+    round_events = [SampledGaussianSteps(1.1, 0.04, 5), GaussianRelease(8.0, 1)]
+    recorded: list = []
+    for _ in range(4):
+        recorded += round_events
+        ours = compute_epsilon(recorded, 1e-5, neighbouring=neighbouring)
+        fresh = dp_accounting.pld.PLDAccountant(RELATIONS[neighbouring])
+        fresh.compose(to_dp_event(canonical_events(recorded)))
+        assert ours == fresh.get_epsilon(1e-5)
+    # the same step PLD again, for a different number of steps and at another δ
+    again = [SampledGaussianSteps(1.1, 0.04, 3)]
+    fresh = dp_accounting.pld.PLDAccountant(RELATIONS[neighbouring])
+    fresh.compose(to_dp_event(canonical_events(again)))
+    assert compute_epsilon(again, 1e-6, neighbouring=neighbouring) == fresh.get_epsilon(1e-6)

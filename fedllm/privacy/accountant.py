@@ -26,7 +26,7 @@ from numbers import Real
 import dp_accounting
 import numpy as np
 from dp_accounting import dp_event
-from dp_accounting.pld import PLDAccountant
+from dp_accounting.pld import PLDAccountant, privacy_loss_distribution
 from dp_accounting.rdp import RdpAccountant
 
 from fedllm.privacy.events import (
@@ -66,6 +66,56 @@ _ESTIMATE_GRID = 20_001
 # few composed accountants are kept so that repeated queries on the same ledger (spent, then
 # projected, at one or several δ) compose once. Each PLD can hold ~1e6 floats, hence so few.
 _CACHE_SIZE = 8
+# One step of Poisson-sampled Gaussian noise as a PLD depends on σ, q, the interval and the
+# relation alone; a ledger's every new charge needs the same few (one per DP-SGD schedule).
+_STEP_CACHE_SIZE = 16
+
+
+@functools.lru_cache(maxsize=_STEP_CACHE_SIZE)
+def _sampled_gaussian_step(
+    noise_multiplier: float,
+    sampling_prob: float,
+    interval: float,
+    relation: dp_accounting.NeighboringRelation,
+) -> privacy_loss_distribution.PrivacyLossDistribution:
+    """The PLD of one Poisson-sampled Gaussian step, exactly as PLDAccountant builds it."""
+    return privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=noise_multiplier,
+        value_discretization_interval=interval,
+        sampling_prob=sampling_prob,
+        neighboring_relation=relation,
+    )
+
+
+class StepCachingPLDAccountant(PLDAccountant):
+    """dp_accounting's PLD accountant, reusing the PLD of one DP-SGD step across ledgers' ε.
+
+    Building a Poisson-sampled Gaussian step's PLD is most of a ledger's ε computation (about
+    a second on 2 cores), and every charge of a hospital's ledger composes a new total number
+    of the same steps. This accountant takes that step's PLD from a cache and does everything
+    else as :class:`PLDAccountant` does (the same ``self_compose(count)`` and ``compose``, in the
+    same order), so its ε equals a fresh PLDAccountant's exactly (tests compare them); the
+    library's PLDs are never changed in place, so sharing one is safe.
+    """
+
+    def _maybe_compose(self, event: dp_event.DpEvent, count: int, do_compose: bool):
+        sampled_gaussian = (
+            isinstance(event, dp_event.PoissonSampledDpEvent)
+            and isinstance(event.event, dp_event.GaussianDpEvent)
+            and event.sampling_probability != 0
+            and event.event.noise_multiplier != 0
+        )
+        if not sampled_gaussian:
+            return super()._maybe_compose(event, count, do_compose)
+        if do_compose:
+            step = _sampled_gaussian_step(
+                float(event.event.noise_multiplier),
+                float(event.sampling_probability),
+                self._value_discretization_interval,
+                self.neighboring_relation,
+            )
+            self._pld = self._pld.compose(step.self_compose(count))
+        return None
 
 
 class PrvAccountant(dp_accounting.PrivacyAccountant):
@@ -162,7 +212,9 @@ def make_accountant(
     if not pld_interval > 0:
         raise ValueError(f"pld_interval must be > 0, got {pld_interval!r}")
     if name == "pld":
-        return PLDAccountant(_RELATIONS[neighbouring], value_discretization_interval=pld_interval)
+        return StepCachingPLDAccountant(
+            _RELATIONS[neighbouring], value_discretization_interval=pld_interval
+        )
     if name == "rdp":
         return RdpAccountant()
     return PrvAccountant()
@@ -199,10 +251,23 @@ def compute_epsilon(
     canonical = canonical_events(events)
     if not canonical:
         return 0.0
-    composed = _composed(canonical, accountant, pld_interval, neighbouring)
+    return _epsilon(canonical, float(delta), accountant, pld_interval, neighbouring)
+
+
+@functools.lru_cache(maxsize=4 * _CACHE_SIZE)
+def _epsilon(
+    events: tuple[PrivacyEvent, ...],
+    delta: float,
+    name: str,
+    pld_interval: float,
+    neighbouring: str,
+) -> float:
+    """ε of canonical events at ``delta``, read once: a ledger asks for the same ε repeatedly
+    (spent after a charge, in a status, in an evaluation) and each reading searches the PLD."""
+    composed = _composed(events, name, pld_interval, neighbouring)
     epsilon = float(composed.get_epsilon(delta))
     if math.isnan(epsilon):
-        raise ArithmeticError(f"{accountant} accountant returned NaN for {canonical}")
+        raise ArithmeticError(f"{name} accountant returned NaN for {events}")
     return epsilon
 
 
