@@ -1,26 +1,29 @@
 """Round overhead at a hospital: a cold ClientApp process per message vs the warm worker.
 
-Flower 1.42's deployment runtime starts one ``flwr-clientapp`` process per message. Cold (the
-behaviour before the warm worker, and ``runtime.warm_worker: false``), that process imports
-the ClientApp, builds the hospital's site (records, tokenizer, base model, ledger), trains and
-replies. Warm (``fedllm hospital start``'s default), it imports the ClientApp without PyTorch
-and forwards the message over the worker's Unix socket to ``fedllm hospital worker``, which
-keeps the site loaded across rounds.
+Cold (Flower's default, and ``runtime.warm_worker: false``): Flower 1.42 starts one
+``flwr-clientapp`` process per message, which imports the ClientApp, builds the hospital's
+site (records, tokenizer, base model, ledger), trains and replies. The benchmark plays that
+SuperNode: for each round it starts a fresh Python process that does what ``flwr-clientapp``
+does with a message (import ``fedllm.clients.client_app``, run the app on the message and context,
+hand the reply back; messages travel as Flower's protobuf bytes). Total: from starting that
+process with the message in hand to the reply bytes back.
 
-This benchmark plays the SuperNode: for each round it starts a fresh Python process that does
-what ``flwr-clientapp`` does with a message (import ``fedllm.clients.client_app``, run the app
-on the message and context, hand the reply back; messages travel as Flower's protobuf bytes),
-once with the node config of a cold hospital and once with that of a warm one, alternating so
-machine drift hits both alike. Per round it reports
+Warm (``fedllm hospital start``'s default): a real deployment on loopback. ``fedllm superlink
+start --insecure``, ``fedllm hospital start`` (``flower-supernode --isolation process`` and
+``fedllm hospital worker``, its executor) and ``fedllm run --federation`` of the same
+experiment. Total, per train message, as the worker logs it: from the SuperNode queueing the
+message as a task on its Runtime API to the reply and task output pushed back to it (the poll
+until the worker claims it included).
 
-* total: from starting that process with the message in hand to the reply bytes back;
-* compute: the time spent in ``train_locally`` (``local_seconds`` of the ``hospital.trained``
-  event in the log of the process that trained: the ClientApp process cold, the worker warm);
+Both modes train the same hospital on the same records with the same experiment. Per round:
+
+* compute: the time in ``train_locally`` (``local_seconds`` of the ``hospital.trained`` event
+  in the log of the process that trained: the ClientApp process cold, the worker warm);
 * overhead = total - compute, and overhead / compute.
 
-Not included, in either mode alike: Flower's own transport (SuperLink to SuperNode) and the
-``flwr-clientapp`` runtime's gRPC exchange with its SuperNode. The warm worker's first message
-builds its site once; it is shown as round 1, apart from the later rounds' mean.
+Not included in either mode: Flower's transport between SuperLink and SuperNode. Warm rounds
+also run the run's other messages (status query, evaluation); their handling is reported per
+round beside the train message.
 
 Two base models: fedllm's embedded ``tiny`` model, and a GPT-2-style model of about 100M
 parameters built from a config (random weights, saved with a tokenizer to a temporary
@@ -45,22 +48,47 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from flwr.app import Context, Message
+from flwr.common.serde import (
+    context_from_proto,
+    context_to_proto,
+    message_from_proto,
+    message_to_proto,
+)
+from flwr.proto.message_pb2 import Context as ProtoContext
+from flwr.proto.message_pb2 import Message as ProtoMessage
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("tiny", "gpt2-100m")
-WORKER = [sys.executable, "-m", "fedllm.cli", "hospital", "worker"]
+FEDLLM = [sys.executable, "-m", "fedllm.cli"]
+HOSPITAL = "north"
+
+
+def encode(message: Message, context: Context) -> tuple[bytes, bytes]:
+    """A message and its context as Flower's protobuf bytes."""
+    return (
+        message_to_proto(message).SerializeToString(),
+        context_to_proto(context).SerializeToString(),
+    )
+
+
+def decode(message_bytes: bytes, context_bytes: bytes) -> tuple[Message, Context]:
+    """The inverse of :func:`encode`."""
+    return (
+        message_from_proto(ProtoMessage.FromString(message_bytes)),
+        context_from_proto(ProtoContext.FromString(context_bytes)),
+    )
 
 
 def handle_one_message(directory: Path) -> None:
     """What ``flwr-clientapp`` does with one message: load the app, run it, hand back the reply."""
     from fedllm.clients.client_app import app
-    from fedllm.federation.warm_worker import decode_request, encode_request
 
-    message, context = decode_request(
+    message, context = decode(
         (directory / "message.bin").read_bytes(), (directory / "context.bin").read_bytes()
     )
     reply = app(message, context)
-    (directory / "reply.bin").write_bytes(encode_request(reply, context)[0])
+    (directory / "reply.bin").write_bytes(encode(reply, context)[0])
 
 
 def gpt2_100m(directory: Path) -> str:
@@ -91,34 +119,52 @@ def gpt2_100m(directory: Path) -> str:
 
 
 def experiment(model_name: str, local_steps: int, rounds: int) -> dict[str, Any]:
-    """Two simulated hospitals, DP-SGD on: the ClientApp trains hospital ``a``."""
+    """One deployed hospital, DP-SGD on, every round's cohort is that hospital."""
     return {
-        "run": {"rounds": rounds, "seed": 1},
-        "federation": {
-            "num_hospitals": 2,
-            "cohort_size": 2,
-            "hospitals": [{"name": "a", "data_size": 200}, {"name": "b", "data_size": 200}],
-        },
+        "run": {"name": "overhead", "rounds": rounds, "seed": 1},
+        "federation": {"num_hospitals": 1, "cohort_size": 1, "hospitals": [{"name": HOSPITAL}]},
         "model": {"name": model_name, "max_seq_length": 32},
-        "training": {"local_steps": local_steps, "batch_size": 8, "learning_rate": 0.01},
+        "training": {
+            "local_steps": local_steps,
+            "batch_size": 8,
+            "learning_rate": 0.01,
+            "device": "cpu",
+        },
         "privacy": {"target_epsilon": None, "noise_multiplier": 1.0},
-        "evaluation": {"baselines": []},
+        "evaluation": {"baselines": [], "release": "dp", "max_eval_sequences": 16},
+        "strategy": {"selection": "random", "min_cohort": 1, "round_timeout_s": 1800},
     }
 
 
-def logged_seconds(log: Path, name: str, key: str) -> list[float]:
-    """``key`` of every ``name`` event in a JSON-lines log, in order."""
-    seconds = []
+def write_records(path: Path) -> None:
+    """The hospital's own records file: 200 synthetic notes of about 70 patients."""
+    from fedllm.data import generate_clinical_records
+
+    records = generate_clinical_records(200, None, seed=7, hospital_tag=HOSPITAL)
+    with path.open("w", encoding="utf-8") as handle:
+        for record in records:
+            row = {"text": record.text, "patient": record.patient_id}
+            handle.write(json.dumps(row) + "\n")
+
+
+def logged_events(log: Path, name: str) -> list[dict[str, Any]]:
+    """Every ``name`` event in a JSON-lines log, in order."""
+    events = []
     for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
         if line.startswith("{"):
             event = json.loads(line)
             if event.get("event") == name:
-                seconds.append(float(event[key]))
-    return seconds
+                events.append(event)
+    return events
+
+
+def logged_seconds(log: Path, name: str, key: str) -> list[float]:
+    """``key`` of every ``name`` event in a JSON-lines log, in order."""
+    return [float(event[key]) for event in logged_events(log, name)]
 
 
 class Bench:
-    """One model's experiment, its global adapter, and the SuperNode side of each round."""
+    """One model's experiment, its hospital, and both modes' rounds."""
 
     def __init__(self, root: Path, model_name: str, args: argparse.Namespace) -> None:
         import torch
@@ -132,7 +178,9 @@ class Bench:
         # Flower stamps an instruction message with the sending task's identity
         TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 1, 1, 0
         self.root = root
-        config = validate_config(experiment(model_name, args.local_steps, args.rounds))
+        self.rounds = args.rounds
+        self.raw = experiment(model_name, args.local_steps, args.rounds)
+        config = validate_config(self.raw)
         # what the ServerApp puts in every message: the ClientApp reads no experiment file
         self.experiment = experiment_json(config)
         self.sha256 = base_model(config.model).sha256
@@ -140,19 +188,34 @@ class Bench:
         self.adapter = adapter_state(model)
         self.parameters = sum(p.numel() for p in model.get_base_model().parameters())
         del model
-        self.env = dict(os.environ, FEDLLM_LOG_JSON="1")
+        self.env = dict(os.environ, FEDLLM_LOG_JSON="1", FLWR_HOME=str(root / "researcher"))
+        write_records(root / "notes.jsonl")
 
-    def round(self, mode: str, server_round: int, node: dict[str, Any]) -> float:
+    def hospital_yaml(self, mode: str, port: int) -> Path:
+        """The hospital's ``hospital.yaml``; each mode has its own ledger and state dir."""
+        from fedllm.federation.launcher import free_port
+
+        hospital = {
+            "hospital": HOSPITAL,
+            "superlink": {"address": f"127.0.0.1:{port}", "insecure": True},
+            "data": {"path": "notes.jsonl", "patient_field": "patient"},
+            "privacy": {"ledger_url": f"sqlite:///{mode}-ledger.db"},
+            "runtime": {"state_dir": f"{mode}-state", "clientapp_port": free_port()},
+        }
+        path = self.root / f"{mode}-hospital.yaml"
+        path.write_text(yaml.safe_dump(hospital), "utf-8")
+        return path
+
+    def cold_round(self, server_round: int, node: dict[str, Any]) -> float:
         """One message through a fresh ClientApp process; seconds until its reply is back."""
-        from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+        from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
         from fedllm.federation.experiment import EXPERIMENT
-        from fedllm.federation.warm_worker import decode_request, encode_request
 
         settings = {
             "server-round": server_round,
-            "run-id": mode,
-            "run-dir": str(self.root / mode),
+            "run-id": "cold",
+            "run-dir": str(self.root / "cold"),
             "base-model-sha256": self.sha256,
             EXPERIMENT: self.experiment,
         }
@@ -161,13 +224,13 @@ class Bench:
         )
         message = Message(content, dst_node_id=11, message_type="train")
         context = Context(1, 11, node, RecordDict(), {})
-        directory = self.root / f"{mode}-{server_round}"
+        directory = self.root / f"cold-{server_round}"
         directory.mkdir()
-        message_bytes, context_bytes = encode_request(message, context)
+        message_bytes, context_bytes = encode(message, context)
         (directory / "message.bin").write_bytes(message_bytes)
         (directory / "context.bin").write_bytes(context_bytes)
         started = time.perf_counter()
-        with (self.root / f"{mode}.log").open("ab") as log:
+        with (self.root / "cold.log").open("ab") as log:
             subprocess.run(
                 [sys.executable, __file__, "--handle", str(directory)],
                 cwd=REPO,
@@ -178,73 +241,113 @@ class Bench:
             )
         reply_bytes = (directory / "reply.bin").read_bytes()
         elapsed = time.perf_counter() - started
-        reply, _ = decode_request(reply_bytes, context_bytes)
+        reply, _ = decode(reply_bytes, context_bytes)
         if reply.has_error():
-            raise RuntimeError(f"{mode} round {server_round}: {reply.error.reason}")
+            raise RuntimeError(f"cold round {server_round}: {reply.error.reason}")
         return elapsed
 
-    def start_worker(self) -> tuple[subprocess.Popen[bytes], Path, float]:
-        """``fedllm hospital worker`` for a hospital whose state dir is under the root."""
-        from fedllm.federation.warm_worker import wait_until_listening, worker_socket_path
+    def cold(self) -> tuple[list[float], list[float]]:
+        """Every round through its own process; totals and compute."""
+        from fedllm.federation.deployment import hospital_node_config
+        from fedllm.federation.hospital_config import load_hospital_config
 
-        (self.root / "notes.jsonl").write_text('{"text": "unused"}\n', "utf-8")
-        hospital = {
-            "hospital": "a",
-            "superlink": {"address": "127.0.0.1:9092", "insecure": True},
-            "data": {"path": "notes.jsonl"},
-            "privacy": {"ledger_url": "sqlite:///hospital-ledger.db"},
-            "runtime": {"state_dir": "state"},
-        }
-        hospital_file = self.root / "hospital.yaml"
-        hospital_file.write_text(yaml.safe_dump(hospital), "utf-8")
-        socket_path = worker_socket_path(self.root / "state")
-        started = time.perf_counter()
-        with (self.root / "worker.log").open("ab") as log:
-            process = subprocess.Popen(
-                [*WORKER, "--config", str(hospital_file)],
+        hospital = load_hospital_config(self.hospital_yaml("cold", 9092))
+        node = hospital_node_config(hospital)
+        totals = [self.cold_round(n, node) for n in range(1, self.rounds + 1)]
+        compute = logged_seconds(self.root / "cold.log", "hospital.trained", "local_seconds")
+        return totals, compute
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with (self.root / f"{name}.out").open("ab") as log:
+            return subprocess.Popen(
+                [*FEDLLM, *args],
                 cwd=REPO,
                 env=self.env,
                 stdout=log,
-                stderr=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
-        if not wait_until_listening(socket_path, 300, lambda: process.poll() is None):
-            raise RuntimeError(f"the worker did not start; see {self.root / 'worker.log'}")
-        return process, socket_path, time.perf_counter() - started
+
+    def wait_for(self, name: str, process: subprocess.Popen[bytes], text: str) -> None:
+        deadline = time.monotonic() + 600
+        while text not in (self.root / f"{name}.out").read_text(errors="replace"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start; see {self.root / f'{name}.out'}")
+            time.sleep(0.3)
+
+    def warm(self) -> dict[str, Any]:
+        """A deployed run whose hospital's worker runs its tasks; what the worker logged."""
+        from fedllm.federation.flower_cli import write_flower_connection
+        from fedllm.federation.launcher import free_port, stop_process_tree
+
+        port, control = free_port(), free_port()
+        write_flower_connection(
+            self.root / "researcher", "local", f"127.0.0.1:{control}", None, insecure=True
+        )
+        superlink_args = ["--insecure", "--host", "127.0.0.1", "--port", str(port)]
+        superlink_args += ["--control-port", str(control), "--state-dir", str(self.root / "sl")]
+        hospital = self.hospital_yaml("warm", port)
+        config_file = self.root / "experiment.yaml"
+        run_section = {**self.raw["run"], "output_dir": str(self.root / "runs")}
+        config_file.write_text(yaml.safe_dump({**self.raw, "run": run_section}))
+        processes = []
+        try:
+            processes.append(self.start("superlink", "superlink", "start", *superlink_args))
+            self.wait_for("superlink", processes[-1], "Ctrl-C stops")
+            started = time.perf_counter()
+            processes.append(self.start("hospital", "hospital", "start", "--config", str(hospital)))
+            self.wait_for("hospital", processes[-1], "Ctrl-C stops")
+            worker_start = time.perf_counter() - started
+            run = ["run", str(config_file), "--federation", "local", "--json"]
+            processes.append(self.start("run", *run))
+            if processes[-1].wait() != 0:
+                raise RuntimeError(f"the warm run failed; see {self.root / 'run.out'}")
+        finally:
+            for process in reversed(processes):
+                stop_process_tree(process)
+        log = self.root / "warm-state" / "worker.log"
+        return {
+            "worker_start_s": worker_start,
+            "tasks": logged_events(log, "warm_worker.handled"),
+            "compute": logged_seconds(log, "hospital.trained", "local_seconds"),
+        }
+
+
+def per_round(tasks: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The worker's tasks grouped into rounds (each ends with its train task's evaluation)."""
+    rounds: list[dict[str, float]] = []
+    current: dict[str, float] = {}
+    for task in tasks:
+        kind = task["message_type"]
+        current[kind] = current.get(kind, 0.0) + float(task["total_seconds"])
+        if kind == "train":
+            for part in ("queued", "pull", "handler", "push"):
+                current[f"train_{part}"] = float(task[f"{part}_seconds"])
+        if kind == "evaluate":
+            if "train" in current:  # not the run's initial evaluation
+                rounds.append(current)
+            current = {}
+    return rounds
 
 
 def measure(model: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Cold and warm rounds of one model, alternating; per-round totals and compute."""
-    from fedllm.federation.node_settings import WORKER_SOCKET
-
+    """Cold rounds (a process per message), then a warm deployed run of the same experiment."""
     with tempfile.TemporaryDirectory(prefix="ro-") as temporary:
         root = Path(temporary)
         if model != "tiny":  # its identity record is as temporary as the model
             os.environ["FEDLLM_CACHE_DIR"] = str(root / "cache")
         name = gpt2_100m(root / "gpt2-100m") if model == "gpt2-100m" else "tiny"
         bench = Bench(root, name, args)
-        worker, socket_path, worker_start = bench.start_worker()
-        node = {"partition-id": 0, "num-partitions": 2}
-        totals: dict[str, list[float]] = {"cold": [], "warm": []}
-        try:
-            for server_round in range(1, args.rounds + 1):
-                totals["cold"].append(bench.round("cold", server_round, node))
-                warm_node = {**node, WORKER_SOCKET: str(socket_path)}
-                totals["warm"].append(bench.round("warm", server_round, warm_node))
-        finally:
-            worker.terminate()
-            worker.wait(timeout=60)
-        compute = {
-            "cold": logged_seconds(root / "cold.log", "hospital.trained", "local_seconds"),
-            "warm": logged_seconds(root / "worker.log", "hospital.trained", "local_seconds"),
-        }
-        handled = logged_seconds(root / "worker.log", "warm_worker.handled", "seconds")
+        cold_totals, cold_compute = bench.cold()
+        warm = bench.warm()
+    rounds = per_round(warm["tasks"])
     return {
         "model": model,
         "parameters": bench.parameters,
-        "worker_start_s": worker_start,
-        "totals": totals,
-        "compute": compute,
-        "worker_handled": handled,
+        "worker_start_s": warm["worker_start_s"],
+        "totals": {"cold": cold_totals, "warm": [r["train"] for r in rounds]},
+        "compute": {"cold": cold_compute, "warm": warm["compute"]},
+        "warm_rounds": rounds,
     }
 
 
@@ -307,14 +410,19 @@ def main() -> None:
     )
     for result in results:
         later = slice(1, None) if args.rounds > 1 else slice(0, None)
-        handled = statistics.mean(result["worker_handled"][later])
+        rounds = result["warm_rounds"][later]
         compute = statistics.mean(result["compute"]["warm"][later])
-        total = statistics.mean(result["totals"]["warm"][later])
+
+        def mean(key: str, rounds: list[dict[str, float]] = rounds) -> float:
+            return statistics.mean(r.get(key, 0.0) for r in rounds)
+
         print(
-            f"{result['model']}: worker listening after {result['worker_start_s']:.1f} s; "
-            f"warm later rounds: {handled:.2f} s in the worker's handler (compute "
-            f"{compute:.2f} s), {total - handled:.2f} s in the ClientApp process "
-            "(start, imports, socket)"
+            f"{result['model']}: hospital start ready after {result['worker_start_s']:.1f} s; "
+            f"warm later rounds, train message: {mean('train_queued'):.2f} s queued until the "
+            f"worker claimed it, {mean('train_pull'):.2f} s pulling it, "
+            f"{mean('train_handler'):.2f} s in the handler (compute {compute:.2f} s), "
+            f"{mean('train_push'):.2f} s pushing the reply and result; the round's other "
+            f"messages: query {mean('query'):.2f} s, evaluate {mean('evaluate'):.2f} s"
         )
     print("\n".join(lines))
 

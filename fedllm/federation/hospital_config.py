@@ -104,10 +104,11 @@ class PrivacySection(StrictModel):
 class RuntimeSection(StrictModel):
     """Local settings of the SuperNode process (defaults suit one SuperNode per machine).
 
-    ``warm_worker`` (on by default) starts a long-lived worker next to the SuperNode that
-    keeps the base model loaded across rounds; Flower's ClientApp processes, one per message,
-    hand it every message over a private Unix socket in ``state_dir``. Off, every message
-    rebuilds the hospital's site and reloads the model.
+    ``warm_worker`` (on by default) runs the SuperNode in process isolation and starts a
+    long-lived worker beside it that claims every ClientApp task from the SuperNode's Runtime
+    API (127.0.0.1, ``clientapp_port``) and keeps the base model loaded across rounds. Off,
+    Flower starts a process per message, which rebuilds the hospital's site and reloads the
+    model.
     """
 
     state_dir: Path = Path("fedllm-state")

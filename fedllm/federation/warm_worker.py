@@ -6,7 +6,7 @@ executor of its own: it queues each message it receives as a task on its Runtime
 ``flwr-clientapp`` process per task (a Python start, Flower's and PyTorch's imports, the FAB
 installed, the hospital's site and base model built again): seconds a round for a tiny model,
 minutes for a large one. This worker is that outside executor instead. It polls
-``AcquireTask`` (every 50 ms while tasks come, backing off to 1 s when idle) and runs each task
+``AcquireTask`` (every 50 ms while tasks come, backing off to 200 ms when idle) and runs each task
 in its own process with Flower's functions (``pull_task_input``, ``push_message``,
 ``push_task_output``, ``HeartbeatSender``), so the ClientApp's site cache stays warm across
 rounds and runs.
@@ -34,6 +34,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -72,7 +73,7 @@ Handler = Callable[[Message, Context], Message]
 # Error.code of a reply whose handler raised or whose reply the inventory refused
 WORKER_FAILED = 1
 POLL_INTERVAL_S = 0.05
-IDLE_POLL_INTERVAL_S = 1.0
+IDLE_POLL_INTERVAL_S = 0.2
 # Flower's SuperExec protects exactly this method with the shared secret
 ACQUIRE_TASK_METHOD = "/flwr.proto.Runtime/AcquireTask"
 
@@ -136,21 +137,29 @@ class TaskExecutor:
             retry_invoker=make_simple_http_retry_invoker(),
         )
 
-    def acquire(self) -> str | None:
-        """Claim the oldest pending ClientApp task: its token, or None when there is none."""
+    def acquire(self) -> tuple[str, float] | None:
+        """Claim the oldest pending ClientApp task: its token and when the SuperNode queued it
+        (seconds since the epoch), or None when there is none."""
         self.state.enter("polling")
         response = self.client.AcquireTask(
             AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
         )
         self.state.enter("idle")
         if response.HasField("task") and response.token:
-            return response.token
+            return response.token, _timestamp(response.task.pending_at)
         return None
 
-    def execute(self, token: str) -> None:
-        """What ``flwr-clientapp`` does with a task, minus the process, imports and FAB."""
+    def execute(self, token: str, queued_at: float) -> None:
+        """What ``flwr-clientapp`` does with a task, minus the process, imports and FAB.
+
+        Logs where the task's time went: waiting to be claimed, pulling the message, the
+        handler, pushing the reply and result, and in all from the SuperNode queueing the
+        message to the result pushed (``total_seconds``): the hospital's share of a round,
+        which ``benchmarks/round_overhead.py`` reads.
+        """
         self.state.enter("running a task")
-        started = time.perf_counter()
+        claimed = time.time()
+        marks = {"claimed": time.perf_counter()}
         client = RuntimeHttpClient.from_server_address(
             server_address=self.runtime_api,
             insecure=True,
@@ -168,7 +177,9 @@ class TaskExecutor:
         try:
             message, context, _run, _fab = pull_task_input(client)
             kind = message.metadata.message_type
+            marks["pulled"] = time.perf_counter()
             reply = checked_reply(self.handler, message, context)
+            marks["handled"] = time.perf_counter()
             push_message(client, reply, context)
             status, details = SubStatus.COMPLETED, ""
         except Exception as error:  # Flower's exchange failed: the task expires on its side
@@ -180,15 +191,26 @@ class TaskExecutor:
             finally:
                 heartbeat.stop()
                 client.close()
+        marks["pushed"] = time.perf_counter()
         self.state.tasks += 1
         self.state.enter("idle")
+
+        def span(start: str, end: str) -> float:
+            """Seconds between two marks; a step that never happened took none."""
+            return round(marks.get(end, marks["pushed"]) - marks.get(start, marks["pushed"]), 3)
+
         log.info(
             "warm_worker.handled",
             message_type=kind,
             status=status,
             handled=self.state.tasks,
             pid=os.getpid(),
-            seconds=round(time.perf_counter() - started, 3),
+            queued_seconds=round(claimed - queued_at, 3),
+            pull_seconds=span("claimed", "pulled"),
+            handler_seconds=span("pulled", "handled"),
+            push_seconds=span("handled", "pushed"),
+            seconds=span("claimed", "pushed"),
+            total_seconds=round(time.time() - queued_at, 3),
         )
 
     def serve(self, stop: threading.Event) -> None:
@@ -199,9 +221,9 @@ class TaskExecutor:
         log.info("warm_worker.serving", runtime_api=self.runtime_api, pid=os.getpid())
         try:
             while not stop.is_set():
-                token = self.acquire()
-                if token is not None:
-                    self.execute(token)
+                task = self.acquire()
+                if task is not None:
+                    self.execute(*task)
                     interval = POLL_INTERVAL_S
                     continue
                 stop.wait(interval)
@@ -219,6 +241,15 @@ class TaskExecutor:
     def _write_status(self) -> None:
         if self.status_path is not None:
             self.state.write(self.status_path)
+
+
+def _timestamp(iso: str) -> float:
+    """Seconds since the epoch of Flower's ISO 8601 task times (UTC); now for an empty one."""
+    try:
+        moment = datetime.fromisoformat(iso)
+    except ValueError:
+        return time.time()
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def seed_from_os_entropy() -> None:
