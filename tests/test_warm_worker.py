@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from federation_helpers import TINY_TEST_MODEL
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -32,7 +33,7 @@ from fedllm.federation.experiment import APP_ROOT
 from fedllm.federation.flower_cli import write_flower_connection
 from fedllm.federation.hospital_config import load_hospital_config
 from fedllm.federation.launcher import free_port, stop_process_tree
-from fedllm.federation.warm_worker import WORKER_FAILED, checked_reply
+from fedllm.federation.warm_worker import WORKER_FAILED, checked_reply, seed_from_os_entropy
 from fedllm.federation.worker_state import read_status
 
 pytestmark = pytest.mark.integration
@@ -173,17 +174,20 @@ def test_one_worker_process_runs_both_rounds_with_its_site_built_once(federation
     assert "flwr-clientapp" not in (hospital.parent / "state" / "supernode.log").read_text()
 
 
-def test_health_reports_the_worker(federation):
-    _, hospital = federation
+def _health(hospital: Path) -> subprocess.CompletedProcess[str]:
     health = ["hospital", "health", "--config", str(hospital), "--json"]
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "fedllm.cli", *health],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
-    parts = {part["name"]: part for part in json.loads(result.stdout)}
+
+
+def test_health_reports_the_worker(federation):
+    _, hospital = federation
+    parts = {part["name"]: part for part in json.loads(_health(hospital).stdout)}
     assert parts["worker"]["ok"] is True, parts
     assert parts["worker"]["state"] in ("idle", "polling")
 
@@ -197,6 +201,13 @@ def test_a_killed_worker_stops_the_hospital_with_one_line(federation):
     lines = processes.output("north").split("Ctrl-C stops.", 1)[1].strip().splitlines()
     assert len(lines) == 1, lines
     assert "the worker stopped (killed by SIGKILL)" in lines[0]
+    parts = {part["name"]: part for part in json.loads(_health(hospital).stdout)}
+    assert parts["worker"] == {
+        "name": "worker",
+        "ok": False,
+        "state": "not running",
+        "detail": f"process {status['pid']} is gone",
+    }
 
 
 @pytest.fixture
@@ -248,3 +259,13 @@ def test_cold_hospitals_keep_a_process_per_message(tmp_path):
     command = hospital_supernode_command(hospital, write_config=False)
     assert command[command.index("--isolation") + 1] == "subprocess"
     assert "--superexec-auth-secret-file" not in command
+
+
+def test_the_worker_seeds_its_global_generators_from_os_entropy():
+    """Nothing the server knows (run.seed, the round) seeds the long-lived process; its DP
+    draws come from fresh OS-seeded streams per release (tests/test_hospital.py)."""
+    seeds = set()
+    for _ in range(3):
+        seed_from_os_entropy()
+        seeds.add(torch.initial_seed())
+    assert len(seeds) == 3

@@ -40,6 +40,7 @@ from pathlib import Path
 import structlog
 from flwr.app import Context, Error, Message
 from flwr.common.constant import SubStatus
+from flwr.proto.message_pb2 import PullObjectRequest, PullObjectResponse
 from flwr.proto.runtime_pb2 import AcquireTaskRequest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
@@ -76,6 +77,30 @@ POLL_INTERVAL_S = 0.05
 IDLE_POLL_INTERVAL_S = 0.2
 # Flower's SuperExec protects exactly this method with the shared secret
 ACQUIRE_TASK_METHOD = "/flwr.proto.Runtime/AcquireTask"
+# how often, and how long, a task asks again for a message object still in transit
+OBJECT_POLL_S = 0.02
+OBJECT_WAIT_S = 1.0
+
+
+class TaskClient(RuntimeHttpClient):
+    """Flower's Runtime API client for one task, asking again for objects still in transit.
+
+    Flower's SuperNode queues a task before it has pulled the message's objects (the adapter)
+    from the SuperLink. An object asked for too early is "not available", and Flower's puller
+    then waits a whole second before it asks again (``PULL_INITIAL_BACKOFF``). A
+    ``flwr-clientapp`` process never noticed, as it takes longer to start; the worker claims a
+    task within milliseconds. So this client asks again every 20 ms, for up to a second,
+    before it reports an object unavailable to Flower's puller.
+    """
+
+    def PullObject(self, request: PullObjectRequest) -> PullObjectResponse:  # noqa: N802 (Flower's name)
+        deadline = time.monotonic() + OBJECT_WAIT_S
+        while True:
+            response = super().PullObject(request)
+            waiting = response.object_found and not response.object_available
+            if not waiting or time.monotonic() >= deadline:
+                return response
+            time.sleep(OBJECT_POLL_S)
 
 
 def reply_kind(message: Message) -> str:
@@ -160,7 +185,7 @@ class TaskExecutor:
         self.state.enter("running a task")
         claimed = time.time()
         marks = {"claimed": time.perf_counter()}
-        client = RuntimeHttpClient.from_server_address(
+        client = TaskClient.from_server_address(
             server_address=self.runtime_api,
             insecure=True,
             root_certificates=None,
