@@ -6,10 +6,10 @@ executor of its own: it queues each message it receives as a task on its Runtime
 ``flwr-clientapp`` process per task (a Python start, Flower's and PyTorch's imports, the FAB
 installed, the hospital's site and base model built again): seconds a round for a tiny model,
 minutes for a large one. This worker is that outside executor instead. It polls
-``AcquireTask`` (every 50 ms while tasks come, backing off to 200 ms when idle) and runs each task
-in its own process with Flower's functions (``pull_task_input``, ``push_message``,
-``push_task_output``, ``HeartbeatSender``), so the ClientApp's site cache stays warm across
-rounds and runs.
+``AcquireTask`` (every 50 ms within 30 s of its last task, backing off to once a second when
+idle) and runs each task in its own process with Flower's functions (``pull_task_input``,
+``push_message``, ``push_task_output``, ``HeartbeatSender``), so the ClientApp's site cache
+stays warm across rounds and runs.
 
 It runs the fedllm ClientApp installed beside it (``fedllm.clients.client_app``), not code from the
 run's FAB: a hospital runs the code its IT installed, and the experiment travels in each
@@ -74,7 +74,9 @@ Handler = Callable[[Message, Context], Message]
 # Error.code of a reply whose handler raised or whose reply the inventory refused
 WORKER_FAILED = 1
 POLL_INTERVAL_S = 0.05
-IDLE_POLL_INTERVAL_S = 0.2
+IDLE_POLL_INTERVAL_S = 1.0
+# how long after a task the worker keeps polling at POLL_INTERVAL_S
+BUSY_WINDOW_S = 30.0
 # Flower's SuperExec protects exactly this method with the shared secret
 ACQUIRE_TASK_METHOD = "/flwr.proto.Runtime/AcquireTask"
 # how often, and how long, a task asks again for a message object still in transit
@@ -239,20 +241,25 @@ class TaskExecutor:
         )
 
     def serve(self, stop: threading.Event) -> None:
-        """Poll and run tasks until ``stop`` is set; back off while no task comes."""
+        """Poll and run tasks until ``stop`` is set.
+
+        A round's messages come seconds apart, so for ``BUSY_WINDOW_S`` after a task the
+        worker polls every 50 ms; then it backs off, doubling up to once a second while idle.
+        """
         reporter = threading.Thread(target=self._report, args=(stop,), daemon=True)
         reporter.start()
-        interval = POLL_INTERVAL_S
+        interval, last_task = POLL_INTERVAL_S, time.monotonic()
         log.info("warm_worker.serving", runtime_api=self.runtime_api, pid=os.getpid())
         try:
             while not stop.is_set():
                 task = self.acquire()
                 if task is not None:
                     self.execute(*task)
-                    interval = POLL_INTERVAL_S
+                    interval, last_task = POLL_INTERVAL_S, time.monotonic()
                     continue
                 stop.wait(interval)
-                interval = min(interval * 2, IDLE_POLL_INTERVAL_S)
+                if time.monotonic() - last_task > BUSY_WINDOW_S:
+                    interval = min(interval * 2, IDLE_POLL_INTERVAL_S)
         finally:
             self.client.close()
             self.state.enter("stopped")
