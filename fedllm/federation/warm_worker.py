@@ -81,7 +81,7 @@ BUSY_WINDOW_S = 30.0
 ACQUIRE_TASK_METHOD = "/flwr.proto.Runtime/AcquireTask"
 # how often, and how long, a task asks again for a message object still in transit
 OBJECT_POLL_S = 0.02
-OBJECT_WAIT_S = 1.0
+OBJECT_WAIT_S = 10.0
 
 
 class TaskClient(RuntimeHttpClient):
@@ -89,10 +89,11 @@ class TaskClient(RuntimeHttpClient):
 
     Flower's SuperNode queues a task before it has pulled the message's objects (the adapter)
     from the SuperLink. An object asked for too early is "not available", and Flower's puller
-    then waits a whole second before it asks again (``PULL_INITIAL_BACKOFF``). A
-    ``flwr-clientapp`` process never noticed, as it takes longer to start; the worker claims a
-    task within milliseconds. So this client asks again every 20 ms, for up to a second,
-    before it reports an object unavailable to Flower's puller.
+    then waits a second before it asks again, doubling the wait each time
+    (``PULL_INITIAL_BACKOFF``). A ``flwr-clientapp`` process rarely noticed, as it takes longer
+    to start; the worker claims a task within milliseconds. So this client asks the local
+    Runtime API again every 20 ms, for up to 10 s, before it reports an object unavailable to
+    Flower's puller: the message is in hand as soon as the SuperNode has it.
     """
 
     def PullObject(self, request: PullObjectRequest) -> PullObjectResponse:  # noqa: N802 (Flower's name)
