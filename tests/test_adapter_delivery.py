@@ -337,6 +337,12 @@ def test_the_published_adapter_of_a_run_is_found_and_checked(delivered, tmp_path
     assert published_adapter(run_dir, keyring=None) == delivered["published"]
     with pytest.raises(NothingToDeliverError, match=r"has no report\.json: not a run directory"):
         published_adapter(tmp_path, keyring=None)
+    # a truncated report (a crash mid-write elsewhere, a wrong file): one line, no traceback
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "report.json").write_text(json.dumps(delivered["report"])[:40])
+    with pytest.raises(NothingToDeliverError, match=r"report\.json cannot be read: Expecting"):
+        published_adapter(truncated, keyring=None)
     # a run that published nothing
     unpublished = tmp_path / "unpublished"
     unpublished.mkdir()

@@ -148,7 +148,14 @@ def published_adapter(run_dir: Path, *, keyring: KeyRingSource | None) -> Path:
     """
     if not (run_dir / REPORT_FILE).is_file():
         raise NothingToDeliverError(f"{run_dir} has no {REPORT_FILE}: not a run directory")
-    published = read_report_json(run_dir).get("published_adapter")
+    try:
+        report = read_report_json(run_dir)
+    except (OSError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise NothingToDeliverError(
+            f"{run_dir}: its {REPORT_FILE} cannot be read: {first_line}"
+        ) from None
+    published = report.get("published_adapter") if isinstance(report, dict) else None
     if not published:
         raise NothingToDeliverError(
             f"{run_dir}: the run published no DP adapter (run.publish_adapter_dir unset, DP "
