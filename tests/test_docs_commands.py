@@ -39,7 +39,15 @@ SHELL_LANGUAGES = {"bash", "sh", "console", "shell"}
 # An untagged block whose first line starts with one of these is a command, not a diagram.
 COMMAND_STARTS = ("fedllm ", ".venv/", "python", "flwr ", "make ", "clients/", "export ", "pip ")
 # What the sandbox takes from the repository (copied: a command must not change the checkout).
-SANDBOX_COPIES = ("configs", "benchmarks", "examples", "clients", "strategies", "pyproject.toml")
+SANDBOX_COPIES = (
+    "configs",
+    "benchmarks",
+    "examples",
+    "clients",
+    "strategies",
+    "pyproject.toml",
+    "setup.py",
+)
 PASSWORD = "docs test password"
 COMMAND_TIMEOUT_S = 180
 SERVER_TIMEOUT_S = 120
