@@ -37,6 +37,23 @@ def flower_processes(root: Path) -> set[int]:
     return found
 
 
+def start_cli(log: Path, args: tuple[str, ...], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A long-running `fedllm` command (SuperLink, hospital, run) in its own process group,
+    run from the app directory as its users run it, its output appended to ``log``; stop it
+    with ``stop_process_tree``."""
+    from fedllm.federation.experiment import APP_ROOT
+
+    with log.open("ab") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedllm.cli", *args],
+            cwd=APP_ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def run_cli(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """``python -m fedllm.cli ARGS`` with a model cache private to ``root``."""
     env = dict(os.environ, FEDLLM_CACHE_DIR=str(root / "cache"))

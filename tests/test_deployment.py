@@ -34,7 +34,7 @@ import httpx
 import psutil
 import pytest
 import yaml
-from federation_helpers import TINY_TEST_MODEL, flower_processes
+from federation_helpers import TINY_TEST_MODEL, flower_processes, start_cli
 
 from fedllm.data import generate_clinical_records
 from fedllm.federation.delivery import ADAPTER_WEIGHTS, DELIVERIES_DIR
@@ -110,15 +110,7 @@ class Federation:
         self.control = ""
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = (self.root / f"{name}.out").open("ab")
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "fedllm.cli", *args],
-            cwd=APP_ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.processes[name] = start_cli(self.root / f"{name}.out", args, self.env)
         return self.processes[name]
 
     def cli(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from federation_helpers import TINY_TEST_MODEL
+from federation_helpers import TINY_TEST_MODEL, start_cli
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -29,7 +29,6 @@ from fedllm.clients import client_app
 from fedllm.data import generate_clinical_records
 from fedllm.federation import delivery
 from fedllm.federation.deployment import hospital_supernode_command
-from fedllm.federation.experiment import APP_ROOT
 from fedllm.federation.flower_cli import write_flower_connection
 from fedllm.federation.hospital_config import load_hospital_config
 from fedllm.federation.launcher import free_port, stop_process_tree
@@ -78,15 +77,7 @@ class Processes:
         self.running: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        with (self.root / f"{name}.out").open("ab") as log:
-            self.running[name] = subprocess.Popen(
-                [sys.executable, "-m", "fedllm.cli", *args],
-                cwd=APP_ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.running[name] = start_cli(self.root / f"{name}.out", args, self.env)
         return self.running[name]
 
     def output(self, name: str) -> str:
