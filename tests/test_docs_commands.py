@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from wheel_helpers import copy_checkout
 
 from fedllm.config.schema import ModelConfig
 from fedllm.models.checkpoints import publish_adapter
@@ -519,14 +520,7 @@ def test_usage_synopses_name_only_real_options(tmp_path: Path) -> None:
 
 def _sandbox(root: Path) -> Path:
     """A directory that looks like the repository root to a documented command."""
-    sandbox = root / "repo"
-    sandbox.mkdir()
-    for name in SANDBOX_COPIES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, sandbox / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, sandbox / name)
+    sandbox = copy_checkout(SANDBOX_COPIES, root / "repo")
     (sandbox / ".venv").symlink_to(REPO / ".venv")
     # The documented set-up: `make` has created and installed .venv.
     assert (sandbox / ".venv" / ".installed").exists(), ".venv is not set up: run `make setup`"

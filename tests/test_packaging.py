@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from flwr.cli.build import build_fab_from_disk
-from wheel_helpers import ROOT, build_wheel
+from wheel_helpers import ROOT, build_wheel, copy_checkout
 
 # What a Flower app of this project is made of (tests/test_flwr_run.py copies the same).
 APP = ["configs", "strategies", "clients", "fedllm", "examples", "pyproject.toml", "README.md"]
@@ -210,15 +209,7 @@ def test_an_installed_wheel_works_without_the_repository(wheel, tmp_path):
 
 
 def test_flowers_app_bundle_loads_its_own_copy_of_the_layers(tmp_path):
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in APP:
-        if (ROOT / name).is_dir():
-            shutil.copytree(
-                ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__")
-            )
-        else:
-            shutil.copy2(ROOT / name, project / name)
+    project = copy_checkout(APP, tmp_path / "project")
     fab = tmp_path / "app.fab"
     fab.write_bytes(build_fab_from_disk(project))
     with zipfile.ZipFile(fab) as archive:

@@ -1,4 +1,5 @@
-"""fedllm's wheel, built by pip from a copy of this checkout, for the tests of what it installs.
+"""Copies of this checkout for tests (a docs sandbox, an app bundle) and fedllm's wheel, built
+by pip from such a copy, for the tests of what it installs.
 
 A copy, so that no ``build/`` left in the checkout by an earlier build can add stale files to
 the wheel; ``--no-build-isolation``, so that the build uses the environment's setuptools and
@@ -18,17 +19,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "fedllm", "strategies", "clients", "examples")
 
 
-def build_wheel(work: Path) -> Path:
-    """Build fedllm's wheel from a copy of the checkout under ``work``; return its path."""
-    source = work / "source"
-    source.mkdir(parents=True)
-    for name in SOURCES:
+def copy_checkout(names: tuple[str, ...], destination: Path) -> Path:
+    """Copy the named files and directories of the checkout into ``destination`` (made here),
+    without bytecode caches; return ``destination``."""
+    destination.mkdir(parents=True)
+    for name in names:
         if (ROOT / name).is_dir():
             shutil.copytree(
-                ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__")
+                ROOT / name, destination / name, ignore=shutil.ignore_patterns("__pycache__")
             )
         else:
-            shutil.copy2(ROOT / name, source / name)
+            shutil.copy2(ROOT / name, destination / name)
+    return destination
+
+
+def build_wheel(work: Path) -> Path:
+    """Build fedllm's wheel from a copy of the checkout under ``work``; return its path."""
+    source = copy_checkout(SOURCES, work / "source")
     wheels = work / "wheels"
     result = subprocess.run(
         [
