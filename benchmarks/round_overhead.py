@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -118,15 +119,15 @@ def gpt2_100m(directory: Path) -> str:
     return str(directory)
 
 
-def experiment(model_name: str, local_steps: int, rounds: int) -> dict[str, Any]:
+def experiment(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
     """One deployed hospital, DP-SGD on, every round's cohort is that hospital."""
     return {
-        "run": {"name": "overhead", "rounds": rounds, "seed": 1},
+        "run": {"name": "overhead", "rounds": args.rounds, "seed": 1},
         "federation": {"num_hospitals": 1, "cohort_size": 1, "hospitals": [{"name": HOSPITAL}]},
-        "model": {"name": model_name, "max_seq_length": 32},
+        "model": {"name": model_name, "max_seq_length": args.max_length},
         "training": {
-            "local_steps": local_steps,
-            "batch_size": 8,
+            "local_steps": args.local_steps,
+            "batch_size": args.batch_size,
             "learning_rate": 0.01,
             "device": "cpu",
         },
@@ -158,6 +159,28 @@ def logged_events(log: Path, name: str) -> list[dict[str, Any]]:
     return events
 
 
+SUPERNODE_EVENT = re.compile(
+    r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*?(Receiving: (\w+) message|Sent successfully)"
+)
+
+
+def supernode_spans(log: Path) -> list[tuple[str, float]]:
+    """Per message, in order: its type and the seconds from the SuperNode logging its arrival
+    from the SuperLink to logging its reply sent back (``supernode.log``, timestamps on)."""
+    spans, arrived = [], None
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if (match := SUPERNODE_EVENT.search(line)) is None:
+            continue
+        stamp = time.mktime(time.strptime(match[1][:19], "%Y-%m-%d %H:%M:%S"))
+        stamp += int(match[1][20:]) / 1000
+        if match[3] is not None:
+            arrived = (match[3], stamp)
+        elif arrived is not None:
+            spans.append((arrived[0], stamp - arrived[1]))
+            arrived = None
+    return spans
+
+
 def logged_seconds(log: Path, name: str, key: str) -> list[float]:
     """``key`` of every ``name`` event in a JSON-lines log, in order."""
     return [float(event[key]) for event in logged_events(log, name)]
@@ -179,7 +202,7 @@ class Bench:
         TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 1, 1, 0
         self.root = root
         self.rounds = args.rounds
-        self.raw = experiment(model_name, args.local_steps, args.rounds)
+        self.raw = experiment(model_name, args)
         config = validate_config(self.raw)
         # what the ServerApp puts in every message: the ClientApp reads no experiment file
         self.experiment = experiment_json(config)
@@ -306,8 +329,12 @@ class Bench:
             for process in reversed(processes):
                 stop_process_tree(process)
         log = self.root / "warm-state" / "worker.log"
+        spans = supernode_spans(self.root / "warm-state" / "supernode.log")
+        report = json.loads((self.root / "runs" / "overhead" / "report.json").read_text())
         return {
             "worker_start_s": worker_start,
+            "supernode_train": [seconds for kind, seconds in spans if kind == "train"],
+            "round_s": [float(row["duration_s"]) for row in report["rounds"]],
             "tasks": logged_events(log, "warm_worker.handled"),
             "compute": logged_seconds(log, "hospital.trained", "local_seconds"),
         }
@@ -345,8 +372,17 @@ def measure(model: str, args: argparse.Namespace) -> dict[str, Any]:
         "model": model,
         "parameters": bench.parameters,
         "worker_start_s": warm["worker_start_s"],
-        "totals": {"cold": cold_totals, "warm": [r["train"] for r in rounds]},
-        "compute": {"cold": cold_compute, "warm": warm["compute"]},
+        "totals": {
+            "cold": cold_totals,
+            "warm": [r["train"] for r in rounds],
+            "warm, at the SuperNode": warm["supernode_train"],
+        },
+        "compute": {
+            "cold": cold_compute,
+            "warm": warm["compute"],
+            "warm, at the SuperNode": warm["compute"],
+        },
+        "round_s": warm["round_s"],
         "warm_rounds": rounds,
     }
 
@@ -354,7 +390,7 @@ def measure(model: str, args: argparse.Namespace) -> dict[str, Any]:
 def summary_rows(result: dict[str, Any]) -> list[list[str]]:
     """Round 1 and the mean of later rounds, per mode."""
     rows = []
-    for mode in ("cold", "warm"):
+    for mode in result["totals"]:
         totals, compute = result["totals"][mode], result["compute"][mode]
         overheads = [total - seconds for total, seconds in zip(totals, compute, strict=True)]
         later = slice(1, None) if len(totals) > 1 else slice(0, None)
@@ -380,6 +416,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=32, help="tokens per sequence")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--handle", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -404,7 +442,8 @@ def main() -> None:
         lines += ["| " + " | ".join(row) + " |" for row in summary_rows(result)]
     print(json.dumps(results, indent=1))
     print(
-        f"\nrounds {args.rounds}, local_steps {args.local_steps}, batch 8 x 32 tokens, DP-SGD; "
+        f"\nrounds {args.rounds}, local_steps {args.local_steps}, batch {args.batch_size} x "
+        f"{args.max_length} tokens, DP-SGD; "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
@@ -422,7 +461,8 @@ def main() -> None:
             f"worker claimed it, {mean('train_pull'):.2f} s pulling it, "
             f"{mean('train_handler'):.2f} s in the handler (compute {compute:.2f} s), "
             f"{mean('train_push'):.2f} s pushing the reply and result; the round's other "
-            f"messages: query {mean('query'):.2f} s, evaluate {mean('evaluate'):.2f} s"
+            f"messages: query {mean('query'):.2f} s, evaluate {mean('evaluate'):.2f} s; "
+            f"whole rounds at the researcher {statistics.mean(result['round_s'][later]):.2f} s"
         )
     print("\n".join(lines))
 

@@ -44,6 +44,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from fedllm.federation.array_packing import packed_arrays_mod
 from fedllm.federation.node_settings import (
     ADAPTER_DIR,
     adapter_dir,
@@ -103,7 +104,8 @@ def reply_on_failure(handler: Callable[[Message, Context], Message]):
     return guarded
 
 
-app = ClientApp()
+# arrays travel packed (fedllm.federation.array_packing); every handler sees them unpacked
+app = ClientApp(mods=[packed_arrays_mod])
 
 _SITES: dict[tuple[str, int, str], HospitalSite] = {}
 

@@ -59,6 +59,7 @@ from fedllm.strategies.contract import check_strategy_class
 from fedllm.strategies.privacy_aware import PrivacyAwareStrategy
 from fedllm.strategies.recorder import RunRecorder
 from fedllm.strategies.server_dp import HospitalLevelDpStrategy
+from fedllm.strategies.transport_grid import TransportGrid
 from fedllm.telemetry.logging import configure_logging
 from fedllm.telemetry.tracing import DISABLED, Tracing
 
@@ -74,6 +75,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the configured rounds and record everything under the run directory;
     or, asked for ``deliver-request``, only deliver a finished run's adapter again."""
     configure_logging()
+    grid = TransportGrid(grid)
     request = str(context.run_config.get(DELIVER_REQUEST, ""))
     if request:
         deliver_again(grid, context.run_config, request)

@@ -148,7 +148,9 @@ def supernode_command(
     executor talks to; two SuperNodes on one machine need two ports. Without
     ``superexec_secret``, Flower runs each message in a ``flwr-clientapp`` subprocess; with it,
     the SuperNode runs in process isolation and hands its tasks only to an executor holding
-    that secret: the hospital's warm worker (:mod:`fedllm.federation.warm_worker`).
+    that secret: the hospital's warm worker (:mod:`fedllm.federation.warm_worker`). Flower's
+    SuperNode runs through :mod:`fedllm.federation.supernode_process`, which sizes the waits of
+    its message loop for a warm hospital and is otherwise Flower's own.
     """
     check_security(root_certificates is not None, insecure)
     if insecure and auth_private_key is not None:
@@ -158,7 +160,9 @@ def supernode_command(
     if not insecure and auth_private_key is None:
         raise DeploymentError("an authentication private key is required with TLS")
     command = [
-        "flower-supernode",
+        sys.executable,
+        "-m",
+        "fedllm.federation.supernode_process",
         "--superlink",
         superlink,
         "--node-config",
