@@ -15,22 +15,30 @@ experiment. Total, per train message, as the worker logs it: from the SuperNode 
 message as a task on its Runtime API to the reply and task output pushed back to it (the poll
 until the worker claims it included).
 
+Warm, at the SuperNode: the same train messages from the SuperNode's own log (timestamps on,
+``fedllm.federation.supernode_process``): from logging the message's arrival from the SuperLink
+to logging its reply sent back, so it includes the SuperNode's transfers of the message's
+objects from and to the SuperLink: "message received to reply sent" at the hospital.
+
 Both modes train the same hospital on the same records with the same experiment. Per round:
 
 * compute: the time in ``train_locally`` (``local_seconds`` of the ``hospital.trained`` event
   in the log of the process that trained: the ClientApp process cold, the worker warm);
 * overhead = total - compute, and overhead / compute.
 
-Not included in either mode: Flower's transport between SuperLink and SuperNode. Warm rounds
-also run the run's other messages (status query, evaluation); their handling is reported per
-round beside the train message.
+Cold, Flower's transport between SuperLink and SuperNode is not included. Warm rounds also run
+the run's other messages (status query, evaluation); their handling is reported per round
+beside the train message, and so is the whole round's time at the researcher (the run
+report's ``duration_s``).
 
 Two base models: fedllm's embedded ``tiny`` model, and a GPT-2-style model of about 100M
 parameters built from a config (random weights, saved with a tokenizer to a temporary
 directory and loaded as a local model path). Run:
 
     .venv/bin/python benchmarks/round_overhead.py [--rounds 3] [--local-steps 4]
-        [--models tiny,gpt2-100m]
+        [--batch-size 8] [--max-length 32] [--models tiny,gpt2-100m]
+
+(the quick start's rounds: ``--local-steps 15 --batch-size 64 --max-length 64``).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ UNPACKABLE_REPLY = 7001
 class TransportGrid(Grid):
     """``grid`` sending packed arrays and polling for replies with a doubling wait."""
 
-    def __init__(self, grid: Grid, *, first_wait_s: float = 0.02, max_wait_s: float = 1.0) -> None:
+    def __init__(self, grid: Grid, *, first_wait_s: float = 0.02, max_wait_s: float = 0.25) -> None:
         self.grid = grid
         self.first_wait_s = first_wait_s
         self.max_wait_s = max_wait_s

@@ -147,3 +147,28 @@ def test_evaluation_off_or_refused(local_model_dir, tmp_path):
     deployed = HospitalSite(exact, 0, url, local_data=own, split_key=bytes(32))
     with pytest.raises(EvaluationRefusedError, match="simulation"):
         deployed.evaluate(adapter_state(deployed.model), 0, "r")
+
+
+def test_the_next_status_projection_is_composed_ahead_after_a_charge(local_model_dir, tmp_path):
+    """After its round's charge the site composes what the next status query projects, in the
+    background; the query then reads that ε instead of composing it on the round's path."""
+    import threading
+
+    from fedllm.privacy import accountant
+
+    site = HospitalSite(
+        _config(local_model_dir, target_epsilon=None, noise_multiplier=1.0),
+        0,
+        f"sqlite:///{tmp_path / 'ledger.db'}",
+    )
+    site.train_round(adapter_state(site.model), server_round=1, run_id="r")
+    for thread in threading.enumerate():
+        if thread.name == "epsilon-ahead":
+            thread.join(timeout=60)
+    before = accountant._epsilon.cache_info()
+    status = site.status()
+    after = accountant._epsilon.cache_info()
+    assert after.misses == before.misses  # nothing composed on the query's path
+    q, steps = site.plan.sample_rate, site.plan.steps_per_round
+    two_rounds = compute_epsilon([SampledGaussianSteps(1.0, q, 2 * steps)], 1e-5)
+    assert status["epsilon-next"] == pytest.approx(two_rounds, rel=1e-6)
