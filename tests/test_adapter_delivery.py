@@ -24,6 +24,7 @@ from test_preflight import _base
 
 from fedllm.clients.client_app import deliver, evaluate, status, train
 from fedllm.config import load_config, validate_config
+from fedllm.federation.array_packing import packed_arrays_mod
 from fedllm.federation.delivery import (
     ACK_RECORD,
     ADAPTER_RECORD,
@@ -53,13 +54,15 @@ from fedllm.serving.node.app import create_node_app
 from fedllm.serving.node.generation import ModelBackend
 from fedllm.serving.node.server import BackgroundServer
 from fedllm.strategies.server_app import deliver_again, run_federation
+from fedllm.strategies.transport_grid import TransportGrid
 
 HANDLERS = {"query": status, "train": train, "evaluate": evaluate, DELIVER_MESSAGE: deliver}
 
 
 class HandlerGrid:
     """Flower's Grid as the ServerApp uses it, delivering every message to the real ClientApp
-    handler its type routes to, in a context with that node's own node config."""
+    handler its type routes to (through the ClientApp's array-packing mod), in a context with
+    that node's own node config. Replies wait to be pulled, as on a SuperLink."""
 
     def __init__(self, run_config: dict, node_configs: dict[int, dict]) -> None:
         self.nodes = node_configs
@@ -68,18 +71,30 @@ class HandlerGrid:
             for node_id, node_config in node_configs.items()
         }
         self.sent: list[str] = []
+        self.replies: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages) -> list[str]:
+        message_ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # as Flower's push
             kind = message.metadata.message_type
             self.sent.append(kind)
             context = self.contexts[message.metadata.dst_node_id]
-            replies.append(HANDLERS[kind](message, context))
-        return replies
+            self.replies.append(packed_arrays_mod(message, context, HANDLERS[kind]))
+            message_ids.append(message.metadata.message_id)
+        return message_ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        wanted = set(message_ids)
+        ready = [r for r in self.replies if r.metadata.reply_to_message_id in wanted]
+        self.replies = [r for r in self.replies if r.metadata.reply_to_message_id not in wanted]
+        return ready
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -111,8 +126,14 @@ def delivered(tmp_path_factory):
     grid = HandlerGrid({}, nodes)
     ledger = ServerLedger(f"sqlite:///{run_dir / 'server.db'}")
     ledger.start_run(run_dir.name, config.model_dump_json())
-    run_federation(
-        grid, config, run_dir, RunReport(run_dir, config), ledger, completed=0, keyring=None
+    run_federation(  # through the ServerApp's transport, as its main() does
+        TransportGrid(grid),
+        config,
+        run_dir,
+        RunReport(run_dir, config),
+        ledger,
+        completed=0,
+        keyring=None,
     )
     return {
         "grid": grid,
@@ -291,7 +312,8 @@ def test_resuming_a_finished_run_trains_nothing_and_delivers_again(delivered):
     completed = ledger.resume_state(run_dir.name).last_completed_round
     assert completed == config.run.rounds
     report = RunReport.resume(run_dir, config, completed)
-    run_federation(grid, config, run_dir, report, ledger, completed=completed, keyring=None)
+    transport = TransportGrid(grid)
+    run_federation(transport, config, run_dir, report, ledger, completed=completed, keyring=None)
     assert grid.sent == ["query", "query", DELIVER_MESSAGE, DELIVER_MESSAGE]
     assert _weights_sha(target) == _weights_sha(delivered["published"])
     assert read_report_json(run_dir)["adapter_delivery"]["delivered"] == ["a", "b"]
@@ -382,7 +404,7 @@ def test_a_delivery_only_run_sends_only_the_delivery_and_records_its_outcome(del
     )
     charged = ledger.history()
     run_config = {EXPERIMENT: experiment_json(config), "run-dir": str(run_dir)}
-    deliver_again(grid, {**run_config, DELIVER_REQUEST: "0a1b"}, "0a1b")
+    deliver_again(TransportGrid(grid), {**run_config, DELIVER_REQUEST: "0a1b"}, "0a1b")
     assert grid.sent == [DELIVER_MESSAGE, DELIVER_MESSAGE]
     recorded = read_delivery(run_dir, "0a1b")
     assert recorded is not None

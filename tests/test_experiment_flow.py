@@ -131,11 +131,11 @@ class VanishingConfigGrid(HandlerGrid):
         self.config_file = config_file
         self.configs: list[dict] = []
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
         self.config_file.unlink(missing_ok=True)
         self.configs += [dict(message.content["config"]) for message in messages]
-        return super().send_and_receive(messages, timeout=timeout)
+        return super().push_messages(messages)
 
 
 @pytest.mark.usefixtures("_server_identity")
