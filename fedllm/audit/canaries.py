@@ -7,9 +7,10 @@ replace-one neighbouring relation, so the hospital's reported (ε, δ) bounds wh
 can learn about each S_i, and the dataset size (public) does not depend on the coins.
 
 * Gradient canaries (white-box, as in Nasr et al. 2023): slot i contributes the per-sample
-  gradient ``±C·s_i·e_{j_i}`` (a Dirac direction on its own coordinate j_i of the trainable
-  parameters, random sign s_i, norm equal to the clipping norm C) whenever Poisson sampling
-  picks it, through the hook of :func:`fedllm.training.local.train_locally`. The server's score
+  gradient ``±20·C·s_i·u_i`` (u_i the unit vector spread evenly over its own k coordinates of
+  the trainable parameters, disjoint from every other canary's, random sign s_i; DP clips it
+  to C) whenever Poisson sampling picks it, through the hook of
+  :func:`fedllm.training.local.train_locally`. The server's score
   is the projection of the hospital's released updates on the canary direction, after
   subtracting what the other hospitals' updates predict (:meth:`GradientCanaries.scores`).
 * Text canaries (black-box): slot i holds one of two candidate records, each a fixed prefix
@@ -54,9 +55,10 @@ MAX_COORDINATES_PER_CANARY = 16
 # coordinates, but they are few (4096 on the quick start, shared by every audited hospital):
 # 500 per hospital leave room for two coordinates each and are drawn ~3.6 times in 60 steps,
 # which lifts the no-DP bound above 3 where 1000 (one coordinate, ~2.5 draws) stay at
-# 2.0-3.0, for a ceiling of 4.54 instead of 5.19. A text canary competes for the same rank-4 LoRA with every
-# other planted one: on the quick start without DP, 32 per run reach AUC 0.53-0.67 (4 runs
-# pooled) where 1000 stay at chance. Pool runs (--runs K) rather than planting more in one.
+# 2.0-3.0, for a ceiling of 4.54 instead of 5.19. A text canary competes for the same rank-4
+# LoRA with every other planted one: on the quick start without DP, 32 per run reach AUC
+# 0.53-0.67 (4 runs pooled) where 1000 stay at chance, and 8 per run (8 runs pooled) reach
+# 0.59-0.68, no better. Pool runs (--runs K) rather than planting more in one.
 DEFAULT_CANARIES = {"whitebox": 500, "blackbox": 32}
 _SCORING_BATCH = 128
 # sequences per forward pass of the calibration, whose log-probabilities span the vocabulary
@@ -162,9 +164,9 @@ def draw_gradient_canaries(
 
     Disjoint across hospitals, so that no hospital's canary moves a coordinate another
     hospital's canary is scored on. With ``spread``, each canary takes k = ⌊¾·d / Σcounts⌋
-    coordinates (at least 1, at most :data:`MAX_COORDINATES_PER_CANARY`), so a quarter of the d trainable parameters stays canary-free
-    for the score's fit and spread (:meth:`GradientCanaries.scores`). Coordinates, signs and
-    coins come from OS entropy.
+    coordinates (at least 1, at most :data:`MAX_COORDINATES_PER_CANARY`), so a quarter of the
+    d trainable parameters stays canary-free for the score's fit and spread
+    (:meth:`GradientCanaries.scores`). Coordinates, signs and coins come from OS entropy.
     """
     total = sum(counts)
     if total > dimension:
