@@ -141,9 +141,11 @@ def test_auc_by_hand():
 
 
 def test_whitebox_power_without_dp(whitebox):
+    # 128 canaries spread over 3 coordinates each: every guess right so far (bound 2.9, the
+    # most 128 canaries can show, and AUC 1.0 in 3 trials)
     row = whitebox["summary"]["no_dp"]["a"]
-    assert row["epsilon_lower_bound"] > 1.0
-    assert row["canary_auc"] > 0.8
+    assert row["epsilon_lower_bound"] > 2.0
+    assert row["canary_auc"] > 0.95
     assert row["reported_epsilon"] is None
 
 
