@@ -274,6 +274,7 @@ def test_cli_blackbox_writes_audit_json_and_plot(local_model_dir, tmp_path):
         (["--canaries", "1"], "--canaries: got 1"),
         (["--runs", "0"], "--runs: got 0"),
         (["--mode", "blackbox", "--canaries", "300"], "needs 600 distinct secret tokens"),
+        (["--canaries", "600"], "needs 600 of the 512 trainable parameters"),
     ],
 )
 def test_cli_user_mistakes_are_one_line_errors(local_model_dir, tmp_path, extra, message):

@@ -93,11 +93,6 @@ class GradientCanaries:
     norm: float
     dimension: int
 
-    @classmethod
-    def draw(cls, count: int, dimension: int, norm: float) -> GradientCanaries:
-        """``count`` canaries on one coordinate each (see :func:`draw_gradient_canaries`)."""
-        return draw_gradient_canaries([count], dimension, norm, spread=False)[0]
-
     @property
     def per_canary(self) -> int:
         """k, the coordinates each canary spreads over."""
@@ -158,15 +153,16 @@ class GradientCanaries:
 
 
 def draw_gradient_canaries(
-    counts: list[int], dimension: int, norm: float, *, spread: bool = True
+    counts: list[int], dimension: int, norm: float
 ) -> list[GradientCanaries]:
     """Canaries for several hospitals at once, on pairwise disjoint coordinates.
 
     Disjoint across hospitals, so that no hospital's canary moves a coordinate another
-    hospital's canary is scored on. With ``spread``, each canary takes k = ⌊¾·d / Σcounts⌋
-    coordinates (at least 1, at most :data:`MAX_COORDINATES_PER_CANARY`), so a quarter of the
-    d trainable parameters stays canary-free for the score's fit and spread
-    (:meth:`GradientCanaries.scores`). Coordinates, signs and coins come from OS entropy.
+    hospital's canary is scored on. Each canary takes k = ⌊¾·d / Σcounts⌋ coordinates (at
+    least 1, at most :data:`MAX_COORDINATES_PER_CANARY`), so that, unless the canaries need
+    more than ¾ of the d trainable parameters one coordinate each, a quarter stays
+    canary-free for the score's fit and spread (:meth:`GradientCanaries.scores`).
+    Coordinates, signs and coins come from OS entropy.
     """
     total = sum(counts)
     if total > dimension:
@@ -175,9 +171,7 @@ def draw_gradient_canaries(
             "trainable parameters, one coordinate per canary; use at most "
             f"{dimension // len(counts)}"
         )
-    per_canary = (
-        min(MAX_COORDINATES_PER_CANARY, max(1, (3 * dimension) // (4 * total))) if spread else 1
-    )
+    per_canary = min(MAX_COORDINATES_PER_CANARY, max(1, (3 * dimension) // (4 * total)))
     rng = entropy_rng()
     order = rng.permutation(dimension)
     drawn, offset = [], 0
