@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--canaries", type=int, default=None, help="default: 1000 white-box, 32 black-box"
+        "--canaries", type=int, default=None, help="default: 500 white-box, 32 black-box"
     )
     parser.add_argument("--mode", default="whitebox", choices=("whitebox", "blackbox"))
     parser.add_argument("--runs", type=int, default=1)

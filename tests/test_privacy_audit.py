@@ -29,6 +29,13 @@ from fedllm.models.loading import load_lora_model, load_tokenizer
 from fedllm.training.local import DpSgdSettings, train_locally
 
 CANARIES = 128
+# The black-box power setting: few canaries per run (each then owns more of the rank-4
+# adapter and is drawn more often), pooled over 8 runs (64 slots), trained longer and faster
+# than the white-box one. Without DP, five trials gave AUC 0.84-0.93 and bounds 0.17-0.94.
+BLACKBOX_CANARIES = 8
+BLACKBOX_RUNS = 8
+BLACKBOX_CONFIDENCE = 0.999
+BLACKBOX_TRAINING = {"local_steps": 20, "learning_rate": 1.0}
 
 
 def _raw_config(model_dir: str, output_dir: str) -> dict:
@@ -134,9 +141,11 @@ def test_auc_by_hand():
 
 
 def test_whitebox_power_without_dp(whitebox):
+    # 128 canaries spread over 3 coordinates each: every guess right so far (bound 2.9, the
+    # most 128 canaries can show, and AUC 1.0 in 3 trials)
     row = whitebox["summary"]["no_dp"]["a"]
-    assert row["epsilon_lower_bound"] > 1.0
-    assert row["canary_auc"] > 0.8
+    assert row["epsilon_lower_bound"] > 2.0
+    assert row["canary_auc"] > 0.95
     assert row["reported_epsilon"] is None
 
 
@@ -209,6 +218,34 @@ def test_calibration_is_against_the_base_model(tiny_config):
     assert np.abs(calibrated_log_probs(model, canaries.pairs)).max() > 1e-3
 
 
+@pytest.fixture(scope="module")
+def blackbox(local_model_dir, tmp_path_factory):
+    raw = _raw_config(local_model_dir, str(tmp_path_factory.mktemp("runs")))
+    raw["training"] |= BLACKBOX_TRAINING
+    return run_audit(
+        validate_config(raw),
+        mode="blackbox",
+        canaries=BLACKBOX_CANARIES,
+        runs=BLACKBOX_RUNS,
+        confidence=BLACKBOX_CONFIDENCE,
+    )
+
+
+def test_blackbox_power_without_dp(blackbox):
+    # A bound above 0 at 99.9% confidence: scores that carry nothing about the coins (an
+    # attack that learned nothing) pass this with probability at most 0.001.
+    row = blackbox["summary"]["no_dp"]["a"]
+    assert row["epsilon_lower_bound"] > 0.0
+    assert row["canary_auc"] > 0.75
+    assert blackbox["runs"]["no_dp"]["a"]["canaries"] == BLACKBOX_CANARIES * BLACKBOX_RUNS
+
+
+def test_blackbox_soundness_with_dp(blackbox):
+    row = blackbox["summary"]["dp"]["a"]
+    assert row["epsilon_lower_bound"] <= row["reported_epsilon"]
+    assert row["many_run_epsilon_lower_bound"] <= row["reported_epsilon"]
+
+
 def test_cli_blackbox_writes_audit_json_and_plot(local_model_dir, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(_raw_config(local_model_dir, str(tmp_path / "runs"))))
@@ -237,6 +274,7 @@ def test_cli_blackbox_writes_audit_json_and_plot(local_model_dir, tmp_path):
         (["--canaries", "1"], "--canaries: got 1"),
         (["--runs", "0"], "--runs: got 0"),
         (["--mode", "blackbox", "--canaries", "300"], "needs 600 distinct secret tokens"),
+        (["--canaries", "600"], "needs 600 of the 512 trainable parameters"),
     ],
 )
 def test_cli_user_mistakes_are_one_line_errors(local_model_dir, tmp_path, extra, message):

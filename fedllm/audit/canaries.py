@@ -7,9 +7,10 @@ replace-one neighbouring relation, so the hospital's reported (ε, δ) bounds wh
 can learn about each S_i, and the dataset size (public) does not depend on the coins.
 
 * Gradient canaries (white-box, as in Nasr et al. 2023): slot i contributes the per-sample
-  gradient ``±C·s_i·e_{j_i}`` (a Dirac direction on its own coordinate j_i of the trainable
-  parameters, random sign s_i, norm equal to the clipping norm C) whenever Poisson sampling
-  picks it, through the hook of :func:`fedllm.training.local.train_locally`. The server's score
+  gradient ``±20·C·s_i·u_i`` (u_i the unit vector spread evenly over its own k coordinates of
+  the trainable parameters, disjoint from every other canary's, random sign s_i; DP clips it
+  to C) whenever Poisson sampling picks it, through the hook of
+  :func:`fedllm.training.local.train_locally`. The server's score
   is the projection of the hospital's released updates on the canary direction, after
   subtracting what the other hospitals' updates predict (:meth:`GradientCanaries.scores`).
 * Text canaries (black-box): slot i holds one of two candidate records, each a fixed prefix
@@ -25,6 +26,7 @@ noise stream, which stays the hospital's own fresh stream.
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 
@@ -43,13 +45,21 @@ REFERENCE_SECRETS = 255
 # a patient's gradient, and a canary as large as an outlier patient's (real per-patient norms
 # reach ~5 C on the quick start) shows what an unprotected run exposes.
 CANARY_NORM_IN_CLIPPING_NORMS = 20.0
+# At most this many coordinates per gradient canary: each then still gets 20 C / 4 = 5 C, as
+# much as an outlier patient's whole gradient, so AdamW's per-coordinate step stays the
+# canary's (the quick start, d = 4096 and 3 × 500 canaries, uses k = 2).
+MAX_COORDINATES_PER_CANARY = 16
 # Canary slots per audited hospital when --canaries is not given. Every slot is a unit, so
 # with n patients the sample rate is q = B / (n + m): fewer slots are each drawn more often
 # and share the adapter's few weights with fewer planted ones. A gradient canary owns its
-# coordinate, so many are cheap; a text canary competes for the same rank-4 LoRA with every
-# other planted one: on the quick start without DP, 32 per run reach AUC 0.53-0.67 (4 runs
-# pooled) where 1000 stay at chance. Pool runs (--runs K) rather than planting more in one.
-DEFAULT_CANARIES = {"whitebox": 1000, "blackbox": 32}
+# coordinates, but they are few (4096 on the quick start, shared by every audited hospital):
+# 500 per hospital leave room for two coordinates each and are drawn ~3.6 times in 60 steps,
+# which lifts the no-DP bound above 3 where 1000 (one coordinate, ~2.5 draws) stay at
+# 2.0-3.0, for a ceiling of 4.54 instead of 5.19. A text canary competes for the same rank-4
+# LoRA with every other planted one: on the quick start without DP, 32 per run reach AUC
+# 0.53-0.67 (4 runs pooled) where 1000 stay at chance, and 8 per run (8 runs pooled) reach
+# 0.59-0.68, no better. Pool runs (--runs K) rather than planting more in one.
+DEFAULT_CANARIES = {"whitebox": 500, "blackbox": 32}
 _SCORING_BATCH = 128
 # sequences per forward pass of the calibration, whose log-probabilities span the vocabulary
 _CALIBRATION_BATCH = 16
@@ -67,7 +77,15 @@ def inclusion_coins(count: int, rng: np.random.Generator) -> np.ndarray:
 
 @dataclass
 class GradientCanaries:
-    """Dirac gradient canaries on distinct coordinates of the flattened trainable parameters."""
+    """Sparse gradient canaries: slot i owns the coordinates ``coordinates[i]`` (k of them).
+
+    Its gradient is ``±norm·s_i·u_i``, u_i the unit vector spread evenly over its k
+    coordinates. Under DP, Opacus clips it to C whatever k is, and the DP noise is independent
+    per coordinate, so spreading changes nothing for the mechanism (signal and noise both grow
+    by √k along u_i). Without DP, AdamW normalizes every coordinate's step, so each of the k
+    coordinates carries a full step of the canary while the drift adds up only as √k: spreading
+    is what lets a canary stand out of the real data's drift.
+    """
 
     coordinates: np.ndarray
     signs: np.ndarray
@@ -75,32 +93,25 @@ class GradientCanaries:
     norm: float
     dimension: int
 
-    @classmethod
-    def draw(cls, count: int, dimension: int, norm: float) -> GradientCanaries:
-        """``count`` canaries on distinct random coordinates, random signs, fair coins."""
-        if count > dimension:
-            raise ValueError(
-                f"--canaries {count} exceeds the {dimension} trainable parameters a white-box "
-                "audit can give each canary its own coordinate in"
-            )
-        rng = entropy_rng()
-        coordinates = rng.choice(dimension, size=count, replace=False)
-        signs = rng.choice(np.array([-1.0, 1.0]), size=count)
-        return cls(coordinates, signs, inclusion_coins(count, rng), norm, dimension)
+    @property
+    def per_canary(self) -> int:
+        """k, the coordinates each canary spreads over."""
+        return int(self.coordinates.shape[1])
 
     def sampler(self, sample_rate: float):
         """The training hook: each step, every slot joins the batch with probability q."""
         rng = entropy_rng()
-        contents = self.signs * np.where(self.included, 1.0, -1.0) * self.norm
+        per_coordinate = self.norm / math.sqrt(self.per_canary)
+        contents = self.signs * np.where(self.included, 1.0, -1.0) * per_coordinate
+        spread = torch.from_numpy(self.coordinates)
 
         def extra_samples() -> torch.Tensor | None:
             chosen = np.flatnonzero(rng.random(len(self.coordinates)) < sample_rate)
             if len(chosen) == 0:
                 return None
             rows = torch.zeros((len(chosen), self.dimension), dtype=torch.float32)
-            rows[torch.arange(len(chosen)), torch.from_numpy(self.coordinates[chosen])] = (
-                torch.from_numpy(contents[chosen]).float()
-            )
+            values = torch.from_numpy(contents[chosen]).float()[:, None]
+            rows.scatter_(1, spread[chosen], values.expand(-1, self.per_canary).contiguous())
             return rows
 
         return extra_samples
@@ -109,20 +120,23 @@ class GradientCanaries:
         self,
         released_deltas: list[torch.Tensor],
         references: list[torch.Tensor] | None = None,
+        free: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Σ over rounds of the standardized step against each canary's gradient.
+        """Σ over rounds and over its coordinates of the standardized step against each canary.
 
         A gradient step moves parameters *against* the gradient, so an included canary pushes
-        its coordinate by −s_i and an excluded one by +s_i: the round's score is −Δ_j·s_i.
-        The rest of Δ_j is the hospital's own drift on that coordinate, the score's noise.
-        With ``references`` (the other hospitals' update of the same round, which the server
-        also sees) the part of Δ they predict is subtracted first, its coefficient fitted by
-        least squares on the canary-free coordinates; each round is then divided by the
+        its coordinates by −s_i and an excluded one by +s_i: the round's score is −Δ·s_i summed
+        over the canary's coordinates. The rest of Δ is the hospital's own drift there, the
+        score's noise. With ``references`` (the other hospitals' update of the same round,
+        which the server also sees) the part of Δ they predict is subtracted first, its
+        coefficient fitted by least squares on the canary-free coordinates (``free``: by
+        default those with no canary of this hospital); each round is then divided by the
         residual's spread on those coordinates so that noisy rounds weigh less. Everything
         used is released or public, so the score is post-processing and the bound stays sound.
         """
-        free = np.ones(self.dimension, dtype=bool)
-        free[self.coordinates] = False
+        if free is None:
+            free = np.ones(self.dimension, dtype=bool)
+            free[self.coordinates.ravel()] = False
         total = np.zeros(len(self.coordinates))
         for index, delta in enumerate(released_deltas):
             residual = delta.double().numpy()
@@ -133,8 +147,40 @@ class GradientCanaries:
                     fitted = float(residual[free] @ reference[free]) / energy
                     residual = residual - fitted * reference
             spread = float(residual[free].std()) if free.any() else 0.0
-            total -= residual[self.coordinates] * self.signs / (spread if spread > 0.0 else 1.0)
+            steps = residual[self.coordinates].sum(axis=1)
+            total -= steps * self.signs / (spread if spread > 0.0 else 1.0)
         return total
+
+
+def draw_gradient_canaries(
+    counts: list[int], dimension: int, norm: float
+) -> list[GradientCanaries]:
+    """Canaries for several hospitals at once, on pairwise disjoint coordinates.
+
+    Disjoint across hospitals, so that no hospital's canary moves a coordinate another
+    hospital's canary is scored on. Each canary takes k = ⌊¾·d / Σcounts⌋ coordinates (at
+    least 1, at most :data:`MAX_COORDINATES_PER_CANARY`), so that, unless the canaries need
+    more than ¾ of the d trainable parameters one coordinate each, a quarter stays
+    canary-free for the score's fit and spread (:meth:`GradientCanaries.scores`).
+    Coordinates, signs and coins come from OS entropy.
+    """
+    total = sum(counts)
+    if total > dimension:
+        raise ValueError(
+            f"--canaries {max(counts)} per audited hospital needs {total} of the {dimension} "
+            "trainable parameters, one coordinate per canary; use at most "
+            f"{dimension // len(counts)}"
+        )
+    per_canary = min(MAX_COORDINATES_PER_CANARY, max(1, (3 * dimension) // (4 * total)))
+    rng = entropy_rng()
+    order = rng.permutation(dimension)
+    drawn, offset = [], 0
+    for count in counts:
+        taken = order[offset : offset + count * per_canary].reshape(count, per_canary)
+        offset += count * per_canary
+        signs = rng.choice(np.array([-1.0, 1.0]), size=count)
+        drawn.append(GradientCanaries(taken, signs, inclusion_coins(count, rng), norm, dimension))
+    return drawn
 
 
 @dataclass

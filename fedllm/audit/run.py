@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +45,7 @@ from fedllm.audit.canaries import (
     DEFAULT_CANARIES,
     GradientCanaries,
     TextCanaries,
+    draw_gradient_canaries,
     sequence_losses,
 )
 from fedllm.audit.plots import plot_audit
@@ -134,17 +135,21 @@ def simulate(
     length = config.model.max_seq_length
     privacy = config.privacy
     steps = config.training.local_steps * config.run.rounds
+    gradient_canaries: dict[int, GradientCanaries] = {}
+    if mode == "whitebox":
+        drawn = draw_gradient_canaries(
+            [canaries] * len(audited),
+            dimension,
+            CANARY_NORM_IN_CLIPPING_NORMS * privacy.max_grad_norm,
+        )
+        gradient_canaries = dict(zip(audited, drawn, strict=True))
     sites: list[_Site] = []
     for index in range(config.federation.num_hospitals):
         data = hospital_data(config, index)
         train = encode_texts(tokenizer, training_texts(data.train, privacy.unit), length)
         held_out = encode_texts(tokenizer, training_texts(data.eval, privacy.unit), length)
-        planted: GradientCanaries | TextCanaries | None = None
-        if index in audited and mode == "whitebox":
-            planted = GradientCanaries.draw(
-                canaries, dimension, CANARY_NORM_IN_CLIPPING_NORMS * privacy.max_grad_norm
-            )
-        elif index in audited:
+        planted: GradientCanaries | TextCanaries | None = gradient_canaries.get(index)
+        if index in audited and mode == "blackbox":
             planted = TextCanaries.draw(canaries, tokenizer, length)
         units = len(train) + (canaries if planted is not None else 0)
         rate = sample_rate_for(config.training.batch_size, units)
@@ -190,8 +195,11 @@ def simulate(
             weights.append(float(len(site.train)))
         global_state = weighted_mean(states, weights)
     load_adapter_state(model, global_state)
+    free = _canary_free(gradient_canaries.values(), dimension)
     results = {
-        site.name: _attack(site, _others(sites, site), model, config.privacy.delta, confidence)
+        site.name: _attack(
+            site, _others(sites, site), free, model, config.privacy.delta, confidence
+        )
         for site in sites
     }
     log.info("audit.simulated", dp=privacy.enabled, seconds=time.perf_counter() - started)
@@ -215,9 +223,18 @@ def _others(sites: list[_Site], site: _Site) -> list[torch.Tensor] | None:
     return [torch.stack(round_deltas).mean(dim=0) for round_deltas in zip(*others, strict=True)]
 
 
+def _canary_free(canaries: Iterable[GradientCanaries], dimension: int) -> np.ndarray:
+    """The coordinates that hold no hospital's gradient canary (where the score is fitted)."""
+    free = np.ones(dimension, dtype=bool)
+    for planted in canaries:
+        free[planted.coordinates.ravel()] = False
+    return free
+
+
 def _attack(
     site: _Site,
     references: list[torch.Tensor] | None,
+    free: np.ndarray,
     model: torch.nn.Module,
     delta: float,
     confidence: float,
@@ -237,7 +254,7 @@ def _attack(
     if site.canaries is None:
         return result
     if isinstance(site.canaries, GradientCanaries):
-        scores = site.canaries.scores(site.deltas, references)
+        scores = site.canaries.scores(site.deltas, references, free)
     else:
         scores, planted, unplanted = site.canaries.scores(model)
         result["exposure"] = {

@@ -27,7 +27,7 @@ def audit_privacy_command(
         int | None,
         typer.Option(
             "--canaries",
-            help="Canary slots per audited hospital (>= 2; default 1000 white-box, 32 black-box)",
+            help="Canary slots per audited hospital (>= 2; default 500 white-box, 32 black-box)",
         ),
     ] = None,
     mode: Annotated[
