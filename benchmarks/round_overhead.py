@@ -400,6 +400,8 @@ def summary_rows(result: dict[str, Any]) -> list[list[str]]:
     rows = []
     for mode in result["totals"]:
         totals, compute = result["totals"][mode], result["compute"][mode]
+        if not totals:  # a SuperNode whose log has no timestamps (Flower's own, unsized)
+            continue
         overheads = [total - seconds for total, seconds in zip(totals, compute, strict=True)]
         later = slice(1, None) if len(totals) > 1 else slice(0, None)
         mean_total = statistics.mean(totals[later])
@@ -414,7 +416,7 @@ def summary_rows(result: dict[str, Any]) -> list[list[str]]:
                 f"{mean_total:.2f} s",
                 f"{mean_compute:.2f} s",
                 f"{mean_overhead:.2f} s",
-                f"{100 * mean_overhead / mean_compute:.0f}%",
+                f"{100 * mean_overhead / mean_compute:.1f}%",
             ]
         )
     return rows

@@ -161,7 +161,9 @@ def test_the_next_status_projection_is_composed_ahead_after_a_charge(local_model
         0,
         f"sqlite:///{tmp_path / 'ledger.db'}",
     )
-    site.train_round(adapter_state(site.model), server_round=1, run_id="r")
+    adapter = adapter_state(site.model)
+    site.train_round(adapter, server_round=1, run_id="r")
+    assert site.evaluate(adapter, server_round=1, run_id="r") is not None  # the last charge
     for thread in threading.enumerate():
         if thread.name == "epsilon-ahead":
             thread.join(timeout=60)
@@ -169,6 +171,5 @@ def test_the_next_status_projection_is_composed_ahead_after_a_charge(local_model
     status = site.status()
     after = accountant._epsilon.cache_info()
     assert after.misses == before.misses  # nothing composed on the query's path
-    q, steps = site.plan.sample_rate, site.plan.steps_per_round
-    two_rounds = compute_epsilon([SampledGaussianSteps(1.0, q, 2 * steps)], 1e-5)
-    assert status["epsilon-next"] == pytest.approx(two_rounds, rel=1e-6)
+    projected = compute_epsilon([*site.ledger.events(), *site.plan.round_events()], 1e-5)
+    assert status["epsilon-next"] == pytest.approx(projected, rel=1e-6)

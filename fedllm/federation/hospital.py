@@ -190,6 +190,7 @@ class HospitalSite:
             self.model = attach_lora(base, config.model)
         self.plan: HospitalPrivacyPlan | None = None
         self.ledger: NodePrivacyLedger | None = None
+        self._projection_ahead: threading.Thread | None = None
         if config.privacy.enabled:
             cap = epsilon_cap if epsilon_cap is not None else self.profile.epsilon_cap
             self.plan = plan_hospital(config, self.profile.name, len(self.train_data), cap)
@@ -226,6 +227,7 @@ class HospitalSite:
 
     def status(self) -> dict[str, Any]:
         """What the server needs to decide eligibility: spent ε and the next round's ε."""
+        self._await_projection_ahead()
         status: dict[str, Any] = {
             "hospital": self.name,
             "hospital-index": self.index,
@@ -276,6 +278,7 @@ class HospitalSite:
         self, global_adapter: AdapterState, server_round: int, run_id: str
     ) -> RoundOutcome:
         """Charge the ledger for one round (refusing past the cap), then run local DP-SGD."""
+        self._await_projection_ahead()
         load_adapter_state(self.model, global_adapter)
         dp = None
         charged: list[dict[str, Any]] = []
@@ -335,7 +338,8 @@ class HospitalSite:
             local_seconds=round(result.seconds, 3),
             **metrics,
         )
-        self.project_next_round_ahead()
+        if not self._evaluation_charges():  # else the evaluation's charge is the round's last
+            self.project_next_round_ahead()
         return RoundOutcome(adapter_state(self.model), charged, metrics)
 
     def project_next_round_ahead(self) -> None:
@@ -349,7 +353,20 @@ class HospitalSite:
         """
         if self.plan is None or self.ledger is None:
             return
-        threading.Thread(target=self._project_next_round, name="epsilon-ahead", daemon=True).start()
+        self._projection_ahead = threading.Thread(
+            target=self._project_next_round, name="epsilon-ahead", daemon=True
+        )
+        self._projection_ahead.start()
+
+    def _evaluation_charges(self) -> bool:
+        return self.config.evaluation.release == "dp" and self.evaluation_allowed
+
+    def _await_projection_ahead(self) -> None:
+        """Wait for a projection still being composed, instead of composing it a second time
+        beside it; what needs it then reads it from the cache."""
+        if self._projection_ahead is not None:
+            self._projection_ahead.join()
+            self._projection_ahead = None
 
     def _project_next_round(self) -> None:
         try:
@@ -382,6 +399,7 @@ class HospitalSite:
         if release == "exact" or self.plan is None or self.ledger is None:
             return result, []
         events = self.plan.evaluation_events()
+        self._await_projection_ahead()
         try:
             self.ledger.charge(events, round_id=server_round, run_id=run_id)
         except BudgetExceededError as refused:
