@@ -27,7 +27,7 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedllm.federation.array_packing import PackingError, pack_message, unpack_message
+from fedllm.federation.array_packing import PackingError, pack_messages, unpack_message
 
 UNPACKABLE_REPLY = 7001
 """``Error.code`` of a reply whose packed arrays did not unpack."""
@@ -65,7 +65,7 @@ class TransportGrid(Grid):
         return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages([pack_message(message) for message in messages])
+        return self.grid.push_messages(pack_messages(messages))
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [_unpacked_reply(reply) for reply in self.grid.pull_messages(message_ids)]

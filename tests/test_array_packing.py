@@ -20,6 +20,7 @@ from fedllm.federation.array_packing import (
     PACKED_NAME,
     PACKED_STYPE,
     PackingError,
+    pack_messages,
     packed_arrays_mod,
     packed_content,
     unpacked_content,
@@ -176,3 +177,17 @@ def test_a_reply_that_does_not_unpack_is_that_hospitals_error_not_a_crash():
     assert reply.has_error()
     assert reply.error.code == UNPACKABLE_REPLY
     assert "does not unpack" in reply.error.reason
+
+
+def test_a_record_shared_by_several_messages_is_packed_once():
+    shared = ArrayRecord(_adapter())
+    messages = [
+        Message(RecordDict({"arrays": shared}), dst_node_id=node, message_type="train")
+        for node in range(3)
+    ]
+    packed = pack_messages(messages)
+    assert all(a is b for a, b in zip(packed, messages, strict=True))  # the same objects
+    first = packed[0].content["arrays"]
+    assert list(first.keys()) == [PACKED_NAME]
+    assert all(m.content["arrays"] is first for m in packed[1:])
+    assert list(shared.keys()) == list(_adapter())

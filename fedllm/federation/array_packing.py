@@ -17,6 +17,7 @@ parsed from untrusted senders. The record's original order travels in its metada
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
@@ -64,14 +65,24 @@ def _is_packed(record: object) -> bool:
     )
 
 
-def packed_content(content: RecordDict) -> RecordDict:
-    """``content`` with every ArrayRecord of two or more arrays packed; the input is untouched."""
-    return RecordDict(
-        {
-            name: _pack(record) if isinstance(record, ArrayRecord) and len(record) > 1 else record
-            for name, record in content.items()
-        }
-    )
+def packed_content(
+    content: RecordDict, already_packed: dict[int, ArrayRecord] | None = None
+) -> RecordDict:
+    """``content`` with every ArrayRecord of two or more arrays packed; the input is untouched.
+
+    ``already_packed`` maps ``id(record)`` to its packed form for records that several
+    messages share (one adapter sent to every hospital), so each is serialised once; the
+    caller keeps those records alive while the map is in use.
+    """
+    cache = {} if already_packed is None else already_packed
+    packed = {}
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord) and len(record) > 1:
+            if id(record) not in cache:
+                cache[id(record)] = _pack(record)
+            record = cache[id(record)]
+        packed[name] = record
+    return RecordDict(packed)
 
 
 def unpacked_content(content: RecordDict) -> RecordDict:
@@ -84,11 +95,15 @@ def unpacked_content(content: RecordDict) -> RecordDict:
     )
 
 
-def pack_message(message: Message) -> Message:
-    """``message`` (the same object) carrying packed content, if it has content."""
-    if message.has_content():
-        message.content = packed_content(message.content)
-    return message
+def pack_messages(messages: Iterable[Message]) -> list[Message]:
+    """The same message objects, each carrying packed content if it has content; a record
+    shared by several of them is packed once."""
+    already_packed: dict[int, ArrayRecord] = {}
+    messages = list(messages)
+    for message in messages:
+        if message.has_content():
+            message.content = packed_content(message.content, already_packed)
+    return messages
 
 
 def unpack_message(message: Message) -> Message:
@@ -100,4 +115,5 @@ def unpack_message(message: Message) -> Message:
 
 def packed_arrays_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """ClientApp mod: the handlers see unpacked arrays; the reply leaves packed."""
-    return pack_message(call_next(unpack_message(message), context))
+    (reply,) = pack_messages([call_next(unpack_message(message), context)])
+    return reply
